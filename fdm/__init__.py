@@ -1,0 +1,23 @@
+"""Fast Diffusion Model (FDM, Wu et al. 2023): the method, in one small package.
+
+- `momentum`: the momentum input scaling s(sigma), the one thing FDM changes in the network.
+- `schedules`: sigma(t) for VP, the iDDPM table, EDM time steps.
+- `preconditioning`: D(x; sigma) for VP, VE, iDDPM, EDM and FDM-VP/VE/EDM.
+- `loss`: VP, VE and EDM losses with FDM's loss-weight warmup.
+- `samplers`: the EDM Heun sampler (and room for more, one signature).
+- `checkpoint`: our safe snapshot format and reading reference EDM/FDM pickles.
+"""
+
+from fdm.momentum import momentum_scale
+from fdm.preconditioning import (PRECOND_CLASSES, EDMPrecond, FDM_EDMPrecond, FDM_VEPrecond, FDM_VPPrecond,
+    IgnoredOptionWarning, Precond, VEPrecond, VPPrecond, build_precond, iDDPMPrecond)
+from fdm.loss import EDMLoss, VELoss, VPLoss, build_loss, warmup_clamp
+from fdm.samplers import edm_sampler
+from fdm.checkpoint import CheckpointError, load_network, load_network_file, save_snapshot
+
+__all__ = [
+    'momentum_scale', 'Precond', 'VPPrecond', 'VEPrecond', 'iDDPMPrecond', 'EDMPrecond', 'FDM_VPPrecond',
+    'FDM_VEPrecond', 'FDM_EDMPrecond', 'PRECOND_CLASSES', 'build_precond', 'IgnoredOptionWarning',
+    'VPLoss', 'VELoss', 'EDMLoss', 'build_loss', 'warmup_clamp', 'edm_sampler',
+    'CheckpointError', 'load_network', 'load_network_file', 'save_snapshot',
+]

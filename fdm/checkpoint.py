@@ -1,0 +1,288 @@
+"""Network files: our safe snapshot format, and reference EDM/FDM pickles read without running them.
+
+Our snapshot is a `torch.save` of plain data only: tensors, and a JSON description of how
+to rebuild each object (class name and constructor kwargs). It loads with
+`torch.load(weights_only=True)`, so opening it can never execute code, and carries a
+SHA-256 over the tensors so a truncated or corrupted file is detected.
+
+A reference `network-snapshot-*.pkl` stores each module as a call to
+`torch_utils.persistence._reconstruct_persistent_obj(meta)`, where meta holds the module's
+*source code*, its class name, its `__dict__` and its constructor kwargs. We unpickle it
+with an allow-list: that call becomes a plain record (the source is never executed),
+tensors and a handful of harmless containers are allowed, and any other global (for
+example `os.system`) is refused with an error naming it. The denoiser is then rebuilt
+from our classes with the stored kwargs and its tensors loaded strictly by name.
+"""
+
+import collections
+import hashlib
+import io
+import json
+import os
+import pickle
+import tempfile
+import warnings
+
+import numpy as np
+import torch
+
+import dnnlib
+from fdm.preconditioning import IgnoredOptionWarning, build_precond
+
+FORMAT_NAME = 'fdm-snapshot'
+FORMAT_VERSION = 1
+
+class CheckpointError(Exception):
+    """A network or state file that cannot be used; the message says why and what to do."""
+
+#----------------------------------------------------------------------------
+# Atomic write: a temporary file in the destination folder, flushed, then renamed over
+# the destination, so a crash leaves either the old file or the complete new one.
+
+def atomic_save(obj, path):
+    path = os.fspath(path)
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix='.tmp-', suffix='.part')
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+def tensors_digest(tensors):
+    """SHA-256 over names, dtypes, shapes and bytes of a flat {name: tensor} dict."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        t = tensors[name].detach().cpu().contiguous()
+        h.update(f'{name}:{t.dtype}:{tuple(t.shape)};'.encode())
+        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b'')
+    return h.hexdigest()
+
+#----------------------------------------------------------------------------
+# Our snapshot format.
+
+def describe(obj):
+    """{'class_name', 'init_kwargs'} of a rebuildable object (preconditioner, loss, augment pipe)."""
+    if obj is None or isinstance(obj, dict):  # None, or already a description
+        return obj
+    return dict(class_name=type(obj).__name__, init_kwargs=dict(obj.init_kwargs))
+
+def save_snapshot(path, ema, loss_fn=None, augment_pipe=None, dataset_kwargs=None, extra=None):
+    """Write a network snapshot: the EMA denoiser plus descriptions of how it was trained."""
+    state = {name: t.detach().cpu().clone() for name, t in ema.state_dict().items()}
+    description = dict(
+        ema=describe(ema),
+        loss_fn=describe(loss_fn),
+        augment_pipe=describe(augment_pipe),
+        dataset_kwargs=dict(dataset_kwargs) if dataset_kwargs is not None else None,
+        extra=extra,
+    )
+    atomic_save(dict(format=FORMAT_NAME, version=FORMAT_VERSION, description=json.dumps(description),
+        ema=state, sha256=tensors_digest(state)), path)
+
+def _read_snapshot(f, name):
+    try:
+        data = torch.load(f, map_location='cpu', weights_only=True)
+    except Exception as err:
+        raise CheckpointError(f'{name}: cannot be read as a snapshot ({type(err).__name__}: {err}); '
+            'the file is damaged or truncated, use another snapshot') from None
+    if not isinstance(data, dict) or data.get('format') != FORMAT_NAME:
+        raise CheckpointError(f'{name}: not an FDM network snapshot; pass a network-snapshot file')
+    if data.get('version') != FORMAT_VERSION:
+        raise CheckpointError(f'{name}: snapshot format version {data.get("version")} is not supported '
+            f'(this code reads version {FORMAT_VERSION}); update the code')
+    if tensors_digest(data['ema']) != data.get('sha256'):
+        raise CheckpointError(f'{name}: checksum mismatch, the file is damaged; use another snapshot')
+    return data
+
+def load_snapshot(f, name='snapshot'):
+    """Read one of our snapshots: {'ema': module, 'loss_fn', 'augment_pipe', 'dataset_kwargs', 'extra'}."""
+    data = _read_snapshot(f, name)
+    description = json.loads(data['description'])
+    ema = _rebuild(description['ema']['class_name'], description['ema']['init_kwargs'], data['ema'], name)
+    return dict(description, ema=ema)
+
+def _rebuild(class_name, init_kwargs, state, name):
+    with warnings.catch_warnings():  # the file's own options are not the user's mistake
+        warnings.simplefilter('ignore', IgnoredOptionWarning)
+        try:
+            net = build_precond(class_name, **init_kwargs)
+        except (TypeError, ValueError) as err:
+            raise CheckpointError(f'{name}: cannot rebuild {class_name} ({err})') from None
+    missing, unexpected = _compare_keys(net.state_dict(), state)
+    if missing or unexpected:
+        raise CheckpointError(f'{name}: tensors do not match {class_name}: missing {missing[:5]}, '
+            f'unexpected {unexpected[:5]}; the file was not written by EDM/FDM or this code')
+    try:
+        net.load_state_dict(state, strict=True)
+    except RuntimeError as err:
+        raise CheckpointError(f'{name}: tensor shapes do not match {class_name}: {str(err).splitlines()[-1].strip()}') from None
+    return net
+
+def _compare_keys(expected, got):
+    return sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
+
+#----------------------------------------------------------------------------
+# Reference pickles: a restricted unpickler. Only these globals may appear.
+
+class PersistentRecord:
+    """What `_reconstruct_persistent_obj(meta)` becomes: the meta dict, never executed."""
+    def __init__(self, meta):
+        if not isinstance(meta, dict) or meta.get('type') != 'class' or meta.get('version') != 6:
+            raise CheckpointError('unsupported persistence record (expected type "class", version 6)')
+        self.class_name = str(meta.get('class_name'))
+        self.state = meta.get('state') or {}
+
+class PlainObject:
+    """A torch container module (ModuleDict etc.) pickled the ordinary way: keep its state."""
+    state = {}
+
+    def __setstate__(self, state):
+        self.state = state if isinstance(state, dict) else {}
+
+def _load_storage_bytes(data):
+    # The reference's `torch.storage._load_from_bytes` is a nested torch.load; we do it with
+    # weights_only so the nested pickle is restricted too.
+    return torch.load(io.BytesIO(data), map_location='cpu', weights_only=True)
+
+def _numpy_scalar(dtype, data=None):
+    if not isinstance(dtype, np.dtype) or dtype.hasobject or not isinstance(data, (bytes, bytearray)):
+        raise CheckpointError('refusing a numpy scalar that is not plain numeric data')
+    return np.frombuffer(data, dtype=dtype, count=1)[0]
+
+def _numpy_dtype(*args, **kwargs):
+    dtype = np.dtype(*args, **kwargs)
+    if dtype.hasobject:
+        raise CheckpointError('refusing a numpy object dtype in a network pickle')
+    return dtype
+
+_ALLOWED_GLOBALS = {
+    ('torch_utils.persistence', '_reconstruct_persistent_obj'): PersistentRecord,
+    ('torch._utils', '_rebuild_tensor_v2'): torch._utils._rebuild_tensor_v2,
+    ('torch._utils', '_rebuild_parameter'): torch._utils._rebuild_parameter,
+    ('torch.storage', '_load_from_bytes'): _load_storage_bytes,
+    ('collections', 'OrderedDict'): collections.OrderedDict,
+    ('dnnlib.util', 'EasyDict'): dnnlib.EasyDict,
+    ('builtins', 'set'): set,
+    ('builtins', 'frozenset'): frozenset,
+    ('numpy', 'dtype'): _numpy_dtype,
+    ('torch', 'device'): torch.device,
+}
+for _module in ['numpy.core.multiarray', 'numpy._core.multiarray']:
+    _ALLOWED_GLOBALS[(_module, 'scalar')] = _numpy_scalar
+for _name in ['ModuleDict', 'ModuleList', 'Sequential']:
+    _ALLOWED_GLOBALS[('torch.nn.modules.container', _name)] = PlainObject
+for _name in ['float16', 'float32', 'float64', 'bfloat16', 'int64', 'int32', 'uint8', 'bool']:
+    _ALLOWED_GLOBALS[('torch', _name)] = getattr(torch, _name)
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        target = _ALLOWED_GLOBALS.get((module, name))
+        if target is None:
+            raise CheckpointError(f'refusing to load: the pickle references {module}.{name}, which a network '
+                'file never needs (it may run code); only EDM/FDM network pickles are accepted')
+        return target
+
+    def persistent_load(self, pid):
+        raise CheckpointError('refusing to load: the pickle uses persistent ids, which EDM/FDM network pickles do not')
+
+def read_reference_pickle(f, name='pickle'):
+    """Unpickle a reference file with the allow-list; returns the raw tree of records."""
+    try:
+        return _RestrictedUnpickler(f).load()
+    except CheckpointError as err:
+        raise CheckpointError(f'{name}: {err}') from None
+    except Exception as err:
+        raise CheckpointError(f'{name}: cannot be read as an EDM/FDM network pickle '
+            f'({type(err).__name__}: {err}); the file may be damaged or truncated') from None
+
+def _record_tensors(node, prefix=''):
+    """Flatten a record tree's parameters and persistent buffers into {dotted name: tensor}."""
+    state = node.state
+    out = {}
+    non_persistent = set(state.get('_non_persistent_buffers_set') or ())
+    for group in ['_parameters', '_buffers']:
+        for key, value in (state.get(group) or {}).items():
+            if value is not None and key not in non_persistent:
+                if not isinstance(value, torch.Tensor):
+                    raise CheckpointError(f'{prefix}{key} is not a tensor')
+                out[prefix + key] = value.detach()
+    for key, child in (state.get('_modules') or {}).items():
+        if isinstance(child, (PersistentRecord, PlainObject)):
+            out.update(_record_tensors(child, f'{prefix}{key}.'))
+        elif child is not None:
+            raise CheckpointError(f'{prefix}{key} is not a module record')
+    return out
+
+def _plain(value):
+    """Convert record attributes (numpy scalars, EasyDicts, tuples) to JSON-friendly values."""
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    raise CheckpointError(f'unexpected {type(value).__name__} among constructor arguments')
+
+def _record_description(record):
+    if record is None:
+        return None
+    if not isinstance(record, PersistentRecord):
+        raise CheckpointError('expected a persistent object record')
+    if record.state.get('_init_args'):
+        raise CheckpointError(f'{record.class_name} was built with positional arguments, which we cannot map')
+    return dict(class_name=record.class_name, init_kwargs=_plain(record.state.get('_init_kwargs') or {}))
+
+def load_reference_pickle(f, name='pickle'):
+    """Read a reference EDM/FDM `network-snapshot-*.pkl`: same keys as `load_snapshot`."""
+    data = read_reference_pickle(f, name)
+    if not isinstance(data, dict) or not isinstance(data.get('ema'), PersistentRecord):
+        raise CheckpointError(f'{name}: not an EDM/FDM network snapshot (expected a dict with an "ema" network)')
+    try:
+        ema_desc = _record_description(data['ema'])
+        tensors = _record_tensors(data['ema'])
+        loss_desc = _record_description(data.get('loss_fn'))
+        augment_desc = _record_description(data.get('augment_pipe'))
+        dataset_kwargs = _plain(data['dataset_kwargs']) if data.get('dataset_kwargs') is not None else None
+    except CheckpointError as err:
+        raise CheckpointError(f'{name}: {err}') from None
+    ema = _rebuild(ema_desc['class_name'], ema_desc['init_kwargs'], tensors, name)
+    return dict(ema=ema, loss_fn=loss_desc, augment_pipe=augment_desc, dataset_kwargs=dataset_kwargs, extra=None)
+
+#----------------------------------------------------------------------------
+# One entry point for users.
+
+def load_network_file(path_or_url, name=None):
+    """Everything in a network file (ours or a reference pickle), as a dict; see load_snapshot."""
+    name = name or os.path.basename(str(path_or_url))
+    try:
+        local = dnnlib.util.download_cached(path_or_url)
+    except FileNotFoundError as err:
+        raise CheckpointError(str(err)) from None
+    with open(local, 'rb') as f:
+        magic = f.read(4)
+        f.seek(0)
+        if magic.startswith(b'PK'):  # torch.save zip container: ours
+            return load_snapshot(f, name)
+        if magic[:1] == b'\x80':  # a plain pickle: the reference format
+            return load_reference_pickle(f, name)
+    raise CheckpointError(f'{name}: neither an FDM snapshot nor an EDM/FDM network pickle')
+
+def load_network(path_or_url, device='cpu'):
+    """The EMA denoiser from a snapshot (ours or EDM/FDM's .pkl), in eval mode, no gradients."""
+    net = load_network_file(path_or_url)['ema']
+    return net.eval().requires_grad_(False).to(device)
+
+def convert_reference_pickle(src, dst):
+    """Rewrite a reference pickle in our safe format; returns the loaded description."""
+    data = load_network_file(src)
+    save_snapshot(dst, data['ema'], loss_fn=data['loss_fn'], augment_pipe=data['augment_pipe'],
+        dataset_kwargs=data['dataset_kwargs'], extra=dict(converted_from=os.path.basename(str(src))))
+    return data
+
+#----------------------------------------------------------------------------

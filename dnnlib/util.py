@@ -4,6 +4,7 @@ import contextlib
 import hashlib
 import os
 import re
+import sys
 import tempfile
 import urllib.parse
 
@@ -75,5 +76,37 @@ def open_url(url, cache=True, verbose=True):
     """Open a path or URL for binary reading; URLs are downloaded once into the cache."""
     with open(download_cached(url, cache=cache, verbose=verbose), 'rb') as f:
         yield f
+
+#----------------------------------------------------------------------------
+
+# Copy everything written to stdout/stderr into a log file (appending, line-buffered),
+# so log.txt holds what the user saw, tracebacks included.
+class Logger:
+    def __init__(self, file_name, file_mode='a'):
+        self.file = open(file_name, file_mode, buffering=1)
+        self.stdout, self.stderr = sys.stdout, sys.stderr
+        sys.stdout = _Tee(self.stdout, self.file)
+        sys.stderr = _Tee(self.stderr, self.file)
+
+    def close(self):
+        sys.stdout, sys.stderr = self.stdout, self.stderr
+        self.file.close()
+
+class _Tee:
+    def __init__(self, stream, file):
+        self.stream, self.file = stream, file
+
+    def write(self, text):
+        self.stream.write(text)
+        if not self.file.closed:
+            self.file.write(text)
+
+    def flush(self):
+        self.stream.flush()
+        if not self.file.closed:
+            self.file.flush()
+
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
 
 #----------------------------------------------------------------------------

@@ -13,7 +13,7 @@ import functools
 import numpy as np
 import torch
 
-from fdm.schedules import vp_sigma
+from fdm.schedules import iddpm_sigmas, vp_sigma
 
 #----------------------------------------------------------------------------
 # The warmup clamp at optimizer step `step` (0-based), or None once the warmup is over.
@@ -124,8 +124,31 @@ class EDMLoss(DenoisingLoss):
         return (sigma ** 2 + self.sigma_data ** 2) / (sigma * self.sigma_data) ** 2
 
 #----------------------------------------------------------------------------
+# iDDPM (not in the reference's train.py): sigma uniform over the discrete table u_0..u_{M-1},
+# weight 1/sigma^2, i.e. the epsilon-prediction loss of Nichol & Dhariwal's "simple" objective.
 
-LOSS_CLASSES = {cls.__name__: cls for cls in [VPLoss, VELoss, EDMLoss]}
+class iDDPMLoss(DenoisingLoss):
+    def __init__(self, C_1=0.001, C_2=0.008, M=1000, warmup_ite=None):
+        super().__init__(warmup_ite)
+        self.C_1 = C_1
+        self.C_2 = C_2
+        self.M = M
+        self._u = iddpm_sigmas(C_1, C_2, M)
+
+    def sample_sigma(self, n, device):
+        j = torch.randint(0, self.M, [n], device=device)
+        return self._u.to(device)[j].reshape(n, 1, 1, 1)
+
+    def weight(self, sigma):
+        return 1 / sigma ** 2
+
+    @property
+    def init_kwargs(self):
+        return dict(C_1=self.C_1, C_2=self.C_2, M=self.M, warmup_ite=self.warmup_ite)
+
+#----------------------------------------------------------------------------
+
+LOSS_CLASSES = {cls.__name__: cls for cls in [VPLoss, VELoss, EDMLoss, iDDPMLoss]}
 
 def build_loss(class_name, **init_kwargs):
     name = class_name.rsplit('.', 1)[-1]

@@ -1,0 +1,159 @@
+"""Train diffusion models: EDM, VP, VE (and iDDPM) and their FDM versions.
+
+    torchrun --standalone --nproc_per_node=8 train.py --outdir=training-runs \\
+        --data=datasets/cifar10-32x32.zip --cond=1 --arch=ddpmpp --precond=fdm_edm --warmup_ite=200
+
+Without torchrun it trains in one process, on the GPU if there is one, else on the CPU.
+"""
+
+import json
+import os
+import re
+import secrets
+import warnings
+
+import click
+import torch
+
+import dnnlib
+from fdm.checkpoint import CheckpointError
+from torch_utils import distributed
+from training.config import ConfigError, next_run_dir, setup_training_config
+
+#----------------------------------------------------------------------------
+
+def parse_int_list(s):
+    """'1,2,5-10' -> [1, 2, 5, 6, 7, 8, 9, 10]."""
+    if isinstance(s, list):
+        return s
+    out = []
+    for part in str(s).split(','):
+        m = re.fullmatch(r'\s*(\d+)\s*(?:-\s*(\d+)\s*)?', part)
+        if not m:
+            raise click.BadParameter(f'{s!r} is not a list of integers like "1,2,5-10"')
+        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        out.extend(range(lo, hi + 1))
+    return out
+
+#----------------------------------------------------------------------------
+
+@click.command()
+# Main options.
+@click.option('--outdir', help='Where to save the results', metavar='DIR', type=str, required=True)
+@click.option('--data', help='Path to the dataset', metavar='ZIP|DIR', type=str, required=True)
+@click.option('--cond', help='Train class-conditional model', metavar='BOOL', type=bool, default=False, show_default=True)
+@click.option('--arch', help='Network architecture', type=click.Choice(['ddpmpp', 'ncsnpp', 'adm']), default='ddpmpp', show_default=True)
+@click.option('--precond', help='Preconditioning & loss function', type=click.Choice(['vp', 've', 'edm', 'iddpm', 'fdm_edm', 'fdm_vp', 'fdm_ve']), default='fdm_edm', show_default=True)
+
+# Hyperparameters.
+@click.option('--duration', help='Training duration', metavar='MIMG', type=click.FloatRange(min=0, min_open=True), default=200, show_default=True)
+@click.option('--batch', help='Total batch size', metavar='INT', type=click.IntRange(min=1), default=512, show_default=True)
+@click.option('--batch-gpu', help='Limit batch size per GPU', metavar='INT', type=click.IntRange(min=1))
+@click.option('--cbase', help='Channel multiplier  [default: varies]', metavar='INT', type=int)
+@click.option('--cres', help='Channels per resolution  [default: varies]', metavar='LIST', type=parse_int_list)
+@click.option('--lr', help='Learning rate', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=10e-4, show_default=True)
+@click.option('--ema', help='EMA half-life', metavar='MIMG', type=click.FloatRange(min=0), default=0.5, show_default=True)
+@click.option('--dropout', help='Dropout probability', metavar='FLOAT', type=click.FloatRange(min=0, max=1), default=0.13, show_default=True)
+@click.option('--augment', help='Augment probability', metavar='FLOAT', type=click.FloatRange(min=0, max=1), default=0.12, show_default=True)
+@click.option('--xflip', help='Enable dataset x-flips', metavar='BOOL', type=bool, default=False, show_default=True)
+@click.option('--lr_rampup', help='Learning rate ramp-up', metavar='MIMG', type=click.FloatRange(min=0, max=1000), default=10, show_default=True)
+@click.option('--warmup_ite', help='FDM loss-weight warmup length in steps', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=None)
+@click.option('--fdm_multiplier', '--fdm_multipler', 'fdm_multiplier', help='FDM momentum multiplier m', metavar='FLOAT', type=float, default=2.0, show_default=True)
+
+# Performance-related.
+@click.option('--fp16', help='Enable mixed-precision training', metavar='BOOL', type=bool, default=False, show_default=True)
+@click.option('--ls', help='Loss scaling', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=1, show_default=True)
+@click.option('--bench', help='Enable cuDNN benchmarking', metavar='BOOL', type=bool, default=True, show_default=True)
+@click.option('--cache', help='Cache dataset in CPU memory', metavar='BOOL', type=bool, default=True, show_default=True)
+@click.option('--workers', help='DataLoader worker processes', metavar='INT', type=click.IntRange(min=0), default=8, show_default=True)
+
+# I/O-related.
+@click.option('--desc', help='String to include in result dir name', metavar='STR', type=str)
+@click.option('--nosubdir', help='Do not create a subdirectory for results', is_flag=True)
+@click.option('--tick', help='How often to print progress', metavar='KIMG', type=click.FloatRange(min=0, min_open=True), default=50, show_default=True)
+@click.option('--snap', help='How often to save snapshots', metavar='TICKS', type=click.IntRange(min=1), default=200, show_default=True)
+@click.option('--dump', help='How often to dump state', metavar='TICKS', type=click.IntRange(min=1), default=500, show_default=True)
+@click.option('--grid-images', help='Sample grid PNG size per snapshot (0 = none)', metavar='INT', type=click.IntRange(min=0), default=64, show_default=True)
+@click.option('--seed', help='Random seed  [default: random]', metavar='INT', type=click.IntRange(min=0, max=2**31 - 1))
+@click.option('--transfer', help='Transfer learning from network file', metavar='PT|PKL|URL', type=str)
+@click.option('--resume', help='Resume from training state file or run directory', metavar='PT|DIR', type=str)
+@click.option('-n', '--dry-run', help='Print training options and exit', is_flag=True)
+@click.pass_context
+def main(ctx, dry_run, **opts):
+    """Train a diffusion model (EDM/VP/VE or their FDM versions)."""
+    explicit = {name for name in opts if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
+    if not dry_run:
+        distributed.init()
+    world_size = distributed.get_world_size() if not dry_run else int(os.environ.get('WORLD_SIZE', '1'))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter('always')
+        try:
+            c, run = setup_training_config(**opts, world_size=world_size, explicit=explicit)
+        except (ConfigError, CheckpointError) as err:
+            raise click.ClickException(str(err)) from None
+    for w in caught:
+        distributed.print0(f'Warning: {w.message}')
+
+    # Seed: the user's, the resumed run's, or a fresh random one shared by all ranks.
+    if c.seed is None:
+        c.seed = _resumed_seed(c.resume_state) if c.resume_state else _random_seed()
+
+    if dry_run:
+        click.echo(json.dumps(c, indent=2))
+        click.echo('Dry run; exiting.')
+        return
+
+    run_dir = run['outdir'] if run['nosubdir'] else next_run_dir(run['outdir'], run['desc'])
+    if distributed.get_rank() == 0:
+        _prepare_run_dir(run_dir, run['nosubdir'])
+        _write_json_atomic(os.path.join(run_dir, 'training_options.json'), c)
+        logger = dnnlib.util.Logger(os.path.join(run_dir, 'log.txt'))
+        print(f'Output directory: {run_dir}')
+        print(json.dumps(c, indent=2))
+    from training.training_loop import training_loop  # noqa: heavy import after option checks
+    try:
+        training_loop(run_dir=run_dir, **c)
+    except (CheckpointError, ValueError) as err:
+        raise click.ClickException(str(err)) from None
+    finally:
+        if distributed.get_rank() == 0:
+            logger.close()
+        distributed.shutdown()
+
+#----------------------------------------------------------------------------
+
+def _random_seed():
+    seed = torch.tensor([secrets.randbelow(2**31)], dtype=torch.int64)
+    if distributed.is_distributed():
+        seed = seed.to(distributed.device() if torch.distributed.get_backend() == 'nccl' else 'cpu')
+        torch.distributed.broadcast(seed, src=0)
+    return int(seed.item())
+
+def _resumed_seed(path):
+    from training.training_loop import load_training_state
+    return int(load_training_state(path)['seed'])
+
+def _prepare_run_dir(run_dir, nosubdir):
+    if not nosubdir and os.path.exists(run_dir):
+        raise click.ClickException(f'{run_dir} already exists; choose another --outdir')
+    try:
+        os.makedirs(run_dir, exist_ok=True)
+        probe = os.path.join(run_dir, '.write-test')
+        with open(probe, 'w') as f:
+            f.write('ok')
+        os.remove(probe)
+    except OSError as err:
+        raise click.ClickException(f'cannot write to {run_dir} ({err.strerror}); choose a writable --outdir') from None
+
+def _write_json_atomic(path, obj):
+    tmp = path + '.tmp'
+    with open(tmp, 'w') as f:
+        json.dump(obj, f, indent=2)
+    os.replace(tmp, path)
+
+#----------------------------------------------------------------------------
+
+if __name__ == '__main__':
+    main()
+
+#----------------------------------------------------------------------------

@@ -1,0 +1,304 @@
+"""The training loop: DDP, gradient accumulation, EMA, ticks, snapshots and exact resume.
+
+The signature of `training_loop` is the configuration schema (`name = default, # meaning`);
+train.py builds its arguments and writes them to training_options.json. Everything the next
+step depends on is in the training-state file, and the randomness of step k on rank r comes
+from a generator seeded with (seed, rank, k), so an interrupted run resumed from any state
+file continues bit for bit as if it had never stopped.
+"""
+
+import contextlib
+import copy
+import json
+import os
+import re
+import time
+
+import numpy as np
+import psutil
+import torch
+
+import dnnlib
+from fdm.checkpoint import CheckpointError, atomic_save, load_network_file, save_snapshot
+from fdm.loss import build_loss
+from fdm.preconditioning import build_precond
+from torch_utils import distributed
+from torch_utils.training_stats import StatsCollector
+from training.augment import AugmentPipe
+from training.dataset import ImageFolderDataset, InfiniteSampler
+from training.snapshot_grid import save_sample_grid
+
+STATE_FORMAT = 'fdm-training-state'
+STATE_VERSION = 1
+
+#----------------------------------------------------------------------------
+# Seed of step k on rank r: independent streams, reproducible from (seed, rank, k) alone.
+
+def step_seed(seed, rank, step):
+    return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, dtype=np.uint64)[0] % (1 << 63))
+
+#----------------------------------------------------------------------------
+# Learning rate and EMA as functions of the images seen (EDM's schedule).
+
+def learning_rate(lr, cur_nimg, lr_rampup_kimg):
+    if lr_rampup_kimg > 0:
+        return lr * min(cur_nimg / (lr_rampup_kimg * 1000), 1)
+    return lr
+
+def ema_beta(batch_size, cur_nimg, ema_halflife_kimg, ema_rampup_ratio):
+    halflife_nimg = ema_halflife_kimg * 1000
+    if ema_rampup_ratio is not None:
+        halflife_nimg = min(halflife_nimg, cur_nimg * ema_rampup_ratio)
+    return 0.5 ** (batch_size / max(halflife_nimg, 1e-8))
+
+#----------------------------------------------------------------------------
+# Training state files: plain data for torch.load(weights_only=True), written atomically.
+
+STATE_NAME = re.compile(r'^training-state-(\d+)\.pt$')
+
+def find_resume_state(path):
+    """A state file, or the newest one in a run directory."""
+    if os.path.isdir(path):
+        found = sorted((int(m.group(1)), name) for name in os.listdir(path) if (m := STATE_NAME.match(name)))
+        if not found:
+            raise CheckpointError(f'{path}: no training-state-*.pt in this directory; pass a state file or a run directory that has one')
+        return os.path.join(path, found[-1][1])
+    if not os.path.isfile(path):
+        raise CheckpointError(f'{path}: no such file; --resume takes a training-state-*.pt file or a run directory')
+    return path
+
+def load_training_state(path):
+    name = os.path.basename(path)
+    try:
+        state = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as err:
+        raise CheckpointError(f'{name}: cannot be read ({type(err).__name__}: {err}); the file is damaged or truncated, '
+            'resume from an earlier state') from None
+    if not isinstance(state, dict) or state.get('format') != STATE_FORMAT:
+        raise CheckpointError(f'{name}: not an FDM training state; --resume takes a training-state-*.pt file written by this code')
+    if state.get('version') != STATE_VERSION:
+        raise CheckpointError(f'{name}: training-state version {state.get("version")} is not supported; use the code that wrote it')
+    return state
+
+#----------------------------------------------------------------------------
+
+def training_loop(
+    run_dir             = '.',      # Output directory.
+    dataset_kwargs      = {},       # Options for ImageFolderDataset.
+    data_loader_kwargs  = {},       # Options for torch.utils.data.DataLoader.
+    network_kwargs      = {},       # Preconditioner class_name and constructor kwargs.
+    loss_kwargs         = {},       # Loss class_name and constructor kwargs.
+    optimizer_kwargs    = {},       # Adam options (lr, betas, eps).
+    augment_kwargs      = None,     # AugmentPipe options, None = no augmentation.
+    seed                = 0,        # Global random seed.
+    batch_size          = 512,      # Total batch size for one training iteration.
+    batch_gpu           = None,     # Limit batch size per GPU, None = no limit.
+    total_kimg          = 200000,   # Training duration, measured in thousands of training images.
+    ema_halflife_kimg   = 500,      # Half-life of the exponential moving average (EMA) of model weights.
+    ema_rampup_ratio    = 0.05,     # EMA ramp-up coefficient, None = no rampup.
+    lr_rampup_kimg      = 10000,    # Learning rate ramp-up duration.
+    loss_scaling        = 1,        # Loss scaling factor for reducing FP16 under/overflows.
+    kimg_per_tick       = 50,       # Interval of progress prints.
+    snapshot_ticks      = 50,       # How often to save network snapshots, None = disable.
+    state_dump_ticks    = 500,      # How often to dump training state, None = disable.
+    grid_images         = 64,       # Sample grid PNG written with each snapshot, 0 = none.
+    resume_state        = None,     # Training state file to resume from, None = fresh start.
+    transfer            = None,     # Network file whose weights start the training, None = random init.
+    cudnn_benchmark     = True,     # Enable torch.backends.cudnn.benchmark?
+    device              = None,     # Device, None = this rank's GPU, else the CPU.
+    max_steps           = None,     # Stop after this many optimizer steps of this process (tests, kill drills).
+):
+    start_time = time.time()
+    device = torch.device(device) if device is not None else distributed.device()
+    rank, world = distributed.get_rank(), distributed.get_world_size()
+    if device.type == 'cuda':
+        torch.backends.cudnn.benchmark = cudnn_benchmark
+        torch.backends.cudnn.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
+
+    # Batch split: batch = batch_gpu * rounds * world.
+    batch_gpu_total = batch_size // world
+    if batch_gpu is None or batch_gpu > batch_gpu_total:
+        batch_gpu = batch_gpu_total
+    num_accumulation_rounds = batch_gpu_total // batch_gpu
+    if batch_size != batch_gpu * num_accumulation_rounds * world:
+        raise ValueError(f'--batch={batch_size} is not divisible by {world} GPUs x --batch-gpu={batch_gpu}; '
+            'choose a batch that is a multiple of their product')
+
+    # Data.
+    distributed.print0('Loading dataset...')
+    dataset = ImageFolderDataset(**dataset_kwargs)
+    state = load_training_state(find_resume_state(resume_state)) if resume_state else None
+    cur_nimg = state['cur_nimg'] if state else 0
+    sampler = InfiniteSampler(dataset, rank=rank, num_replicas=world, seed=seed, start_index=cur_nimg)
+    loader = iter(torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=batch_gpu,
+        pin_memory=(device.type == 'cuda'), **data_loader_kwargs))
+
+    # Network, loss, augmentation, optimizer. Initialisation is identical on every rank.
+    distributed.print0('Constructing network...')
+    torch.manual_seed(seed)
+    interface = dict(img_resolution=dataset.resolution, img_channels=dataset.num_channels, label_dim=dataset.label_dim)
+    net = build_precond(**{**network_kwargs, **interface}).train().requires_grad_(True).to(device)
+    loss_fn = build_loss(**loss_kwargs)
+    augment_pipe = AugmentPipe(**augment_kwargs) if augment_kwargs else None
+    optimizer = torch.optim.Adam(net.parameters(), **optimizer_kwargs)
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
+    step = 0
+    cur_tick = 0
+    tick_start_nimg = cur_nimg
+    nonfinite_total = 0
+
+    if transfer is not None:
+        distributed.print0(f'Loading network weights from "{transfer}"...')
+        weights = load_network_file(transfer)['ema'].state_dict()
+        missing, unexpected = net.load_state_dict(weights, strict=False)
+        if unexpected:
+            raise CheckpointError(f'{transfer}: tensors {unexpected[:3]} do not exist in the configured network; '
+                'check --arch/--precond/--cond against the transferred network')
+        ema.load_state_dict(net.state_dict())
+        ema_rampup_ratio = None  # transferred weights are already good: no EMA warm-up
+    if state is not None:
+        distributed.print0(f'Resuming from "{resume_state}" ({state["cur_nimg"]} images seen)...')
+        net.load_state_dict(state['net'])
+        ema.load_state_dict(state['ema'])
+        optimizer.load_state_dict(state['optimizer'])
+        step, cur_tick, tick_start_nimg = state['step'], state['cur_tick'], state['tick_start_nimg']
+        nonfinite_total = state['nonfinite_total']
+        if state['seed'] != seed:
+            raise CheckpointError(f'{os.path.basename(resume_state)} was trained with seed {state["seed"]}, not {seed}; '
+                'pass --seed with the original value to resume exactly')
+
+    ddp = net
+    if distributed.is_distributed():
+        ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == 'cuda' else None,
+            broadcast_buffers=False)
+    stats = StatsCollector(device)
+    total_nimg = int(round(total_kimg * 1000))
+    distributed.print0(f'Training for {total_kimg} kimg from {cur_nimg} images, {num_accumulation_rounds} '
+        f'accumulation round(s) of {batch_gpu} per process, {world} process(es) on {device.type}...')
+
+    tick_start_time = time.time()
+    maintenance_time = tick_start_time - start_time
+    process_steps = 0
+    while True:
+        # One optimizer step; all randomness of this step comes from (seed, rank, step).
+        torch.manual_seed(step_seed(seed, rank, step))
+        optimizer.zero_grad(set_to_none=True)
+        for round_idx in range(num_accumulation_rounds):
+            images, labels = next(loader)
+            images = images.to(device).to(torch.float32) / 127.5 - 1
+            labels = labels.to(device)
+            sync = round_idx == num_accumulation_rounds - 1
+            with (ddp.no_sync() if (ddp is not net and not sync) else contextlib.nullcontext()):
+                loss = loss_fn(net=ddp, images=images, labels=labels, augment_pipe=augment_pipe, step=step)
+                stats.report('Loss/loss', loss)
+                loss.sum().mul(loss_scaling / batch_gpu_total).backward()
+
+        # Non-finite gradients are replaced so the run survives, and counted so it is seen.
+        lr = learning_rate(optimizer_kwargs['lr'], cur_nimg, lr_rampup_kimg)
+        for group in optimizer.param_groups:
+            group['lr'] = lr
+        grads = [p.grad for p in net.parameters() if p.grad is not None]
+        nonfinite = sum((~torch.isfinite(g)).sum() for g in grads)
+        stats.report('Train/nonfinite_grads', nonfinite)
+        for g in grads:
+            torch.nan_to_num(g, nan=0, posinf=1e5, neginf=-1e5, out=g)
+        optimizer.step()
+
+        # EMA of the parameters (buffers are constant).
+        beta = ema_beta(batch_size, cur_nimg, ema_halflife_kimg, ema_rampup_ratio)
+        with torch.no_grad():
+            for p_ema, p_net in zip(ema.parameters(), net.parameters()):
+                p_ema.copy_(p_net.detach().lerp(p_ema, beta))
+
+        cur_nimg += batch_size
+        step += 1
+        process_steps += 1
+        done = cur_nimg >= total_nimg or (max_steps is not None and process_steps >= max_steps)
+
+        # Maintenance once per tick.
+        if not done and cur_tick != 0 and cur_nimg < tick_start_nimg + kimg_per_tick * 1000:
+            continue
+        tick_end_time = time.time()
+        results = stats.collect()
+        nonfinite_tick = int(round(results['Train/nonfinite_grads']['mean'] * results['Train/nonfinite_grads']['num'] / world))
+        nonfinite_total += nonfinite_tick
+        tick_images = cur_nimg - tick_start_nimg
+        tick_time = tick_end_time - tick_start_time
+        remaining = max(total_nimg - cur_nimg, 0)
+        fields = [
+            f'tick {cur_tick:<5d}', f'kimg {cur_nimg / 1e3:<9.3f}', f'loss {results["Loss/loss"]["mean"]:<8.4f}',
+            f'time {_format_time(tick_end_time - start_time):<12s}', f'sec/tick {tick_time:<7.1f}',
+            f'img/s {tick_images / max(tick_time, 1e-9):<8.1f}',
+            f'eta {_format_time(remaining / max(tick_images, 1) * tick_time):<10s}',
+            f'maintenance {maintenance_time:<6.1f}', f'cpumem {psutil.Process().memory_info().rss / 2**30:<5.2f}',
+        ]
+        if device.type == 'cuda':
+            fields.append(f'gpumem {torch.cuda.max_memory_allocated(device) / 2**30:<5.2f}')
+            torch.cuda.reset_peak_memory_stats(device)
+        fields.append(f'nonfinite {nonfinite_tick}')
+        distributed.print0(' '.join(fields), flush=True)
+
+        if rank == 0:
+            entry = dict(results, timestamp=time.time())
+            entry.update({'Progress/tick': _stat(cur_tick), 'Progress/kimg': _stat(cur_nimg / 1e3),
+                'Progress/lr': _stat(lr), 'Timing/sec_per_tick': _stat(tick_time),
+                'Timing/img_per_sec': _stat(tick_images / max(tick_time, 1e-9)),
+                'Train/nonfinite_grads_total': _stat(nonfinite_total)})
+            with open(os.path.join(run_dir, 'stats.jsonl'), 'a') as f:
+                f.write(json.dumps(entry) + '\n')
+
+        # Snapshot (the EMA network) and training state.
+        kimg_name = f'{cur_nimg // 1000:06d}'
+        if snapshot_ticks is not None and (done or cur_tick % snapshot_ticks == 0):
+            _check_ranks_agree(net)
+            if rank == 0:
+                save_snapshot(os.path.join(run_dir, f'network-snapshot-{kimg_name}.pt'), ema, loss_fn=loss_fn,
+                    augment_pipe=augment_pipe, dataset_kwargs=dataset_kwargs, extra=dict(cur_nimg=cur_nimg, step=step))
+                if grid_images:
+                    save_sample_grid(os.path.join(run_dir, f'samples-{kimg_name}.png'), ema, grid_images, device)
+        if state_dump_ticks is not None and (done or (cur_tick % state_dump_ticks == 0 and cur_tick != 0)):
+            if rank == 0:
+                atomic_save(dict(format=STATE_FORMAT, version=STATE_VERSION, cur_nimg=cur_nimg, step=step,
+                    cur_tick=cur_tick + 1, tick_start_nimg=cur_nimg, nonfinite_total=nonfinite_total, seed=seed,
+                    net=net.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict()),
+                    os.path.join(run_dir, f'training-state-{kimg_name}.pt'))
+        distributed.barrier()
+
+        cur_tick += 1
+        tick_start_nimg = cur_nimg
+        tick_start_time = time.time()
+        maintenance_time = tick_start_time - tick_end_time
+        if done:
+            break
+
+    distributed.print0('Exiting...')
+    return dict(net=net, ema=ema, cur_nimg=cur_nimg, step=step)
+
+#----------------------------------------------------------------------------
+
+def _stat(value):
+    return dict(num=1, mean=float(value), std=0.0)
+
+def _format_time(seconds):
+    s = int(np.rint(seconds))
+    if s < 60:
+        return f'{s}s'
+    if s < 3600:
+        return f'{s // 60}m {s % 60:02d}s'
+    if s < 86400:
+        return f'{s // 3600}h {(s // 60) % 60:02d}m'
+    return f'{s // 86400}d {(s // 3600) % 24:02d}h'
+
+# Every rank must hold the same weights; a silent divergence would corrupt the run.
+def _check_ranks_agree(net):
+    if not distributed.is_distributed():
+        return
+    digest = torch.stack([p.detach().double().sum() for p in net.parameters()]).sum().reshape(1)
+    gathered = [torch.zeros_like(digest) for _ in range(distributed.get_world_size())]
+    torch.distributed.all_gather(gathered, digest)
+    if any(not torch.equal(g, gathered[0]) for g in gathered):
+        raise RuntimeError('ranks hold different network weights; the distributed run is inconsistent')
+
+#----------------------------------------------------------------------------

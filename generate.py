@@ -1,0 +1,330 @@
+"""Generate images with a trained EDM/FDM network.
+
+    python generate.py --network=network-snapshot-200000.pt --outdir=out --seeds=0-49999 --solver=dpm
+    torchrun --standalone --nproc_per_node=8 generate.py --network=... --outdir=out --seeds=0-49999
+
+Each image depends only on its seed and the network: per-seed random generators make it the
+same whatever the batch size or the number of processes. Without torchrun it runs in one
+process, on the GPU if there is one, else on the CPU.
+"""
+
+import json
+import math
+import os
+import re
+import tempfile
+
+import click
+import numpy as np
+import PIL.Image
+import torch
+import tqdm
+
+import dnnlib
+from fdm.checkpoint import CheckpointError, load_network
+from fdm.samplers import SAMPLERS, PerSeedGenerator, sampler_nfe, sampler_settings, sampler_sigma_range
+from torch_utils import distributed
+
+#----------------------------------------------------------------------------
+# A user error: generate() raises it, main() shows it as a one-line click error.
+
+class GenerateError(Exception):
+    pass
+
+#----------------------------------------------------------------------------
+# Seed lists: '1,2,5-10' <-> [1, 2, 5, 6, 7, 8, 9, 10].
+
+def parse_int_list(s):
+    if isinstance(s, (list, tuple, range)):
+        return list(s)
+    out = []
+    for part in str(s).split(','):
+        m = re.fullmatch(r'\s*(\d+)\s*(?:-\s*(\d+)\s*)?', part)
+        if not m:
+            raise click.BadParameter(f'{s!r} is not a list of non-negative integers and ranges like "1,2,5-10"')
+        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        if hi < lo:
+            raise click.BadParameter(f'the range {lo}-{hi} in {s!r} is empty; write the smaller number first')
+        out.extend(range(lo, hi + 1))
+    return out
+
+def format_int_list(values):
+    """Inverse of parse_int_list: consecutive runs become 'a-b'."""
+    parts, values = [], list(values)
+    i = 0
+    while i < len(values):
+        j = i
+        while j + 1 < len(values) and values[j + 1] == values[j] + 1:
+            j += 1
+        parts.append(str(values[i]) if i == j else f'{values[i]}-{values[j]}')
+        i = j + 1
+    return ','.join(parts)
+
+#----------------------------------------------------------------------------
+# Which sampler the options select, and its keyword arguments.
+# --solver dpm: DPM-Solver++; --solver euler|heun or any of --disc/--schedule/--scaling:
+# EDM's ablation sampler; otherwise (--solver edm or nothing) EDM's Heun sampler.
+
+DPM_IGNORED_DEFAULTS = dict(rho=7, S_churn=0, S_min=0, S_max=float('inf'), S_noise=1)
+
+def select_sampler(solver=None, disc=None, schedule=None, scaling=None, dpm_order=None, dpm_method=None,
+        dpm_skip=None, num_steps=18, sigma_min=None, sigma_max=None, rho=7, S_churn=0, S_min=0,
+        S_max=float('inf'), S_noise=1):
+    """-> (sampler name in SAMPLERS, its kwargs, list of options it ignores)."""
+    range_kwargs = {k: v for k, v in dict(sigma_min=sigma_min, sigma_max=sigma_max).items() if v is not None}
+    common = dict(num_steps=num_steps, **range_kwargs, rho=rho, S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise)
+    ablation = {k: v for k, v in dict(discretization=disc, schedule=schedule, scaling=scaling).items() if v is not None}
+    dpm = {k: v for k, v in dict(order=dpm_order, method=dpm_method, skip_type=dpm_skip).items() if v is not None}
+    if solver not in (None, 'edm', 'dpm', 'euler', 'heun'):
+        raise GenerateError(f"unknown --solver {solver!r}; expected edm, dpm, euler or heun")
+
+    if solver == 'dpm':
+        if ablation:
+            raise GenerateError('--disc/--schedule/--scaling select the EDM ablation sampler and do not combine with '
+                '--solver dpm; drop them, or use --solver euler or heun')
+        given = dict(rho=rho, S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise)
+        ignored = [f'--{k}' for k, v in given.items() if v != DPM_IGNORED_DEFAULTS[k]]
+        return 'dpm', dict(num_steps=num_steps, **range_kwargs, **dpm), ignored
+    if dpm:
+        raise GenerateError('--dpm-order/--dpm-method/--dpm-skip apply only to --solver dpm')
+    if solver in ('euler', 'heun') or ablation:
+        if solver == 'edm':
+            raise GenerateError('--disc/--schedule/--scaling select the EDM ablation sampler; use them with '
+                '--solver euler or heun (or without --solver), not --solver edm')
+        return 'ablation', dict(common, solver=solver or 'heun', **ablation), []
+    return 'edm', common, []
+
+#----------------------------------------------------------------------------
+# Batches as the reference splits them: ceil(n / (batch W)) W near-equal parts of the seed
+# list, and rank r takes parts r, r + W, ... (some may be empty).
+
+def rank_batches(seeds, max_batch_size, rank=0, world_size=1):
+    num_batches = math.ceil(len(seeds) / (max_batch_size * world_size)) * world_size
+    parts = torch.as_tensor(seeds, dtype=torch.int64).tensor_split(num_batches)
+    return [part.tolist() for part in parts[rank::world_size]]
+
+def image_path(outdir, seed, subdirs=False):
+    """outdir/[{seed - seed % 1000:06d}/]{seed:06d}.png"""
+    folder = os.path.join(outdir, f'{seed - seed % 1000:06d}') if subdirs else outdir
+    return os.path.join(folder, f'{seed:06d}.png')
+
+# Float images [N, C, H, W] in [-1, 1] -> uint8 [N, H, W, C], as the reference rounds them.
+def to_uint8(images):
+    return (images * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+# Write a file through a temporary name in the same folder, so a reader (or a crash) never
+# sees half an image. The temporary name does not end in .png: an image folder scan skips it.
+def _write_atomic(path, write):
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix='.tmp-', suffix='.part')
+    try:
+        with os.fdopen(fd, 'wb') as f:
+            write(f)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+def save_png(array, path):
+    """uint8 [H, W, C] -> PNG; one channel is saved as grayscale (mode L)."""
+    array = np.ascontiguousarray(array[:, :, 0] if array.shape[2] == 1 else array)
+    _write_atomic(path, lambda f: PIL.Image.fromarray(array).save(f, format='PNG'))
+
+def save_json(obj, path):
+    _write_atomic(path, lambda f: f.write(json.dumps(obj, indent=2).encode('utf-8')))
+
+# Tile images [N, H, W, C] into one roughly square grid, row by row.
+def make_grid(images):
+    n, h, w, c = images.shape
+    gw = math.ceil(math.sqrt(n))
+    gh = math.ceil(n / gw)
+    grid = np.zeros([gh * h, gw * w, c], dtype=np.uint8)
+    for i, image in enumerate(images):
+        y, x = divmod(i, gw)
+        grid[y * h:(y + 1) * h, x * w:(x + 1) * w] = image
+    return grid
+
+def _jsonable(value):
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)  # 'inf': strict JSON has no infinity
+    if isinstance(value, dict):
+        return {k: _jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_jsonable(v) for v in value]
+    return value
+
+#----------------------------------------------------------------------------
+# Latents, labels and the per-step noise for one batch, in the reference's order: each
+# seed's generator draws its latents [C, H, W], then (conditional nets) its class index,
+# then the sampler's noise. --class overrides the label but the index is still drawn.
+
+@torch.no_grad()
+def generate_batch(net, sampler_name, sampler_kwargs, batch_seeds, device, class_idx=None):
+    rnd = PerSeedGenerator(device, batch_seeds)
+    latents = rnd.randn([len(batch_seeds), net.img_channels, net.img_resolution, net.img_resolution], device=device)
+    class_labels = None
+    if net.label_dim:
+        index = rnd.randint(net.label_dim, size=[len(batch_seeds)], device=device)
+        class_labels = torch.eye(net.label_dim, device=device)[index]
+        if class_idx is not None:
+            class_labels[:, :] = 0
+            class_labels[:, class_idx] = 1
+    sampler = SAMPLERS[sampler_name]
+    return sampler(net, latents, class_labels, randn_like=rnd.randn_like, **sampler_kwargs)
+
+#----------------------------------------------------------------------------
+# Load the denoiser, rank 0 first (it may download into the cache that the others then read).
+
+def load_net(network, device, rank=0, log=print):
+    """-> (net, name). `network` is a path, a URL, or an already loaded denoiser."""
+    if isinstance(network, torch.nn.Module):
+        return network.eval().requires_grad_(False).to(device), type(network).__name__
+    name = str(network)
+    if not dnnlib.util.is_url(name) and not name.startswith('file://') and not os.path.isfile(name):
+        raise GenerateError(f'--network {name}: no such file; give a network snapshot (.pt/.pkl) or a URL')
+    if rank != 0:
+        distributed.barrier()
+    log(f'Loading network from "{name}"...')
+    try:
+        net = load_network(name, device)
+    except (CheckpointError, OSError) as err:
+        raise GenerateError(f'--network: {err}') from None
+    if rank == 0:
+        distributed.barrier()
+    return net, name
+
+# Everything that decides the images, as written to generate_options.json.
+def describe_run(net, network_name, sampler_name, sampler_kwargs, ignored, seeds, class_idx, **extra):
+    try:
+        sigma_min, sigma_max = (float(v) for v in sampler_sigma_range(sampler_name, net, **sampler_kwargs))
+        nfe = sampler_nfe(sampler_name, **sampler_kwargs)
+    except ValueError as err:
+        raise GenerateError(str(err)) from None
+    if not 0 < sigma_min < sigma_max:
+        raise GenerateError(f'the noise range is empty: sigma {sigma_min:g}..{sigma_max:g} (after clamping to '
+            f'the network\'s {net.sigma_min:g}..{net.sigma_max:g}); give --sigma_min below --sigma_max')
+    return _jsonable(dict(
+        network=network_name,
+        solver=sampler_kwargs['solver'] if sampler_name == 'ablation' else sampler_name,
+        sampler=sampler_name, sampler_function=SAMPLERS[sampler_name].__name__,
+        sampler_kwargs=sampler_settings(sampler_name, **sampler_kwargs), ignored_options=ignored,
+        num_steps=sampler_kwargs['num_steps'], nfe=nfe, sigma_min=sigma_min, sigma_max=sigma_max,
+        num_seeds=len(seeds), seeds=format_int_list(seeds), class_idx=class_idx, label_dim=net.label_dim,
+        img_resolution=net.img_resolution, img_channels=net.img_channels, **extra, torch_version=torch.__version__))
+
+# Read the saved images back (any rank may have written them) and tile them into one PNG.
+def save_grid(outdir, seeds, subdirs, path):
+    images = np.stack([np.asarray(PIL.Image.open(image_path(outdir, s, subdirs))) for s in seeds])
+    images = images[..., None] if images.ndim == 3 else images  # grayscale -> [N, H, W, 1]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    save_png(make_grid(images), path)
+
+#----------------------------------------------------------------------------
+# The whole command as a function (tests call it). Returns the settings it wrote to
+# outdir/generate_options.json.
+
+def generate(network, outdir, seeds=range(64), subdirs=False, class_idx=None, max_batch_size=64, device=None,
+        grid=None, verbose=True, **sampler_options):
+    seeds = list(seeds)
+    if not seeds:
+        raise GenerateError('--seeds is empty; give seeds like 0-63')
+    if grid is not None and os.path.commonpath([os.path.abspath(grid), os.path.abspath(outdir)]) == os.path.abspath(outdir):
+        raise GenerateError(f'--grid {grid} lies inside --outdir, where fid.py would count it as a sample; '
+            'put the grid somewhere else')
+    sampler_name, sampler_kwargs, ignored = select_sampler(**sampler_options)
+    try:
+        device = torch.device(device) if device is not None else distributed.device()
+    except RuntimeError as err:
+        raise GenerateError(f'--device {device!r} is not a device ({err}); use e.g. cpu, cuda or cuda:1') from None
+    rank, world_size = distributed.get_rank(), distributed.get_world_size()
+    log = (lambda *args: print(*args, flush=True)) if (verbose and rank == 0) else (lambda *args: None)
+
+    net, network_name = load_net(network, device, rank, log)
+    if class_idx is not None and not net.label_dim:
+        raise GenerateError(f'--class {class_idx} given, but the network is unconditional (label_dim 0); drop --class')
+    if class_idx is not None and not 0 <= class_idx < net.label_dim:
+        raise GenerateError(f'--class {class_idx} is out of range; this network has classes 0..{net.label_dim - 1}')
+    if ignored:
+        log(f'Warning: {", ".join(ignored)} do not apply to --solver dpm and are ignored')
+    settings = describe_run(net, network_name, sampler_name, sampler_kwargs, ignored, seeds, class_idx,
+        max_batch_size=max_batch_size, world_size=world_size, subdirs=subdirs, grid=grid, device=device.type)
+    if rank == 0:
+        try:
+            os.makedirs(outdir, exist_ok=True)
+            save_json(settings, os.path.join(outdir, 'generate_options.json'))
+        except OSError as err:
+            raise GenerateError(f'cannot write to --outdir {outdir} ({err.strerror}); choose a writable folder') from None
+    distributed.barrier()
+    log(f'Sampler: {settings["solver"]} ({settings["sampler_function"]}), {settings["num_steps"]} steps, '
+        f'{settings["nfe"]} network evaluations per image, sigma {settings["sigma_min"]:g}..{settings["sigma_max"]:g}')
+    log(f'Generating {len(seeds)} images to "{outdir}"...')
+
+    # Every batch goes through the same sampler (the FDM reference used DPM only for the first).
+    batches = [b for b in rank_batches(seeds, max_batch_size, rank, world_size) if b]
+    for batch_seeds in tqdm.tqdm(batches, unit='batch', disable=(rank != 0 or not verbose)):
+        images = to_uint8(generate_batch(net, sampler_name, sampler_kwargs, batch_seeds, device, class_idx))
+        for seed, image in zip(batch_seeds, images):
+            path = image_path(outdir, seed, subdirs)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            save_png(image, path)
+
+    distributed.barrier()
+    if grid is not None and rank == 0:
+        save_grid(outdir, seeds, subdirs, grid)
+        log(f'Grid of {len(seeds)} images saved to "{grid}"')
+    log('Done.')
+    return settings
+
+#----------------------------------------------------------------------------
+
+@click.command()
+@click.option('--network', 'network', help='Network snapshot (ours or a reference .pkl)', metavar='PATH|URL', type=str, required=True)
+@click.option('--outdir', help='Where to save the output images', metavar='DIR', type=str, required=True)
+@click.option('--seeds', help='Random seeds (e.g. 1,2,5-10)', metavar='LIST', type=parse_int_list, default='0-63', show_default=True)
+@click.option('--subdirs', help='Create subdirectory for every 1000 seeds', is_flag=True)
+@click.option('--class', 'class_idx', help='Class label  [default: random]', metavar='INT', type=click.IntRange(min=0), default=None)
+@click.option('--batch', 'max_batch_size', help='Maximum batch size', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
+
+@click.option('--steps', 'num_steps', help='Number of sampling steps', metavar='INT', type=click.IntRange(min=1), default=18, show_default=True)
+@click.option('--sigma_min', help='Lowest noise level  [default: varies]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
+@click.option('--sigma_max', help='Highest noise level  [default: varies]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
+@click.option('--rho', help='Time step exponent', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=7, show_default=True)
+@click.option('--S_churn', 'S_churn', help='Stochasticity strength', metavar='FLOAT', type=click.FloatRange(min=0), default=0, show_default=True)
+@click.option('--S_min', 'S_min', help='Stoch. min noise level', metavar='FLOAT', type=click.FloatRange(min=0), default=0, show_default=True)
+@click.option('--S_max', 'S_max', help='Stoch. max noise level', metavar='FLOAT', type=click.FloatRange(min=0), default='inf', show_default=True)
+@click.option('--S_noise', 'S_noise', help='Stoch. noise inflation', metavar='FLOAT', type=float, default=1, show_default=True)
+
+@click.option('--solver', help='Sampler  [default: edm, or heun with --disc/--schedule/--scaling]', type=click.Choice(['edm', 'dpm', 'euler', 'heun']))
+@click.option('--disc', help='Ablate time step discretization {t_i}', type=click.Choice(['vp', 've', 'iddpm', 'edm']))
+@click.option('--schedule', help='Ablate noise schedule sigma(t)', type=click.Choice(['vp', 've', 'linear']))
+@click.option('--scaling', help='Ablate signal scaling s(t)', type=click.Choice(['vp', 'none']))
+@click.option('--dpm-order', 'dpm_order', help='DPM-Solver++ order  [default: 3]', metavar='INT', type=click.IntRange(min=1, max=3))
+@click.option('--dpm-method', 'dpm_method', help='DPM-Solver++ method  [default: singlestep]', type=click.Choice(['singlestep', 'multistep']))
+@click.option('--dpm-skip', 'dpm_skip', help='DPM-Solver++ time steps  [default: logSNR]', type=click.Choice(['logSNR', 'time_uniform', 'time_quadratic']))
+
+@click.option('--grid', help='Also save all images as one grid PNG (outside --outdir)', metavar='PNG', type=str)
+@click.option('--device', help='Device  [default: this rank\'s GPU, else cpu]', metavar='DEVICE', type=str)
+def main(**opts):
+    """Generate random images using the EDM sampler, its ablations, or DPM-Solver++.
+
+    \b
+    # 64 images, EDM Heun sampler, 18 steps (35 network evaluations each)
+    python generate.py --outdir=out --network=network-snapshot-200000.pt
+    \b
+    # FDM's DPM-Solver++ (order 3, singlestep), 50k images on 8 GPUs
+    torchrun --standalone --nproc_per_node=8 generate.py --outdir=out --seeds=0-49999 --subdirs \\
+        --network=network-snapshot-200000.pt --solver=dpm --steps=18
+    """
+    distributed.init()
+    try:
+        generate(**opts)
+    except GenerateError as err:
+        raise click.ClickException(str(err)) from None
+    finally:
+        distributed.shutdown()
+
+#----------------------------------------------------------------------------
+
+if __name__ == '__main__':
+    main()
+
+#----------------------------------------------------------------------------

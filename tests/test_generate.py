@@ -1,0 +1,249 @@
+"""generate.py end to end with tiny networks: files, seeds -> images, solvers, errors."""
+
+import json
+import math
+import os
+import socket
+import subprocess
+import sys
+
+import numpy as np
+import PIL.Image
+import pytest
+import torch
+from click.testing import CliRunner
+
+import generate
+from fdm.checkpoint import save_snapshot
+from fdm.preconditioning import build_precond
+from fdm.samplers import ablation_sampler, dpm_solver_sampler, edm_sampler
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    # The test machine is shared: one intra-op thread is far faster than two contended ones.
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)
+
+def tiny_net(label_dim, img_channels):
+    torch.manual_seed(0)
+    net = build_precond('FDM_EDMPrecond', img_resolution=8, img_channels=img_channels, label_dim=label_dim,
+        model_type='SongUNet', model_channels=8, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], dropout=0)
+    with torch.no_grad():
+        for p in net.parameters():  # wake up the zero-initialised layers so F (and the solver) matters
+            p.add_(torch.randn_like(p) * 0.05)
+    return net.eval().requires_grad_(False)
+
+@pytest.fixture(scope='module')
+def nets(tmp_path_factory):
+    folder = tmp_path_factory.mktemp('nets')
+    out = {}
+    for name, label_dim, channels in [('cond', 4, 3), ('uncond', 0, 1)]:
+        net = tiny_net(label_dim, channels)
+        path = str(folder / f'{name}.pt')
+        save_snapshot(path, net)
+        out[name], out[name + '_net'] = path, net
+    return out
+
+def run(*args, ok=True):
+    args = [str(a) for a in args]
+    if '--device' not in args:
+        args += ['--device', 'cpu']  # the expected images below use CPU generators
+    result = CliRunner().invoke(generate.main, args)
+    if ok:
+        assert result.exit_code == 0, result.output + repr(result.exception)
+    return result
+
+def read_png(path):
+    return np.asarray(PIL.Image.open(path))
+
+def read_images(outdir, seeds, subdirs=False):
+    return np.stack([read_png(generate.image_path(str(outdir), s, subdirs)) for s in seeds])
+
+# The expected images, re-deriving the reference's draw order with plain generators: per
+# seed, latents [C, H, W], then (conditional) a class index, then the sampler's noise.
+def expected_images(net, seeds, sampler, class_idx=None, **kwargs):
+    gens = [torch.Generator().manual_seed(s % 2 ** 32) for s in seeds]
+    shape = [net.img_channels, net.img_resolution, net.img_resolution]
+    latents = torch.stack([torch.randn(shape, generator=g) for g in gens])
+    labels = None
+    if net.label_dim:
+        index = [int(torch.randint(net.label_dim, [1], generator=g)) for g in gens]
+        labels = torch.eye(net.label_dim)[[class_idx if class_idx is not None else i for i in index]]
+    randn_like = lambda x: torch.stack([torch.randn(x.shape[1:], dtype=x.dtype, generator=g) for g in gens])
+    with torch.no_grad():
+        images = sampler(net, latents, labels, randn_like=randn_like, **kwargs)
+    images = (images * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    return images[..., 0] if net.img_channels == 1 else images
+
+#----------------------------------------------------------------------------
+
+def test_file_names_and_subdirs(nets, tmp_path):
+    run('--network', nets['cond'], '--outdir', tmp_path / 'a', '--seeds', '998-1001', '--steps', 2, '--subdirs')
+    names = sorted(os.path.relpath(os.path.join(d, f), tmp_path / 'a') for d, _, fs in os.walk(tmp_path / 'a') for f in fs)
+    assert names == ['000000/000998.png', '000000/000999.png', '001000/001000.png', '001000/001001.png',
+        'generate_options.json']
+    run('--network', nets['cond'], '--outdir', tmp_path / 'b', '--seeds', '3,1000', '--steps', 2)
+    assert sorted(os.listdir(tmp_path / 'b')) == ['000003.png', '001000.png', 'generate_options.json']
+    image = PIL.Image.open(tmp_path / 'b' / '001000.png')
+    assert image.mode == 'RGB' and image.size == (8, 8)
+
+def test_images_are_the_seeds_and_independent_of_batch_size(nets, tmp_path):
+    # With churn, the per-step noise matters too. Batch 2 vs 3 split the seeds differently.
+    opts = ['--network', nets['cond'], '--seeds', '0-4', '--steps', 3, '--S_churn', 10]
+    run(*opts, '--outdir', tmp_path / 'b2', '--batch', 2)
+    run(*opts, '--outdir', tmp_path / 'b3', '--batch', 3)
+    a, b = read_images(tmp_path / 'b2', range(5)), read_images(tmp_path / 'b3', range(5))
+    assert np.array_equal(a, b)
+    expected = expected_images(nets['cond_net'], list(range(5)), edm_sampler, num_steps=3, S_churn=10)
+    assert np.array_equal(a, expected)
+    plain = expected_images(nets['cond_net'], list(range(5)), edm_sampler, num_steps=3)
+    assert not np.array_equal(a, plain)  # the churn noise did matter
+
+def test_dpm_applies_to_every_batch(nets, tmp_path):
+    # The FDM reference ran DPM-Solver++ only on each rank's first batch; seeds 2 and 3 form the
+    # second batch here and must come from DPM-Solver++ too.
+    run('--network', nets['cond'], '--outdir', tmp_path, '--seeds', '0-3', '--batch', 2, '--steps', 4, '--solver', 'dpm')
+    got = read_images(tmp_path, [2, 3])
+    dpm = expected_images(nets['cond_net'], [2, 3], dpm_solver_sampler, num_steps=4)
+    edm = expected_images(nets['cond_net'], [2, 3], edm_sampler, num_steps=4)
+    assert np.array_equal(got, dpm) and not np.array_equal(got, edm)
+    assert np.array_equal(read_images(tmp_path, [0, 1]), expected_images(nets['cond_net'], [0, 1], dpm_solver_sampler, num_steps=4))
+
+def test_dpm_variants_and_ablation(nets, tmp_path):
+    run('--network', nets['cond'], '--outdir', tmp_path / 'm', '--seeds', '0-2', '--steps', 5, '--solver', 'dpm',
+        '--dpm-order', 2, '--dpm-method', 'multistep', '--dpm-skip', 'time_uniform')
+    expected = expected_images(nets['cond_net'], [0, 1, 2], dpm_solver_sampler, num_steps=5, order=2,
+        method='multistep', skip_type='time_uniform')
+    assert np.array_equal(read_images(tmp_path / 'm', [0, 1, 2]), expected)
+    run('--network', nets['cond'], '--outdir', tmp_path / 'e', '--seeds', '0-2', '--steps', 3, '--solver', 'euler',
+        '--disc', 've', '--schedule', 've')
+    expected = expected_images(nets['cond_net'], [0, 1, 2], ablation_sampler, num_steps=3, solver='euler',
+        discretization='ve', schedule='ve')
+    assert np.array_equal(read_images(tmp_path / 'e', [0, 1, 2]), expected)
+
+def test_class_option(nets, tmp_path):
+    # The class index is still drawn (and discarded) with --class: with churn, skipping the
+    # draw would shift every later noise sample.
+    run('--network', nets['cond'], '--outdir', tmp_path / 'c', '--seeds', '0-3', '--steps', 3, '--S_churn', 10, '--class', 2)
+    got = read_images(tmp_path / 'c', range(4))
+    assert np.array_equal(got, expected_images(nets['cond_net'], list(range(4)), edm_sampler, class_idx=2, num_steps=3, S_churn=10))
+    random_class = expected_images(nets['cond_net'], list(range(4)), edm_sampler, num_steps=3, S_churn=10)
+    assert not np.array_equal(got, random_class)
+
+def test_class_errors(nets, tmp_path):
+    r = run('--network', nets['cond'], '--outdir', tmp_path, '--class', 4, ok=False)
+    assert r.exit_code == 1 and 'out of range' in r.output and '0..3' in r.output
+    r = run('--network', nets['uncond'], '--outdir', tmp_path, '--class', 0, ok=False)
+    assert r.exit_code == 1 and 'unconditional' in r.output
+
+def test_grayscale_unconditional(nets, tmp_path):
+    run('--network', nets['uncond'], '--outdir', tmp_path, '--seeds', '5-7', '--steps', 2, '--batch', 2)
+    image = PIL.Image.open(tmp_path / '000005.png')
+    assert image.mode == 'L' and image.size == (8, 8)
+    assert np.array_equal(read_images(tmp_path, [5, 6, 7]), expected_images(nets['uncond_net'], [5, 6, 7], edm_sampler, num_steps=2))
+
+def test_options_json(nets, tmp_path):
+    strict = lambda path: json.loads(open(path).read(), parse_constant=lambda c: pytest.fail(f'non-JSON {c}'))
+    run('--network', nets['cond'], '--outdir', tmp_path / 'd', '--seeds', '0-2,7', '--steps', 4, '--solver', 'dpm',
+        '--sigma_max', 40, '--class', 1)
+    s = strict(tmp_path / 'd' / 'generate_options.json')
+    assert s['solver'] == 'dpm' and s['sampler_function'] == 'dpm_solver_sampler'
+    assert s['num_steps'] == 4 and s['nfe'] == 4 and s['sigma_min'] == 0.002 and s['sigma_max'] == 40
+    assert s['sampler_kwargs']['order'] == 3 and s['sampler_kwargs']['method'] == 'singlestep'
+    assert s['num_seeds'] == 4 and s['seeds'] == '0-2,7' and s['class_idx'] == 1 and s['label_dim'] == 4
+    assert s['network'] == nets['cond'] and s['world_size'] == 1
+    run('--network', nets['cond'], '--outdir', tmp_path / 'e', '--seeds', 0, '--steps', 3)
+    s = strict(tmp_path / 'e' / 'generate_options.json')
+    assert s['solver'] == 'edm' and s['nfe'] == 5 and s['sampler_kwargs']['S_max'] == 'inf'
+    assert (s['sigma_min'], s['sigma_max']) == (0.002, 80)  # the FDM-EDM net's range
+    run('--network', nets['cond'], '--outdir', tmp_path / 'f', '--seeds', 0, '--steps', 3, '--solver', 'euler', '--sigma_max', 500)
+    s = strict(tmp_path / 'f' / 'generate_options.json')
+    assert s['solver'] == 'euler' and s['sampler'] == 'ablation' and s['nfe'] == 3 and s['sigma_max'] == 80  # clamped
+
+def test_grid(nets, tmp_path):
+    run('--network', nets['cond'], '--outdir', tmp_path / 'o', '--seeds', '0-4', '--steps', 2, '--grid', tmp_path / 'g.png')
+    grid = read_png(tmp_path / 'g.png')
+    assert grid.shape == (16, 24, 3)  # 3 columns, 2 rows
+    images = read_images(tmp_path / 'o', range(5))
+    for i, image in enumerate(images):
+        y, x = divmod(i, 3)
+        assert np.array_equal(grid[8 * y:8 * y + 8, 8 * x:8 * x + 8], image)
+    assert not grid[8:, 16:].any()  # the empty sixth cell
+    r = run('--network', nets['cond'], '--outdir', tmp_path / 'o', '--grid', tmp_path / 'o' / 'g.png', ok=False)
+    assert r.exit_code == 1 and 'inside --outdir' in r.output
+
+@pytest.mark.parametrize('args,message', [
+    (['--network', '{tmp}/missing.pt'], 'no such file'),
+    (['--seeds', '1,a'], 'not a list of non-negative integers'),
+    (['--seeds', '5-2'], 'is empty'),
+    (['--steps', '0'], '--steps'),
+    (['--solver', 'dpm', '--disc', 'vp'], 'do not combine with --solver dpm'),
+    (['--solver', 'edm', '--scaling', 'vp'], 'not --solver edm'),
+    (['--dpm-order', '2'], 'only to --solver dpm'),
+    (['--sigma_min', '5', '--sigma_max', '1'], 'noise range is empty'),
+    (['--solver', 'bogus'], '--solver'),
+])
+def test_errors(nets, tmp_path, args, message):
+    args = [a.format(tmp=tmp_path) for a in args]
+    if '--network' not in args:
+        args += ['--network', nets['cond']]
+    r = run(*args, '--outdir', tmp_path / 'out', ok=False)
+    assert r.exit_code in (1, 2) and message in r.output, r.output
+    assert 'Traceback' not in r.output and not isinstance(r.exception, (AssertionError, TypeError, ValueError))
+    assert not os.path.exists(tmp_path / 'out' / '000000.png')
+
+def test_damaged_network_file(tmp_path):
+    bad = tmp_path / 'bad.pt'
+    bad.write_bytes(b'PK\x03\x04 not really a zip')
+    r = run('--network', bad, '--outdir', tmp_path / 'out', ok=False)
+    assert r.exit_code == 1 and 'Error: --network' in r.output
+
+def test_rank_batches():
+    # The reference split: ceil(n / (batch W)) W parts; rank r takes parts r, r + W, ...
+    seeds = list(range(10))
+    assert generate.rank_batches(seeds, 4) == [[0, 1, 2, 3], [4, 5, 6], [7, 8, 9]]
+    r0, r1 = generate.rank_batches(seeds, 4, 0, 2), generate.rank_batches(seeds, 4, 1, 2)
+    assert r0 == [[0, 1, 2], [6, 7]] and r1 == [[3, 4, 5], [8, 9]]  # parts of 3, 3, 2, 2
+    for world in (1, 2, 3, 4):
+        parts = [b for r in range(world) for b in generate.rank_batches(seeds, 3, r, world)]
+        assert sorted(s for b in parts for s in b) == seeds and max(len(b) for b in parts) <= 3
+    assert generate.format_int_list([0, 1, 2, 7, 9, 10]) == '0-2,7,9-10'
+    assert generate.parse_int_list('0-2,7,9-10') == [0, 1, 2, 7, 9, 10]
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+def test_cuda_batch_independence(nets, tmp_path):
+    # On the GPU the per-seed generators are CUDA generators; images still ignore the batching.
+    opts = ['--network', nets['cond'], '--seeds', '0-4', '--steps', 3, '--S_churn', 10, '--device', 'cuda']
+    run(*opts, '--outdir', tmp_path / 'b2', '--batch', 2)
+    run(*opts, '--outdir', tmp_path / 'b5', '--batch', 5)
+    assert np.array_equal(read_images(tmp_path / 'b2', range(5)), read_images(tmp_path / 'b5', range(5)))
+    s = json.loads((tmp_path / 'b2' / 'generate_options.json').read_text())
+    assert s['device'] == 'cuda'
+
+def _free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+def test_two_processes_give_the_same_images(nets, tmp_path):
+    # torchrun-style: two gloo ranks on the CPU split the seeds; every image is as in one process.
+    run('--network', nets['cond'], '--outdir', tmp_path / 'one', '--seeds', '0-4', '--steps', 3, '--batch', 2, '--S_churn', 10)
+    port = _free_port()
+    procs = []
+    for rank in range(2):
+        env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE='2', MASTER_ADDR='127.0.0.1',
+            MASTER_PORT=str(port), OMP_NUM_THREADS='1', CUDA_VISIBLE_DEVICES='')
+        procs.append(subprocess.Popen([sys.executable, os.path.join(ROOT, 'generate.py'), '--network', nets['cond'],
+            '--outdir', str(tmp_path / 'two'), '--seeds', '0-4', '--steps', '3', '--batch', '2', '--S_churn', '10',
+            '--device', 'cpu'], env=env, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT))
+    outputs = [p.communicate(timeout=120)[0].decode() for p in procs]
+    assert all(p.returncode == 0 for p in procs), outputs
+    assert np.array_equal(read_images(tmp_path / 'two', range(5)), read_images(tmp_path / 'one', range(5)))
+    s = json.loads((tmp_path / 'two' / 'generate_options.json').read_text())
+    assert s['world_size'] == 2
+
+#----------------------------------------------------------------------------

@@ -4,7 +4,7 @@
 - `schedules`: sigma(t) for VP, the iDDPM table, EDM time steps.
 - `preconditioning`: D(x; sigma) for VP, VE, iDDPM, EDM and FDM-VP/VE/EDM.
 - `loss`: VP, VE and EDM losses with FDM's loss-weight warmup.
-- `samplers`: the EDM Heun sampler (and room for more, one signature).
+- `samplers`, `dpm_solver`: EDM Heun, EDM's ablation sampler, DPM-Solver++ (one signature).
 - `checkpoint`: our safe snapshot format and reading reference EDM/FDM pickles.
 """
 
@@ -12,12 +12,14 @@ from fdm.momentum import momentum_scale
 from fdm.preconditioning import (PRECOND_CLASSES, EDMPrecond, FDM_EDMPrecond, FDM_VEPrecond, FDM_VPPrecond,
     IgnoredOptionWarning, Precond, VEPrecond, VPPrecond, build_precond, iDDPMPrecond)
 from fdm.loss import EDMLoss, VELoss, VPLoss, build_loss, warmup_clamp
-from fdm.samplers import edm_sampler
+from fdm.samplers import SAMPLERS, PerSeedGenerator, ablation_sampler, edm_sampler
+from fdm.dpm_solver import dpm_solver_sampler
 from fdm.checkpoint import CheckpointError, load_network, load_network_file, save_snapshot
 
 __all__ = [
     'momentum_scale', 'Precond', 'VPPrecond', 'VEPrecond', 'iDDPMPrecond', 'EDMPrecond', 'FDM_VPPrecond',
     'FDM_VEPrecond', 'FDM_EDMPrecond', 'PRECOND_CLASSES', 'build_precond', 'IgnoredOptionWarning',
-    'VPLoss', 'VELoss', 'EDMLoss', 'build_loss', 'warmup_clamp', 'edm_sampler',
+    'VPLoss', 'VELoss', 'EDMLoss', 'build_loss', 'warmup_clamp', 'edm_sampler', 'ablation_sampler', 'dpm_solver_sampler',
+    'SAMPLERS', 'PerSeedGenerator',
     'CheckpointError', 'load_network', 'load_network_file', 'save_snapshot',
 ]

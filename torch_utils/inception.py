@@ -1,0 +1,431 @@
+"""Feature detectors for FID: NVIDIA's Inception-v3 pickle and pytorch-fid's Inception-v3.
+
+Both are the TensorFlow Inception graph of 2015-12-05 (the one FID was defined with),
+ported to PyTorch twice:
+
+- NVIDIA's `inception-2015-12-05.pkl` (StyleGAN3, EDM, FDM). The reference opens it with a
+  plain `pickle.load` and calls it on uint8 images with `return_features=True` for 2048
+  pool3 features; the TorchScript model inside (the same as StyleGAN2-ADA's
+  `inception-2015-12-05.pt`) resizes and normalises by itself. We read the pickle with an
+  allow-list (anything that could run Python code is refused, naming the global), expecting
+  the TorchScript archive as bytes in the state of a `torch_utils.persistence` record, and
+  load that archive. TorchScript cannot call arbitrary Python, but it is still code from the
+  file: only use detectors from sources you trust. The bare `.pt` file is accepted too.
+- pytorch-fid's `pt_inception-2015-12-05-6726825d.pth`, a state dict for torchvision's
+  Inception3 layout with four TF-specific blocks. `FIDInceptionV3` below is our own
+  implementation of that network (no torchvision); the file is read with
+  `torch.load(weights_only=True)`.
+
+`load_detector(spec, device)` returns a `Detector`: call it with uint8 images [N, C, H, W]
+in 0..255 (C = 1 or 3) to get float32 features [N, feature_dim].
+"""
+
+import collections
+import io
+import os
+import pickle
+import warnings
+import zipfile
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import dnnlib
+
+NVIDIA_INCEPTION_URL = 'https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/inception-2015-12-05.pkl'
+PYTORCH_FID_URL = 'https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth'
+ALIASES = {'nvidia': NVIDIA_INCEPTION_URL, 'pytorch-fid': PYTORCH_FID_URL}
+
+class DetectorError(Exception):
+    """A detector file that cannot be used; the message says why and what to do."""
+
+#----------------------------------------------------------------------------
+# The common interface: uint8 images in, float32 features out.
+
+class Detector:
+    def __init__(self, net, name, device, call_kwargs=None, feature_dim=None):
+        self.net = net.eval().to(device)  # run under no_grad below; ScriptModules lack requires_grad_
+        self.name = name
+        self.device = torch.device(device)
+        self.call_kwargs = dict(call_kwargs or {})
+        if feature_dim is None:  # a TorchScript module: ask it, with one black image
+            feature_dim = self(torch.zeros([1, 3, 64, 64], dtype=torch.uint8)).shape[1]
+        self.feature_dim = int(feature_dim)
+
+    def __call__(self, images):
+        """uint8 [N, 1 or 3, H, W] in 0..255 -> float32 [N, feature_dim]."""
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] not in (1, 3):
+            raise DetectorError(f'the detector takes uint8 images [N, 1 or 3, H, W], got {images.dtype} {list(images.shape)}')
+        if images.shape[1] == 1:
+            images = images.repeat([1, 3, 1, 1])  # grayscale as RGB, as the reference does
+        with torch.no_grad():
+            features = self.net(images.to(self.device), **self.call_kwargs)
+        if not isinstance(features, torch.Tensor) or features.ndim != 2 or features.shape[0] != images.shape[0]:
+            got = list(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
+            raise DetectorError(f'{self.name}: the detector returned {got} instead of features [N, D]')
+        return features.to(torch.float32)
+
+#----------------------------------------------------------------------------
+# pytorch-fid's Inception-v3, layer names and shapes as in torchvision's Inception3 (without
+# the auxiliary classifier, 1008 classes) so that its state dict loads strictly by name.
+
+class ConvBN(nn.Module):
+    """Conv without bias, BatchNorm with TensorFlow's eps 1e-3, ReLU (torchvision's BasicConv2d)."""
+    def __init__(self, in_channels, out_channels, kernel_size, stride=1, padding=0):
+        super().__init__()
+        self.conv = nn.Conv2d(in_channels, out_channels, kernel_size, stride=stride, padding=padding, bias=False)
+        self.bn = nn.BatchNorm2d(out_channels, eps=0.001)
+
+    def forward(self, x):
+        return F.relu(self.bn(self.conv(x)))
+
+# TensorFlow's 3x3/1 average pooling divides by the number of real (unpadded) pixels.
+def _tf_avg_pool(x):
+    return F.avg_pool2d(x, kernel_size=3, stride=1, padding=1, count_include_pad=False)
+
+class FIDInceptionA(nn.Module):
+    """35x35 block: 1x1, 5x5, double 3x3 and pooled branches; TF average pooling."""
+    def __init__(self, in_channels, pool_features):
+        super().__init__()
+        self.branch1x1 = ConvBN(in_channels, 64, 1)
+        self.branch5x5_1 = ConvBN(in_channels, 48, 1)
+        self.branch5x5_2 = ConvBN(48, 64, 5, padding=2)
+        self.branch3x3dbl_1 = ConvBN(in_channels, 64, 1)
+        self.branch3x3dbl_2 = ConvBN(64, 96, 3, padding=1)
+        self.branch3x3dbl_3 = ConvBN(96, 96, 3, padding=1)
+        self.branch_pool = ConvBN(in_channels, pool_features, 1)
+
+    def forward(self, x):
+        a = self.branch1x1(x)
+        b = self.branch5x5_2(self.branch5x5_1(x))
+        c = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        d = self.branch_pool(_tf_avg_pool(x))
+        return torch.cat([a, b, c, d], dim=1)  # [N, 224 + pool_features, 35, 35]
+
+class InceptionB(nn.Module):
+    """35x35 -> 17x17 reduction (unchanged from torchvision)."""
+    def __init__(self, in_channels):
+        super().__init__()
+        self.branch3x3 = ConvBN(in_channels, 384, 3, stride=2)
+        self.branch3x3dbl_1 = ConvBN(in_channels, 64, 1)
+        self.branch3x3dbl_2 = ConvBN(64, 96, 3, padding=1)
+        self.branch3x3dbl_3 = ConvBN(96, 96, 3, stride=2)
+
+    def forward(self, x):
+        a = self.branch3x3(x)
+        b = self.branch3x3dbl_3(self.branch3x3dbl_2(self.branch3x3dbl_1(x)))
+        c = F.max_pool2d(x, kernel_size=3, stride=2)
+        return torch.cat([a, b, c], dim=1)  # [N, 480 + in_channels, 17, 17]
+
+class FIDInceptionC(nn.Module):
+    """17x17 block with factorised 7x7 convolutions; TF average pooling."""
+    def __init__(self, in_channels, channels_7x7):
+        super().__init__()
+        c7 = channels_7x7
+        self.branch1x1 = ConvBN(in_channels, 192, 1)
+        self.branch7x7_1 = ConvBN(in_channels, c7, 1)
+        self.branch7x7_2 = ConvBN(c7, c7, (1, 7), padding=(0, 3))
+        self.branch7x7_3 = ConvBN(c7, 192, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_1 = ConvBN(in_channels, c7, 1)
+        self.branch7x7dbl_2 = ConvBN(c7, c7, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_3 = ConvBN(c7, c7, (1, 7), padding=(0, 3))
+        self.branch7x7dbl_4 = ConvBN(c7, c7, (7, 1), padding=(3, 0))
+        self.branch7x7dbl_5 = ConvBN(c7, 192, (1, 7), padding=(0, 3))
+        self.branch_pool = ConvBN(in_channels, 192, 1)
+
+    def forward(self, x):
+        a = self.branch1x1(x)
+        b = self.branch7x7_3(self.branch7x7_2(self.branch7x7_1(x)))
+        c = self.branch7x7dbl_1(x)
+        for layer in [self.branch7x7dbl_2, self.branch7x7dbl_3, self.branch7x7dbl_4, self.branch7x7dbl_5]:
+            c = layer(c)
+        d = self.branch_pool(_tf_avg_pool(x))
+        return torch.cat([a, b, c, d], dim=1)  # [N, 768, 17, 17]
+
+class InceptionD(nn.Module):
+    """17x17 -> 8x8 reduction (unchanged from torchvision)."""
+    def __init__(self, in_channels):
+        super().__init__()
+        self.branch3x3_1 = ConvBN(in_channels, 192, 1)
+        self.branch3x3_2 = ConvBN(192, 320, 3, stride=2)
+        self.branch7x7x3_1 = ConvBN(in_channels, 192, 1)
+        self.branch7x7x3_2 = ConvBN(192, 192, (1, 7), padding=(0, 3))
+        self.branch7x7x3_3 = ConvBN(192, 192, (7, 1), padding=(3, 0))
+        self.branch7x7x3_4 = ConvBN(192, 192, 3, stride=2)
+
+    def forward(self, x):
+        a = self.branch3x3_2(self.branch3x3_1(x))
+        b = self.branch7x7x3_1(x)
+        for layer in [self.branch7x7x3_2, self.branch7x7x3_3, self.branch7x7x3_4]:
+            b = layer(b)
+        c = F.max_pool2d(x, kernel_size=3, stride=2)
+        return torch.cat([a, b, c], dim=1)  # [N, 512 + in_channels, 8, 8]
+
+class FIDInceptionE(nn.Module):
+    """8x8 block with split 1x3/3x1 convolutions. pool='avg' is pytorch-fid's FIDInceptionE_1 (TF
+    average pooling); pool='max' is FIDInceptionE_2: the TF graph max-pools in the last block."""
+    def __init__(self, in_channels, pool):
+        super().__init__()
+        if pool not in ('avg', 'max'):
+            raise ValueError(f'pool must be "avg" or "max", got {pool!r}')
+        self.pool = pool
+        self.branch1x1 = ConvBN(in_channels, 320, 1)
+        self.branch3x3_1 = ConvBN(in_channels, 384, 1)
+        self.branch3x3_2a = ConvBN(384, 384, (1, 3), padding=(0, 1))
+        self.branch3x3_2b = ConvBN(384, 384, (3, 1), padding=(1, 0))
+        self.branch3x3dbl_1 = ConvBN(in_channels, 448, 1)
+        self.branch3x3dbl_2 = ConvBN(448, 384, 3, padding=1)
+        self.branch3x3dbl_3a = ConvBN(384, 384, (1, 3), padding=(0, 1))
+        self.branch3x3dbl_3b = ConvBN(384, 384, (3, 1), padding=(1, 0))
+        self.branch_pool = ConvBN(in_channels, 192, 1)
+
+    def forward(self, x):
+        a = self.branch1x1(x)
+        b = self.branch3x3_1(x)
+        b = torch.cat([self.branch3x3_2a(b), self.branch3x3_2b(b)], dim=1)
+        c = self.branch3x3dbl_2(self.branch3x3dbl_1(x))
+        c = torch.cat([self.branch3x3dbl_3a(c), self.branch3x3dbl_3b(c)], dim=1)
+        pooled = _tf_avg_pool(x) if self.pool == 'avg' else F.max_pool2d(x, kernel_size=3, stride=1, padding=1)
+        d = self.branch_pool(pooled)
+        return torch.cat([a, b, c, d], dim=1)  # [N, 2048, 8, 8]
+
+class FIDInceptionV3(nn.Module):
+    """pytorch-fid's FID Inception-v3: uint8-range images [N, 3, H, W] -> pool3 features [N, 2048]."""
+    def __init__(self):
+        super().__init__()
+        self.Conv2d_1a_3x3 = ConvBN(3, 32, 3, stride=2)
+        self.Conv2d_2a_3x3 = ConvBN(32, 32, 3)
+        self.Conv2d_2b_3x3 = ConvBN(32, 64, 3, padding=1)
+        self.Conv2d_3b_1x1 = ConvBN(64, 80, 1)
+        self.Conv2d_4a_3x3 = ConvBN(80, 192, 3)
+        self.Mixed_5b = FIDInceptionA(192, pool_features=32)
+        self.Mixed_5c = FIDInceptionA(256, pool_features=64)
+        self.Mixed_5d = FIDInceptionA(288, pool_features=64)
+        self.Mixed_6a = InceptionB(288)
+        self.Mixed_6b = FIDInceptionC(768, channels_7x7=128)
+        self.Mixed_6c = FIDInceptionC(768, channels_7x7=160)
+        self.Mixed_6d = FIDInceptionC(768, channels_7x7=160)
+        self.Mixed_6e = FIDInceptionC(768, channels_7x7=192)
+        self.Mixed_7a = InceptionD(768)
+        self.Mixed_7b = FIDInceptionE(1280, pool='avg')
+        self.Mixed_7c = FIDInceptionE(2048, pool='max')
+        self.fc = nn.Linear(2048, 1008)  # the TF classifier (1008 classes); in the file, unused for FID
+
+    def forward(self, images):
+        # pytorch-fid feeds ToTensor() images in [0, 1], resizes them bilinearly to 299x299 and
+        # maps them to [-1, 1]; uint8 / 255 is the same float32 value as ToTensor gives.
+        x = images.to(torch.float32) / 255
+        x = F.interpolate(x, size=(299, 299), mode='bilinear', align_corners=False)
+        x = 2 * x - 1
+        x = self.Conv2d_2b_3x3(self.Conv2d_2a_3x3(self.Conv2d_1a_3x3(x)))
+        x = F.max_pool2d(x, kernel_size=3, stride=2)  # [N, 64, 73, 73]
+        x = self.Conv2d_4a_3x3(self.Conv2d_3b_1x1(x))
+        x = F.max_pool2d(x, kernel_size=3, stride=2)  # [N, 192, 35, 35]
+        for block in [self.Mixed_5b, self.Mixed_5c, self.Mixed_5d, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c,
+                self.Mixed_6d, self.Mixed_6e, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c]:
+            x = block(x)
+        return F.adaptive_avg_pool2d(x, 1).flatten(1)  # [N, 2048, 8, 8] -> [N, 2048]
+
+def load_fid_inception(path, name=None):
+    """FIDInceptionV3 with the weights of a pytorch-fid state-dict file, checked strictly by name and shape."""
+    name = name or os.path.basename(str(path))
+    try:
+        state = torch.load(path, map_location='cpu', weights_only=True)
+    except Exception as err:
+        raise DetectorError(f'{name}: cannot be read as a weights file ({type(err).__name__}: {_first_line(err)}); '
+            'pass pytorch-fid\'s pt_inception-2015-12-05-6726825d.pth') from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise DetectorError(f'{name}: not a state dict of tensors; pass pytorch-fid\'s pt_inception-2015-12-05-6726825d.pth')
+    net = FIDInceptionV3()
+    expected = net.state_dict()
+    state = dict(state)
+    for key in expected:  # files from PyTorch < 0.4.1 lack BatchNorm's step counter, which inference never reads
+        if key.endswith('.num_batches_tracked') and key not in state:
+            state[key] = expected[key].clone()
+    missing, unexpected = sorted(set(expected) - set(state)), sorted(set(state) - set(expected))
+    if missing or unexpected:
+        raise DetectorError(f'{name}: not pytorch-fid Inception weights: missing {missing[:3]}, unexpected {unexpected[:3]} '
+            f'({len(missing)} and {len(unexpected)} in all)')
+    wrong = [f'{k} {list(state[k].shape)} (expected {list(v.shape)})' for k, v in expected.items() if state[k].shape != v.shape]
+    if wrong:
+        raise DetectorError(f'{name}: tensor shapes do not match pytorch-fid\'s Inception: {wrong[0]}')
+    net.load_state_dict(state, strict=True)
+    return net
+
+def _first_line(err):
+    return (str(err).strip().splitlines() or [''])[0]
+
+#----------------------------------------------------------------------------
+# NVIDIA's detector pickle, read with an allow-list of globals. A persistence record
+# (`torch_utils.persistence._reconstruct_persistent_obj(meta)`) becomes a plain record whose
+# `module_src` is dropped unread; tensors, containers and harmless numpy values are allowed.
+
+class PersistentRecord:
+    """What `_reconstruct_persistent_obj(meta)` becomes: class name and state, never executed."""
+    def __init__(self, meta):
+        if not isinstance(meta, dict) or meta.get('type') != 'class':
+            raise DetectorError('unsupported persistence record (expected type "class")')
+        self.class_name = str(meta.get('class_name'))
+        self.state = meta.get('state')
+
+class PlainObject:
+    """A torch container module pickled the ordinary way: keep its state."""
+    state = None
+
+    def __setstate__(self, state):
+        self.state = state
+
+def _load_storage_bytes(data):
+    return torch.load(io.BytesIO(data), map_location='cpu', weights_only=True)
+
+def _numpy_scalar(dtype, data=None):
+    if not isinstance(dtype, np.dtype) or dtype.hasobject or not isinstance(data, (bytes, bytearray)):
+        raise DetectorError('refusing a numpy scalar that is not plain numeric data')
+    return np.frombuffer(data, dtype=dtype, count=1)[0]
+
+def _numpy_dtype(*args, **kwargs):
+    dtype = np.dtype(*args, **kwargs)
+    if dtype.hasobject:
+        raise DetectorError('refusing a numpy object dtype')
+    return dtype
+
+def _codecs_encode(text, encoding='latin1'):
+    # Pickle protocol 2 stores bytes as _codecs.encode(str, 'latin1'); nothing else is allowed.
+    if not isinstance(text, str) or encoding not in ('latin1', 'latin-1'):
+        raise DetectorError('refusing _codecs.encode with anything but a latin1 string')
+    return text.encode('latin1')
+
+_ALLOWED_GLOBALS = {
+    ('torch_utils.persistence', '_reconstruct_persistent_obj'): PersistentRecord,
+    ('torch._utils', '_rebuild_tensor_v2'): torch._utils._rebuild_tensor_v2,
+    ('torch._utils', '_rebuild_parameter'): torch._utils._rebuild_parameter,
+    ('torch.storage', '_load_from_bytes'): _load_storage_bytes,
+    ('collections', 'OrderedDict'): collections.OrderedDict,
+    ('dnnlib.util', 'EasyDict'): dnnlib.EasyDict,
+    ('builtins', 'set'): set,
+    ('builtins', 'frozenset'): frozenset,
+    ('_codecs', 'encode'): _codecs_encode,
+    ('numpy', 'dtype'): _numpy_dtype,
+    ('torch', 'device'): torch.device,
+}
+for _module in ['numpy.core.multiarray', 'numpy._core.multiarray']:
+    _ALLOWED_GLOBALS[(_module, 'scalar')] = _numpy_scalar
+for _name in ['ModuleDict', 'ModuleList', 'Sequential']:
+    _ALLOWED_GLOBALS[('torch.nn.modules.container', _name)] = PlainObject
+for _name in ['float16', 'float32', 'float64', 'bfloat16', 'int64', 'int32', 'uint8', 'bool']:
+    _ALLOWED_GLOBALS[('torch', _name)] = getattr(torch, _name)
+
+class _RestrictedUnpickler(pickle.Unpickler):
+    def find_class(self, module, name):
+        target = _ALLOWED_GLOBALS.get((module, name))
+        if target is None:
+            raise DetectorError(f'refusing to load: the pickle references {module}.{name}, which an Inception detector '
+                'pickle does not need (it could run code)')
+        return target
+
+    def persistent_load(self, pid):
+        raise DetectorError('refusing to load: the pickle uses persistent ids, which the detector pickle does not')
+
+def read_detector_pickle(f, name='pickle'):
+    """Unpickle a detector pickle with the allow-list; returns the raw tree of records."""
+    try:
+        return _RestrictedUnpickler(f).load()
+    except DetectorError as err:
+        raise DetectorError(f'{name}: {err}') from None
+    except Exception as err:
+        raise DetectorError(f'{name}: cannot be read as a detector pickle ({type(err).__name__}: {_first_line(err)}); '
+            'the file may be damaged or truncated, delete it and download it again') from None
+
+def is_torchscript_archive(data_or_path):
+    """True for a `torch.jit.save` archive (bytes or a path): a zip with code/ and constants.pkl,
+    unlike a `torch.save` zip, which holds data.pkl and data/ only."""
+    if isinstance(data_or_path, (bytes, bytearray)):
+        if bytes(data_or_path[:4]) != b'PK\x03\x04':
+            return False
+        data_or_path = io.BytesIO(data_or_path)
+    try:
+        with zipfile.ZipFile(data_or_path) as z:
+            names = z.namelist()
+    except (zipfile.BadZipFile, OSError):
+        return False
+    return any(n.endswith('/constants.pkl') for n in names) and any('/code/' in n for n in names)
+
+def _find_archives(node, seen):
+    """Every TorchScript archive (bytes) anywhere in an unpickled tree."""
+    if id(node) in seen:
+        return []
+    seen.add(id(node))
+    if isinstance(node, (bytes, bytearray)):
+        return [bytes(node)] if is_torchscript_archive(node) else []
+    if isinstance(node, (PersistentRecord, PlainObject)):
+        return _find_archives(node.state, seen)
+    if isinstance(node, dict):
+        return [a for k, v in node.items() for a in _find_archives(k, seen) + _find_archives(v, seen)]
+    if isinstance(node, (list, tuple, set, frozenset)):
+        return [a for v in node for a in _find_archives(v, seen)]
+    return []
+
+def _describe(node):
+    return node.class_name if isinstance(node, PersistentRecord) else type(node).__name__
+
+def _load_torchscript(data, name):
+    try:
+        with warnings.catch_warnings():  # torch.jit is deprecated, but it is how the detector was shipped
+            warnings.simplefilter('ignore', DeprecationWarning)
+            return torch.jit.load(io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data, map_location='cpu')
+    except Exception as err:
+        raise DetectorError(f'{name}: the TorchScript module cannot be loaded ({type(err).__name__}: {_first_line(err)})') from None
+
+def load_nvidia_pickle(path, name=None):
+    """The TorchScript Inception inside NVIDIA's detector pickle, without running the pickle's code."""
+    name = name or os.path.basename(str(path))
+    with open(path, 'rb') as f:
+        tree = read_detector_pickle(f, name)
+    try:
+        archives = _find_archives(tree, set())
+    except RecursionError:
+        raise DetectorError(f'{name}: the pickle is nested too deeply to be a detector') from None
+    if len(archives) != 1:
+        raise DetectorError(f'{name}: expected one TorchScript module in the pickle (a {_describe(tree)}), found '
+            f'{len(archives)}; pass the TorchScript inception-2015-12-05.pt or pytorch-fid weights with --detector')
+    return _load_torchscript(archives[0], name)
+
+#----------------------------------------------------------------------------
+# One entry point: a URL, a path or an alias ('nvidia', 'pytorch-fid'); the file's content,
+# not its name, decides how it is read.
+
+_LEGACY_TORCH_MAGIC = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)
+
+def load_detector(spec=None, device='cpu', verbose=True):
+    """A `Detector` from a URL/path/alias; None = NVIDIA's Inception pickle (downloaded once into the cache)."""
+    spec = ALIASES.get(spec or 'nvidia', spec)
+    name = os.path.basename(str(spec))
+    try:
+        local = dnnlib.util.download_cached(spec, verbose=verbose)
+    except (FileNotFoundError, IOError) as err:
+        raise DetectorError(f'detector {err}') from None
+    with open(local, 'rb') as f:
+        head = f.read(64)
+    call_kwargs, feature_dim = {}, None
+    if head.startswith(b'PK\x03\x04'):
+        if is_torchscript_archive(local):  # inception-2015-12-05.pt, or any TorchScript called the same way
+            net, call_kwargs = _load_torchscript(local, name), dict(return_features=True)
+        else:  # a torch.save zip: pytorch-fid weights
+            net, feature_dim = load_fid_inception(local, name), 2048
+    elif head.startswith(_LEGACY_TORCH_MAGIC):  # torch.save of PyTorch < 1.6: pytorch-fid weights
+        net, feature_dim = load_fid_inception(local, name), 2048
+    elif head[:1] == b'\x80':  # a plain pickle: NVIDIA's detector
+        net, call_kwargs = load_nvidia_pickle(local, name), dict(return_features=True)
+    else:
+        raise DetectorError(f'{name}: not a detector file (NVIDIA inception-2015-12-05.pkl/.pt or pytorch-fid '
+            'pt_inception-2015-12-05-6726825d.pth)')
+    try:
+        return Detector(net, name, device, call_kwargs, feature_dim)
+    except DetectorError:
+        raise
+    except Exception as err:
+        raise DetectorError(f'{name}: the detector fails on a test image ({type(err).__name__}: {_first_line(err)})') from None
+
+#----------------------------------------------------------------------------

@@ -241,9 +241,31 @@ def open_mnist(path, max_images=None):
     return len(images), iterate()
 
 #----------------------------------------------------------------------------
+# The embedded default: the UCI handwritten digits that ship inside scikit-learn (1,797
+# grayscale 8x8 images, values 0..16, 10 classes). Nothing is downloaded.
+
+DIGITS_SOURCE = 'sklearn-digits'
+
+def open_sklearn_digits(max_images=None):
+    try:
+        from sklearn.datasets import load_digits  # optional: only this source needs scikit-learn
+    except ImportError:
+        raise DatasetToolError(f"--source={DIGITS_SOURCE} needs scikit-learn; install it with 'pip install scikit-learn'.") from None
+    digits = load_digits()
+    images = np.rint(digits.images * (255 / 16)).clip(0, 255).astype(np.uint8)[:max_images]  # [N, 8, 8]
+    labels = digits.target.astype(int).tolist()
+
+    def iterate():
+        for idx, image in enumerate(images):
+            yield f'digit {idx}', image, labels[idx]
+    return len(images), iterate()
+
+#----------------------------------------------------------------------------
 # Pick the reader from what the source is and how it is named.
 
 def open_source(source, max_images=None):
+    if source == DIGITS_SOURCE:
+        return open_sklearn_digits(max_images)
     if not os.path.exists(source):
         raise DatasetToolError(f"Source '{source}' does not exist; check the --source path.")
     if os.path.isdir(source):
@@ -258,7 +280,7 @@ def open_source(source, max_images=None):
         return open_mnist(source, max_images)
     if basename.lower().endswith('.zip'):
         return open_image_zip(source, max_images)
-    raise DatasetToolError(f"'{source}': unknown source type; expected a folder, a .zip, cifar-10-python.tar.gz or train-images-idx3-ubyte.gz.")
+    raise DatasetToolError(f"'{source}': unknown source type; expected a folder, a .zip, cifar-10-python.tar.gz, train-images-idx3-ubyte.gz or sklearn-digits.")
 
 #----------------------------------------------------------------------------
 # Transforms: uint8 [H, W] or [H, W, C] -> uint8 image, or None to skip the image.
@@ -449,7 +471,7 @@ def _resolution_option(_ctx, _param, value):
         raise click.BadParameter(str(err)) from None
 
 @click.command()
-@click.option('--source', help='Folder, .zip, cifar-10-python.tar.gz or train-images-idx3-ubyte.gz', metavar='PATH', type=str, required=True)
+@click.option('--source', help='Folder, .zip, cifar-10-python.tar.gz, train-images-idx3-ubyte.gz, or sklearn-digits (embedded)', metavar='PATH', type=str, required=True)
 @click.option('--dest', help='Output .zip, or a new or empty folder', metavar='PATH', type=str, required=True)
 @click.option('--max-images', help='Read at most this many input images', metavar='INT', type=click.IntRange(min=1))
 @click.option('--transform', help='Crop before resizing (needs --resolution)', type=click.Choice(['center-crop', 'center-crop-wide']))

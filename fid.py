@@ -196,7 +196,7 @@ def _run(fn):
     except (FIDError, DatasetError, DetectorError) as err:
         raise click.ClickException(user_message(err)) from None
 
-detector_option = click.option('--detector', help='Feature detector: URL, path, "nvidia" or "pytorch-fid"  [default: NVIDIA Inception]',
+detector_option = click.option('--detector', help='Feature detector: URL, path, "nvidia", "pytorch-fid" or "digits"  [default: NVIDIA Inception]',
     metavar='URL|PATH', type=str, default=None)
 workers_option = click.option('--workers', help='Data loader processes per GPU', metavar='INT', type=click.IntRange(min=0), default=3, show_default=True)
 batch_option = click.option('--batch', help='Maximum batch size per GPU', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)

@@ -367,7 +367,7 @@ def _source_case(tmp_path, case):
         return tmp_path / 'nope', [], 'does not exist'
     if case == 'unknown-type':
         (tmp_path / 'data.tar.gz').write_bytes(b'x')
-        return tmp_path / 'data.tar.gz', [], 'unknown source type; expected a folder, a .zip, cifar-10-python.tar.gz or train-images-idx3-ubyte.gz'
+        return tmp_path / 'data.tar.gz', [], 'unknown source type; expected a folder, a .zip, cifar-10-python.tar.gz, train-images-idx3-ubyte.gz or sklearn-digits'
     if case == 'lmdb':
         os.makedirs(tmp_path / 'bedroom_train_lmdb')
         return tmp_path / 'bedroom_train_lmdb', [], 'LSUN LMDB'

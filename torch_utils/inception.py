@@ -400,6 +400,9 @@ _LEGACY_TORCH_MAGIC = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)
 
 def load_detector(spec=None, device='cpu', verbose=True):
     """A `Detector` from a URL/path/alias; None = NVIDIA's Inception pickle (downloaded once into the cache)."""
+    if spec == 'digits':  # the small classifier of the embedded digits dataset (FD-digits)
+        from torch_utils import digits
+        return Detector(digits.load_classifier(), 'digits', device, dict(return_features=True), digits.FEATURE_DIM)
     spec = ALIASES.get(spec or 'nvidia', spec)
     name = os.path.basename(str(spec))
     try:

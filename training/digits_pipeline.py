@@ -1,0 +1,105 @@
+"""The embedded default, end to end and offline: the UCI digits (shipped inside scikit-learn)
+-> a dataset zip -> a small class-conditional model -> samples -> FD-digits and class accuracy.
+
+Shared by the quick-start demo (`python -m training.demo`) and the miniature reproduction of
+the paper's claim (`python -m training.mini_repro`).
+"""
+
+import json
+import math
+import os
+
+import numpy as np
+import torch
+
+import fid as fid_tool
+from dataset_tool import DIGITS_SOURCE, convert_dataset
+from fdm.checkpoint import load_network
+from fdm.samplers import PerSeedGenerator, edm_sampler
+from torch_utils import digits
+from torch_utils.inception import load_detector
+from training.dataset import ImageFolderDataset
+from training.snapshot_grid import images_to_grid, save_png_atomic
+from training.training_loop import training_loop
+
+RESOLUTION = 16
+
+# A small SongUNet (DDPM++ layout) sized for 16x16 digits on a CPU: ~1.75M parameters.
+NETWORK = dict(model_type='SongUNet', embedding_type='positional', encoder_type='standard', decoder_type='standard',
+    channel_mult_noise=1, resample_filter=[1, 1], model_channels=32, channel_mult=[1, 2, 2], num_blocks=2,
+    attn_resolutions=[8], dropout=0.1)
+
+LOSS_BY_PRECOND = dict(edm='EDMLoss', fdm_edm='EDMLoss', vp='VPLoss', fdm_vp='VPLoss', ve='VELoss', fdm_ve='VELoss')
+PRECOND_CLASS = dict(edm='EDMPrecond', fdm_edm='FDM_EDMPrecond', vp='VPPrecond', fdm_vp='FDM_VPPrecond',
+    ve='VEPrecond', fdm_ve='FDM_VEPrecond')
+
+#----------------------------------------------------------------------------
+
+def prepare_data(outdir, device):
+    """The digits zip and its FD-digits reference statistics (made once, then reused)."""
+    data = os.path.join(outdir, 'datasets', f'digits-{RESOLUTION}x{RESOLUTION}.zip')
+    if not os.path.isfile(data):
+        convert_dataset(DIGITS_SOURCE, data, resolution=(RESOLUTION, RESOLUTION))
+    ref = os.path.join(outdir, 'fid-refs', f'digits-{RESOLUTION}x{RESOLUTION}.npz')
+    if not os.path.isfile(ref):
+        os.makedirs(os.path.dirname(ref), exist_ok=True)
+        detector = load_detector('digits', device=device)
+        mu, sigma = fid_tool.compute_stats(ImageFolderDataset(data), detector, workers=0, progress=False)
+        fid_tool.save_stats(ref, mu, sigma)
+    return data, ref
+
+def train(data, run_dir, precond='fdm_edm', total_kimg=100, seed=0, batch=64, lr=1e-3, warmup_ite=200,
+        fdm_multiplier=2.0, snapshots=1, device=None):
+    """Train a class-conditional model; a snapshot every total_kimg / snapshots."""
+    os.makedirs(run_dir, exist_ok=True)
+    network_kwargs = dict(class_name=PRECOND_CLASS[precond], **NETWORK)
+    loss_kwargs = dict(class_name=LOSS_BY_PRECOND[precond])
+    if precond.startswith('fdm_'):
+        loss_kwargs['warmup_ite'] = warmup_ite
+        if precond != 'fdm_ve':
+            network_kwargs['fdm_multiplier'] = fdm_multiplier
+    config = dict(
+        dataset_kwargs=dict(path=data, use_labels=True, xflip=False, cache=True, resolution=RESOLUTION),
+        data_loader_kwargs=dict(num_workers=0), network_kwargs=network_kwargs, loss_kwargs=loss_kwargs,
+        optimizer_kwargs=dict(lr=lr, betas=[0.9, 0.999], eps=1e-8), augment_kwargs=None, seed=seed,
+        batch_size=batch, total_kimg=total_kimg, ema_halflife_kimg=total_kimg / 20, lr_rampup_kimg=total_kimg / 50,
+        kimg_per_tick=total_kimg / snapshots, snapshot_ticks=1, state_dump_ticks=None, grid_images=0, device=device)
+    with open(os.path.join(run_dir, 'training_options.json'), 'w') as f:
+        json.dump(config, f, indent=2, default=str)
+    return training_loop(run_dir=run_dir, **config)
+
+@torch.no_grad()
+def sample(net, per_class=50, num_steps=18, device='cpu', batch=250):
+    """uint8 images [10 * per_class, 1, R, R] for seeds 0.., class = seed % 10; and the classes."""
+    seeds = list(range(10 * per_class))
+    classes = torch.tensor(seeds) % net.label_dim
+    out = []
+    for part in np.array_split(np.array(seeds), max(math.ceil(len(seeds) / batch), 1)):
+        rnd = PerSeedGenerator(device, part.tolist())
+        latents = rnd.randn([len(part), net.img_channels, net.img_resolution, net.img_resolution], device=device)
+        labels = torch.eye(net.label_dim, device=device)[classes[part]]
+        x = edm_sampler(net, latents, labels, randn_like=rnd.randn_like, num_steps=num_steps)
+        out.append((x * 127.5 + 128).clip(0, 255).to(torch.uint8).cpu())
+    return torch.cat(out), classes
+
+def evaluate(images, classes, ref, device='cpu'):
+    """FD-digits of uint8 images against the reference statistics, and class accuracy."""
+    detector = load_detector('digits', device=device)
+    features = torch.cat([detector(b).to(torch.float64) for b in images.split(256)])
+    f = features.cpu().numpy()
+    mu, sigma = fid_tool.stats_from_sums(len(f), f.sum(0), f.T @ f)
+    fd = fid_tool.frechet_distance(mu, sigma, *fid_tool.load_stats(ref))
+    return float(fd), digits.class_accuracy(images, classes, device=device)
+
+def save_grid(images, path):
+    """Grid PNG of `sample`'s images: one column per class, up to 10 rows."""
+    rows = min(len(images) // 10, 10)
+    order = [c + 10 * r for r in range(rows) for c in range(10)]  # seed = class + 10 * row
+    save_png_atomic(images_to_grid(images[order].to(torch.float32) / 127.5 - 1, 10), path)
+
+def evaluate_snapshot(path, ref, per_class, device, num_steps=18):
+    net = load_network(path, device=device)
+    images, classes = sample(net, per_class=per_class, num_steps=num_steps, device=device)
+    return (*evaluate(images, classes, ref, device), images, classes)
+
+#----------------------------------------------------------------------------

@@ -7,6 +7,8 @@ defaults and derived values, so the paper's commands mean what they meant there.
 import os
 import re
 import warnings
+import zipfile
+import zlib
 
 import dnnlib
 from fdm.preconditioning import PRECOND_BY_OPTION
@@ -39,6 +41,10 @@ def setup_training_config(data, outdir='training-runs', cond=False, arch='ddpmpp
         dataset = ImageFolderDataset(**c.dataset_kwargs)
     except DatasetError as err:
         raise ConfigError(str(err)) from None
+    except (zipfile.BadZipFile, NotImplementedError, RuntimeError, UnicodeError, EOFError, OSError, zlib.error) as err:
+        # Errors of a damaged zip that the reader does not translate yet (zipfile raises all of these).
+        raise ConfigError(f"Cannot read dataset '{data}' ({' '.join(str(err).split())}); it is damaged or not a "
+            'dataset, recreate it with dataset_tool.py.') from None
     c.dataset_kwargs.resolution = dataset.resolution
     c.dataset_kwargs.max_size = len(dataset)
     if cond and not dataset.has_labels:

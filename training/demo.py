@@ -3,7 +3,7 @@
 Builds the digits dataset (embedded in scikit-learn), trains a small class-conditional
 EDM-FDM, samples a grid (one column per class) and prints FD-digits and class accuracy.
 
-    python -m training.demo --outdir=demo-run            # ~10 minutes on 2 CPU cores
+    python -m training.demo --outdir=demo-run            # ~8 minutes on 2 CPU cores
     python -m training.demo --outdir=demo-run --smoke    # ~1 minute, for CI
 """
 
@@ -20,7 +20,7 @@ from training import digits_pipeline as dp
 
 @click.command()
 @click.option('--outdir', help='Where to put dataset, run and results', metavar='DIR', type=str, default='demo-run', show_default=True)
-@click.option('--kimg', help='Training images (thousands)', metavar='KIMG', type=click.FloatRange(min=0, min_open=True), default=100, show_default=True)
+@click.option('--kimg', help='Training images (thousands)', metavar='KIMG', type=click.FloatRange(min=0, min_open=True), default=60, show_default=True)
 @click.option('--precond', help='Preconditioner', type=click.Choice(sorted(dp.PRECOND_CLASS)), default='fdm_edm', show_default=True)
 @click.option('--per-class', help='Samples per class to score', metavar='INT', type=click.IntRange(min=2), default=50, show_default=True)
 @click.option('--seed', help='Training seed', metavar='INT', type=int, default=0, show_default=True)

@@ -49,8 +49,11 @@ def prepare_data(outdir, device):
     return data, ref
 
 def train(data, run_dir, precond='fdm_edm', total_kimg=100, seed=0, batch=64, lr=1e-3, warmup_ite=200,
-        fdm_multiplier=2.0, snapshots=1, device=None):
-    """Train a class-conditional model; a snapshot every total_kimg / snapshots."""
+        fdm_multiplier=2.0, ticks=10, snapshots=1, device=None):
+    """Train a class-conditional model: `ticks` progress lines, `snapshots` evenly spaced snapshots
+    (plus the one after the first step)."""
+    if ticks % snapshots:
+        raise ValueError(f'ticks={ticks} must be a multiple of snapshots={snapshots}')
     os.makedirs(run_dir, exist_ok=True)
     network_kwargs = dict(class_name=PRECOND_CLASS[precond], **NETWORK)
     loss_kwargs = dict(class_name=LOSS_BY_PRECOND[precond])
@@ -63,7 +66,7 @@ def train(data, run_dir, precond='fdm_edm', total_kimg=100, seed=0, batch=64, lr
         data_loader_kwargs=dict(num_workers=0), network_kwargs=network_kwargs, loss_kwargs=loss_kwargs,
         optimizer_kwargs=dict(lr=lr, betas=[0.9, 0.999], eps=1e-8), augment_kwargs=None, seed=seed,
         batch_size=batch, total_kimg=total_kimg, ema_halflife_kimg=total_kimg / 20, lr_rampup_kimg=total_kimg / 50,
-        kimg_per_tick=total_kimg / snapshots, snapshot_ticks=1, state_dump_ticks=None, grid_images=0, device=device)
+        kimg_per_tick=total_kimg / ticks, snapshot_ticks=ticks // snapshots, state_dump_ticks=None, grid_images=0, device=device)
     with open(os.path.join(run_dir, 'training_options.json'), 'w') as f:
         json.dump(config, f, indent=2, default=str)
     return training_loop(run_dir=run_dir, **config)

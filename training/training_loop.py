@@ -12,14 +12,16 @@ import copy
 import json
 import os
 import re
+import shutil
 import time
+import warnings
 
 import numpy as np
 import psutil
 import torch
 
 import dnnlib
-from fdm.checkpoint import CheckpointError, atomic_save, load_network_file, save_snapshot
+from fdm.checkpoint import CheckpointError, atomic_save, load_network_file, nested_digest, save_snapshot
 from fdm.loss import build_loss
 from fdm.preconditioning import build_precond
 from torch_utils import distributed
@@ -29,7 +31,7 @@ from training.dataset import ImageFolderDataset, InfiniteSampler
 from training.snapshot_grid import save_sample_grid
 
 STATE_FORMAT = 'fdm-training-state'
-STATE_VERSION = 1
+STATE_VERSION = 2  # 2: with a SHA-256 over everything in the file
 
 #----------------------------------------------------------------------------
 # Seed of step k on rank r: independent streams, reproducible from (seed, rank, k) alone.
@@ -55,30 +57,50 @@ def ema_beta(batch_size, cur_nimg, ema_halflife_kimg, ema_rampup_ratio):
 # Training state files: plain data for torch.load(weights_only=True), written atomically.
 
 STATE_NAME = re.compile(r'^training-state-(\d+)\.pt$')
+STATE_KEYS = dict(cur_nimg=int, step=int, cur_tick=int, tick_start_nimg=int, nonfinite_total=int, seed=int, net=dict,
+    ema=dict, optimizer=dict)
 
 def find_resume_state(path):
-    """A state file, or the newest one in a run directory."""
-    if os.path.isdir(path):
-        found = sorted((int(m.group(1)), name) for name in os.listdir(path) if (m := STATE_NAME.match(name)))
-        if not found:
-            raise CheckpointError(f'{path}: no training-state-*.pt in this directory; pass a state file or a run directory that has one')
-        return os.path.join(path, found[-1][1])
-    if not os.path.isfile(path):
-        raise CheckpointError(f'{path}: no such file; --resume takes a training-state-*.pt file or a run directory')
-    return path
+    """A state file, or the newest *valid* one in a run directory (a warning names each one skipped)."""
+    if not os.path.isdir(path):
+        if not os.path.isfile(path):
+            raise CheckpointError(f'{path}: no such file; --resume takes a training-state-*.pt file or a run directory')
+        return path
+    found = sorted((int(m.group(1)), name) for name in os.listdir(path) if (m := STATE_NAME.match(name)))
+    if not found:
+        raise CheckpointError(f'{path}: no training-state-*.pt in this directory; pass a state file or a run directory that has one')
+    for _kimg, name in reversed(found):
+        try:
+            load_training_state(os.path.join(path, name))
+            return os.path.join(path, name)
+        except CheckpointError as err:
+            warnings.warn(f'skipping {err}', UserWarning)
+    raise CheckpointError(f'{path}: none of its {len(found)} training-state files is valid; '
+        'resume from a run directory or file that has an intact state')
 
 def load_training_state(path):
+    """A training state, checked: complete, of a known version, and (version 2) matching its SHA-256."""
     name = os.path.basename(path)
     try:
         state = torch.load(path, map_location='cpu', weights_only=True)
     except Exception as err:
-        raise CheckpointError(f'{name}: cannot be read ({type(err).__name__}: {err}); the file is damaged or truncated, '
-            'resume from an earlier state') from None
+        raise CheckpointError(f'{name}: cannot be read ({type(err).__name__}: {" ".join(str(err).split())[:200]}); '
+            'the file is damaged or truncated, resume from an earlier state') from None
     if not isinstance(state, dict) or state.get('format') != STATE_FORMAT:
         raise CheckpointError(f'{name}: not an FDM training state; --resume takes a training-state-*.pt file written by this code')
-    if state.get('version') != STATE_VERSION:
+    if state.get('version') not in (1, STATE_VERSION):
         raise CheckpointError(f'{name}: training-state version {state.get("version")} is not supported; use the code that wrote it')
+    wrong = [key for key, kind in STATE_KEYS.items() if not isinstance(state.get(key), kind)]
+    if wrong:
+        raise CheckpointError(f'{name}: incomplete training state (no valid {", ".join(wrong)}); resume from an earlier state')
+    digest = state.pop('sha256', None)
+    if state['version'] >= 2 and digest != nested_digest(state):
+        raise CheckpointError(f'{name}: checksum mismatch, the file is damaged; resume from an earlier state')
     return state
+
+def save_training_state(path, **fields):
+    state = dict(format=STATE_FORMAT, version=STATE_VERSION, **fields)
+    atomic_save(dict(state, sha256=nested_digest(state)), path)
 
 #----------------------------------------------------------------------------
 
@@ -160,14 +182,18 @@ def training_loop(
         ema_rampup_ratio = None  # transferred weights are already good: no EMA warm-up
     if state is not None:
         distributed.print0(f'Resuming from "{resume_state}" ({state["cur_nimg"]} images seen)...')
-        net.load_state_dict(state['net'])
-        ema.load_state_dict(state['ema'])
-        optimizer.load_state_dict(state['optimizer'])
-        step, cur_tick, tick_start_nimg = state['step'], state['cur_tick'], state['tick_start_nimg']
-        nonfinite_total = state['nonfinite_total']
         if state['seed'] != seed:
             raise CheckpointError(f'{os.path.basename(resume_state)} was trained with seed {state["seed"]}, not {seed}; '
                 'pass --seed with the original value to resume exactly')
+        try:
+            net.load_state_dict(state['net'])
+            ema.load_state_dict(state['ema'])
+            optimizer.load_state_dict(state['optimizer'])
+        except (RuntimeError, ValueError, KeyError, TypeError) as err:
+            raise CheckpointError(f'{os.path.basename(resume_state)} does not fit the configured network '
+                f'({str(err).strip().splitlines()[0][:200]}); resume with the options of the run that wrote it') from None
+        step, cur_tick, tick_start_nimg = state['step'], state['cur_tick'], state['tick_start_nimg']
+        nonfinite_total = state['nonfinite_total']
 
     ddp = net
     if distributed.is_distributed():
@@ -175,6 +201,11 @@ def training_loop(
             broadcast_buffers=False)
     stats = StatsCollector(device)
     total_nimg = int(round(total_kimg * 1000))
+    if state is not None and cur_nimg >= total_nimg:  # resumed from the final state: nothing left to do
+        distributed.print0(f'Training already complete ({cur_nimg} of {total_nimg} images); exiting.')
+        return dict(net=net, ema=ema, cur_nimg=cur_nimg, step=step)
+    if rank == 0:
+        check_free_space(run_dir, net, snapshot=snapshot_ticks is not None, state=state_dump_ticks is not None)
     distributed.print0(f'Training for {total_kimg} kimg from {cur_nimg} images, {num_accumulation_rounds} '
         f'accumulation round(s) of {batch_gpu} per process, {world} process(es) on {device.type}...')
 
@@ -260,10 +291,9 @@ def training_loop(
                     save_sample_grid(os.path.join(run_dir, f'samples-{kimg_name}.png'), ema, grid_images, device)
         if state_dump_ticks is not None and (done or (cur_tick % state_dump_ticks == 0 and cur_tick != 0)):
             if rank == 0:
-                atomic_save(dict(format=STATE_FORMAT, version=STATE_VERSION, cur_nimg=cur_nimg, step=step,
-                    cur_tick=cur_tick + 1, tick_start_nimg=cur_nimg, nonfinite_total=nonfinite_total, seed=seed,
-                    net=net.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict()),
-                    os.path.join(run_dir, f'training-state-{kimg_name}.pt'))
+                save_training_state(os.path.join(run_dir, f'training-state-{kimg_name}.pt'), cur_nimg=cur_nimg,
+                    step=step, cur_tick=cur_tick + 1, tick_start_nimg=cur_nimg, nonfinite_total=nonfinite_total,
+                    seed=seed, net=net.state_dict(), ema=ema.state_dict(), optimizer=optimizer.state_dict())
         distributed.barrier()
 
         cur_tick += 1
@@ -277,6 +307,18 @@ def training_loop(
     return dict(net=net, ema=ema, cur_nimg=cur_nimg, step=step)
 
 #----------------------------------------------------------------------------
+
+# Free space for a few more snapshots and states, else a warning before training starts (a full
+# disk fails one write cleanly, see atomic_save, but it stops the run).
+def check_free_space(run_dir, net, snapshot=True, state=True, count=3):
+    tensor_bytes = sum(t.numel() * t.element_size() for t in net.state_dict().values())
+    per_save = tensor_bytes * (snapshot + 4 * state)  # snapshot: EMA; state: net, EMA and Adam's two moments
+    free = shutil.disk_usage(run_dir).free
+    if free < count * per_save:
+        print(f'Warning: only {free / 2**20:.0f} MiB free in {run_dir}, but each snapshot and training state takes '
+            f'about {per_save / 2**20:.0f} MiB; free space or choose another --outdir, or the run will stop at a '
+            'failed write (earlier files stay intact)', flush=True)
+    return free, per_save
 
 def _stat(value):
     return dict(num=1, mean=float(value), std=0.0)

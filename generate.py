@@ -23,7 +23,7 @@ import tqdm
 import dnnlib
 from fdm.checkpoint import CheckpointError, load_network
 from fdm.samplers import SAMPLERS, PerSeedGenerator, sampler_nfe, sampler_settings, sampler_sigma_range
-from torch_utils import distributed
+from torch_utils import distributed, precision as precision_lib
 
 #----------------------------------------------------------------------------
 # A user error: generate() raises it, main() shows it as a one-line click error.
@@ -158,7 +158,7 @@ def _jsonable(value):
 # then the sampler's noise. --class overrides the label but the index is still drawn.
 
 @torch.no_grad()
-def generate_batch(net, sampler_name, sampler_kwargs, batch_seeds, device, class_idx=None):
+def generate_batch(net, sampler_name, sampler_kwargs, batch_seeds, device, class_idx=None, precision='fp32'):
     rnd = PerSeedGenerator(device, batch_seeds)
     latents = rnd.randn([len(batch_seeds), net.img_channels, net.img_resolution, net.img_resolution], device=device)
     class_labels = None
@@ -169,7 +169,9 @@ def generate_batch(net, sampler_name, sampler_kwargs, batch_seeds, device, class
             class_labels[:, :] = 0
             class_labels[:, class_idx] = 1
     sampler = SAMPLERS[sampler_name]
-    return sampler(net, latents, class_labels, randn_like=rnd.randn_like, **sampler_kwargs)
+    # Autocast touches only the network's matmuls/convolutions; the sampler state stays float64.
+    with precision_lib.autocast(precision, device):
+        return sampler(net, latents, class_labels, randn_like=rnd.randn_like, **sampler_kwargs)
 
 #----------------------------------------------------------------------------
 # Load the denoiser, rank 0 first (it may download into the cache that the others then read).
@@ -223,7 +225,7 @@ def save_grid(outdir, seeds, subdirs, path):
 # outdir/generate_options.json.
 
 def generate(network, outdir, seeds=range(64), subdirs=False, class_idx=None, max_batch_size=64, device=None,
-        grid=None, verbose=True, **sampler_options):
+        grid=None, precision='fp32', verbose=True, **sampler_options):
     seeds = list(seeds)
     if not seeds:
         raise GenerateError('--seeds is empty; give seeds like 0-63')
@@ -235,6 +237,7 @@ def generate(network, outdir, seeds=range(64), subdirs=False, class_idx=None, ma
         device = torch.device(device) if device is not None else distributed.device()
     except RuntimeError as err:
         raise GenerateError(f'--device {device!r} is not a device ({err}); use e.g. cpu, cuda or cuda:1') from None
+    precision_lib.configure(precision, device)
     rank, world_size = distributed.get_rank(), distributed.get_world_size()
     log = (lambda *args: print(*args, flush=True)) if (verbose and rank == 0) else (lambda *args: None)
 
@@ -246,7 +249,8 @@ def generate(network, outdir, seeds=range(64), subdirs=False, class_idx=None, ma
     if ignored:
         log(f'Warning: {", ".join(ignored)} do not apply to --solver dpm and are ignored')
     settings = describe_run(net, network_name, sampler_name, sampler_kwargs, ignored, seeds, class_idx,
-        max_batch_size=max_batch_size, world_size=world_size, subdirs=subdirs, grid=grid, device=device.type)
+        max_batch_size=max_batch_size, world_size=world_size, subdirs=subdirs, grid=grid, device=device.type,
+        precision=precision)
     if rank == 0:
         try:
             os.makedirs(outdir, exist_ok=True)
@@ -261,7 +265,7 @@ def generate(network, outdir, seeds=range(64), subdirs=False, class_idx=None, ma
     # Every batch goes through the same sampler (the FDM reference used DPM only for the first).
     batches = [b for b in rank_batches(seeds, max_batch_size, rank, world_size) if b]
     for batch_seeds in tqdm.tqdm(batches, unit='batch', disable=(rank != 0 or not verbose)):
-        images = to_uint8(generate_batch(net, sampler_name, sampler_kwargs, batch_seeds, device, class_idx))
+        images = to_uint8(generate_batch(net, sampler_name, sampler_kwargs, batch_seeds, device, class_idx, precision))
         for seed, image in zip(batch_seeds, images):
             path = image_path(outdir, seed, subdirs)
             os.makedirs(os.path.dirname(path), exist_ok=True)
@@ -303,6 +307,8 @@ def generate(network, outdir, seeds=range(64), subdirs=False, class_idx=None, ma
 
 @click.option('--grid', help='Also save all images as one grid PNG (outside --outdir)', metavar='PNG', type=str)
 @click.option('--device', help='Device  [default: this rank\'s GPU, else cpu]', metavar='DEVICE', type=str)
+@click.option('--precision', help='Network precision: fp32 is exact (the reference); tf32, bf16, fp16 are faster on GPUs',
+    type=click.Choice(list(precision_lib.PRECISIONS)), default='fp32', show_default=True)
 def main(**opts):
     """Generate random images using the EDM sampler, its ablations, or DPM-Solver++.
 

@@ -81,7 +81,7 @@ class Precond(torch.nn.Module):
         if c_noise.numel() == 1:  # one sigma for the whole batch
             c_noise = c_noise.expand(x.shape[0])
         F_x = self.model((c_in * x).to(dtype), c_noise, class_labels=class_labels, **model_kwargs)
-        if F_x.dtype != dtype:
+        if F_x.dtype != dtype and not torch.is_autocast_enabled(x.device.type):  # autocast picks its own dtypes
             raise RuntimeError(f'{type(self.model).__name__} returned {F_x.dtype}, expected {dtype}')
         F_x = F_x[:, :self.img_channels]  # iDDPM's extra (variance) channels are unused
         D_x = c_skip * x + c_out * F_x.to(torch.float32)

@@ -46,3 +46,13 @@ def test_bf16_images_close_to_exact(tmp_path):
 def test_unknown_precision():
     with pytest.raises(ValueError, match='precision must be one of'):
         precision.autocast('fp8', 'cpu')
+
+def test_benchmark_runs_small_on_cpu():
+    from click.testing import CliRunner
+    from training import benchmark
+    result = CliRunner().invoke(benchmark.main, ['--small', '--device=cpu', '--precision=bf16'])
+    assert result.exit_code == 0, result.output
+    rows = dict(line.strip('|').split('|')[:2] for line in result.output.splitlines()[2:] if line.startswith('|'))
+    rows = {k.strip(): v.strip() for k, v in rows.items()}
+    assert float(rows['training img/s (batch 8)'].replace(',', '')) > 0
+    assert float(rows['sampling img/s (EDM Heun, 5 NFE, batch 8)'].replace(',', '')) > 0

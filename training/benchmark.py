@@ -1,0 +1,190 @@
+"""Throughput benchmark: training img/s, sampling img/s, FID feature img/s, peak memory and
+model FLOP utilisation, for one configuration and precision, printed as one Markdown table.
+
+    python -m training.benchmark                                  # the paper's CIFAR-10 DDPM++ on this GPU
+    python -m training.benchmark --precision=bf16 --compile
+    python -m training.benchmark --small                          # a tiny configuration for the CPU
+
+Synthetic data: this measures the network, loss, optimizer, sampler and detector, not disk I/O.
+"""
+
+import contextlib
+import copy
+import time
+
+import click
+import psutil
+import torch
+
+from fdm.loss import build_loss
+from fdm.preconditioning import build_precond
+from fdm.samplers import edm_sampler
+from torch_utils import precision as precision_lib
+from torch_utils.inception import FIDInceptionV3
+from training.config import LOSS_BY_PRECOND
+from training.networks import ARCH_PRESETS
+from fdm.preconditioning import PRECOND_BY_OPTION
+
+#----------------------------------------------------------------------------
+
+def count_forward_flops(net, x, sigma, labels, aug):
+    """FLOPs of one forward pass (matmuls and convolutions), by torch's FLOP counter."""
+    from torch.utils.flop_counter import FlopCounterMode
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        net(x, sigma, labels, augment_labels=aug)
+    return counter.get_total_flops()
+
+def synchronize(device):
+    if device.type == 'cuda':
+        torch.cuda.synchronize(device)
+
+def peak_memory_gib(device):
+    if device.type == 'cuda':
+        return torch.cuda.max_memory_allocated(device) / 2**30
+    return psutil.Process().memory_info().rss / 2**30
+
+def timed(fn, device, warmup, iters):
+    for _ in range(warmup):
+        fn()
+    synchronize(device)
+    start = time.perf_counter()
+    for _ in range(iters):
+        fn()
+    synchronize(device)
+    return (time.perf_counter() - start) / iters
+
+#----------------------------------------------------------------------------
+
+def build(arch, precond, resolution, cond, cbase, cres, device, channels_last):
+    kwargs = dict(ARCH_PRESETS[arch], dropout=0.13, augment_dim=9)
+    if cbase:
+        kwargs['model_channels'] = cbase
+    if cres:
+        kwargs['channel_mult'] = cres
+    net = build_precond(PRECOND_BY_OPTION[precond], img_resolution=resolution, img_channels=3,
+        label_dim=10 if cond else 0, **kwargs).to(device)
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    return net
+
+def bench_training(net, loss_fn, batch, resolution, cond, device, precision, compile_net, warmup, iters):
+    net = copy.deepcopy(net).train().requires_grad_(True)
+    model = torch.compile(net) if compile_net else net
+    fused = device.type == 'cuda'
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=1e-8, fused=fused)
+    images = torch.rand([batch, 3, resolution, resolution], device=device) * 2 - 1
+    labels = torch.eye(10, device=device)[torch.randint(10, [batch], device=device)] if cond else None
+
+    def step():
+        optimizer.zero_grad(set_to_none=True)
+        with precision_lib.autocast(precision, device):
+            loss = loss_fn(net=model, images=images, labels=labels)
+        loss.sum().mul(1 / batch).backward()
+        for p in net.parameters():  # as the training loop: non-finite gradients replaced
+            if p.grad is not None:
+                torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
+        optimizer.step()
+
+    compile_start = time.perf_counter()
+    step()
+    synchronize(device)
+    first_step = time.perf_counter() - compile_start
+    seconds = timed(step, device, warmup, iters)
+    return batch / seconds, first_step
+
+@torch.no_grad()
+def bench_sampling(net, batch, resolution, cond, device, precision, compile_net, num_steps, iters):
+    net = copy.deepcopy(net).eval().requires_grad_(False)
+    if compile_net:
+        net.model = torch.compile(net.model)
+    latents = torch.randn([batch, 3, resolution, resolution], device=device)
+    labels = torch.eye(10, device=device)[torch.randint(10, [batch], device=device)] if cond else None
+
+    def run():
+        with precision_lib.autocast(precision, device):
+            edm_sampler(net, latents, labels, num_steps=num_steps)
+
+    seconds = timed(run, device, warmup=1, iters=iters)
+    return batch / seconds
+
+@torch.no_grad()
+def bench_features(batch, resolution, device, precision, iters):
+    detector = FIDInceptionV3().eval().to(device)  # the pytorch-fid network; random weights time the same
+    images = torch.randint(0, 256, [batch, 3, resolution, resolution], dtype=torch.uint8, device=device)
+
+    def run():
+        with precision_lib.autocast(precision if precision != 'fp16' else 'fp32', device):
+            detector(images)
+
+    seconds = timed(run, device, warmup=1, iters=iters)
+    return batch / seconds
+
+#----------------------------------------------------------------------------
+
+@click.command()
+@click.option('--arch', type=click.Choice(sorted(ARCH_PRESETS)), default='ddpmpp', show_default=True)
+@click.option('--precond', type=click.Choice(sorted(PRECOND_BY_OPTION)), default='fdm_edm', show_default=True)
+@click.option('--resolution', type=int, default=32, show_default=True)
+@click.option('--cond', type=bool, default=True, show_default=True)
+@click.option('--cbase', type=int, default=None)
+@click.option('--cres', type=str, default=None, help='e.g. 1,2,2,2')
+@click.option('--batch', help='Training batch per GPU', type=int, default=128, show_default=True)
+@click.option('--sample-batch', type=int, default=1024, show_default=True)
+@click.option('--feature-batch', type=int, default=500, show_default=True)
+@click.option('--sample-steps', type=int, default=18, show_default=True)
+@click.option('--precision', type=click.Choice(list(precision_lib.PRECISIONS)), default='fp32', show_default=True)
+@click.option('--compile', 'compile_net', is_flag=True, help='torch.compile the network')
+@click.option('--channels-last', is_flag=True)
+@click.option('--iters', type=int, default=20, show_default=True)
+@click.option('--peak-tflops', type=float, default=None, help='Peak FLOP/s of the device for MFU  [default: 790 on CUDA (H100 bf16 dense, as the issue), none on CPU]')
+@click.option('--small', is_flag=True, help='A tiny configuration that runs in seconds on a CPU')
+@click.option('--device', type=str, default=None)
+def main(arch, precond, resolution, cond, cbase, cres, batch, sample_batch, feature_batch, sample_steps, precision,
+        compile_net, channels_last, iters, peak_tflops, small, device):
+    """Measure and print one table for a configuration."""
+    device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
+    if small:
+        resolution, cbase, cres, batch, sample_batch, feature_batch, sample_steps, iters = 16, 16, '1,2', 8, 8, 4, 3, 2
+    cres = [int(c) for c in cres.split(',')] if cres else None
+    precision_lib.configure(precision, device)
+    if peak_tflops is None and device.type == 'cuda':
+        peak_tflops = 790.0
+    torch.manual_seed(0)
+    net = build(arch, precond, resolution, cond, cbase, cres, device, channels_last)
+    n_params = sum(p.numel() for p in net.parameters())
+    x = torch.randn([1, 3, resolution, resolution], device=device)
+    labels = torch.eye(10, device=device)[:1] if cond else None
+    flops = count_forward_flops(net, x, torch.ones(1, device=device), labels, torch.zeros(1, 9, device=device))
+    loss_fn = build_loss(LOSS_BY_PRECOND[precond], **({'warmup_ite': 200} if precond.startswith('fdm') else {}))
+    aug_loss = lambda net, images, labels: loss_fn(net, images, labels)  # noqa: E731 (no augmentation)
+
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(device)
+    train_ips, first_step = bench_training(net, aug_loss, batch, resolution, cond, device, precision, compile_net, 2, iters)
+    train_mem = peak_memory_gib(device)
+    sample_ips = bench_sampling(net, sample_batch, resolution, cond, device, precision, compile_net, sample_steps, max(iters // 10, 1))
+    feature_ips = bench_features(feature_batch, resolution, device, precision, max(iters // 4, 1))
+    nfe = 2 * sample_steps - 1
+    mfu = (train_ips * 3 * flops / (peak_tflops * 1e12)) if peak_tflops else None
+
+    name = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU ({psutil.cpu_count()} threads)'
+    rows = [
+        ('device', name), ('torch', torch.__version__),
+        ('configuration', f'{arch} {precond} {resolution}x{resolution} {"cond" if cond else "uncond"}, {n_params:,} parameters, '
+            f'{flops / 1e9:.2f} GFLOP forward per image'),
+        ('precision / compile / channels_last', f'{precision} / {compile_net} / {channels_last}'),
+        (f'training img/s (batch {batch})', f'{train_ips:,.1f}'),
+        ('first training step s (incl. compile)', f'{first_step:.1f}'),
+        ('peak memory GiB (training)', f'{train_mem:.2f}'),
+        ('model FLOP utilisation (training)', f'{100 * mfu:.1f}% of {peak_tflops:g} TFLOP/s' if mfu is not None else 'n/a (give --peak-tflops)'),
+        (f'sampling img/s (EDM Heun, {nfe} NFE, batch {sample_batch})', f'{sample_ips:,.1f}'),
+        (f'FID features img/s (Inception, {resolution}x{resolution}, batch {feature_batch})', f'{feature_ips:,.1f}'),
+    ]
+    click.echo('| measure | value |\n|---|---|')
+    for k, v in rows:
+        click.echo(f'| {k} | {v} |')
+
+if __name__ == '__main__':
+    main()
+
+#----------------------------------------------------------------------------

@@ -6,10 +6,12 @@
 Without torchrun it trains in one process, on the GPU if there is one, else on the CPU.
 """
 
+import contextlib
 import json
 import os
 import re
 import secrets
+import sys
 import warnings
 
 import click
@@ -19,11 +21,14 @@ import dnnlib
 from fdm.checkpoint import CheckpointError
 from torch_utils import distributed
 from training.config import ConfigError, next_run_dir, setup_training_config
+from training.dataset import DatasetError
 
 #----------------------------------------------------------------------------
 
+MAX_LIST_ITEMS = 32
+
 def parse_int_list(s):
-    """'1,2,5-10' -> [1, 2, 5, 6, 7, 8, 9, 10]."""
+    """'1,2,5-10' -> [1, 2, 5, 6, 7, 8, 9, 10]: positive integers, at most MAX_LIST_ITEMS of them."""
     if isinstance(s, list):
         return s
     out = []
@@ -32,6 +37,10 @@ def parse_int_list(s):
         if not m:
             raise click.BadParameter(f'{s!r} is not a list of integers like "1,2,5-10"')
         lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        if lo < 1 or hi < lo:
+            raise click.BadParameter(f'{part.strip()!r} in {s!r} is not a positive integer or a range "a-b" with 1 <= a <= b')
+        if len(out) + hi - lo + 1 > MAX_LIST_ITEMS:
+            raise click.BadParameter(f'{s!r} has more than {MAX_LIST_ITEMS} entries; give one channel multiplier per resolution')
         out.extend(range(lo, hi + 1))
     return out
 
@@ -77,13 +86,18 @@ def parse_int_list(s):
 @click.option('--seed', help='Random seed  [default: random]', metavar='INT', type=click.IntRange(min=0, max=2**31 - 1))
 @click.option('--transfer', help='Transfer learning from network file', metavar='PT|PKL|URL', type=str)
 @click.option('--resume', help='Resume from training state file or run directory', metavar='PT|DIR', type=str)
+@click.option('--timeout', help='Seconds a process waits for the others before it stops with an error', metavar='SEC', type=click.IntRange(min=1), default=1800, show_default=True)
 @click.option('-n', '--dry-run', help='Print training options and exit', is_flag=True)
 @click.pass_context
-def main(ctx, dry_run, **opts):
+def main(ctx, dry_run, timeout, **opts):
     """Train a diffusion model (EDM/VP/VE or their FDM versions)."""
     explicit = {name for name in opts if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
-    if not dry_run:
-        distributed.init()
+    with _stop_on_lost_process(timeout):
+        if not dry_run:
+            distributed.init(timeout_s=timeout)
+        _train(dry_run, opts, explicit)
+
+def _train(dry_run, opts, explicit):
     world_size = distributed.get_world_size() if not dry_run else int(os.environ.get('WORLD_SIZE', '1'))
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always')
@@ -91,34 +105,34 @@ def main(ctx, dry_run, **opts):
             c, run = setup_training_config(**opts, world_size=world_size, explicit=explicit)
         except (ConfigError, CheckpointError) as err:
             raise click.ClickException(str(err)) from None
-    for w in caught:
-        distributed.print0(f'Warning: {w.message}')
+    warning_lines = [f'Warning: {w.message}' for w in caught]
 
     # Seed: the user's, the resumed run's, or a fresh random one shared by all ranks.
     if c.seed is None:
         c.seed = _resumed_seed(c.resume_state) if c.resume_state else _random_seed()
 
     if dry_run:
-        click.echo(json.dumps(c, indent=2))
-        click.echo('Dry run; exiting.')
+        click.echo('\n'.join(warning_lines + [json.dumps(c, indent=2), 'Dry run; exiting.']))
         return
 
     run_dir = run['outdir'] if run['nosubdir'] else next_run_dir(run['outdir'], run['desc'])
     if distributed.get_rank() == 0:
-        _prepare_run_dir(run_dir, run['nosubdir'])
+        notes = _prepare_run_dir(run_dir, run['nosubdir'])
         _write_json_atomic(os.path.join(run_dir, 'training_options.json'), c)
         logger = dnnlib.util.Logger(os.path.join(run_dir, 'log.txt'))
         print(f'Output directory: {run_dir}')
-        print(json.dumps(c, indent=2))
+        print('\n'.join(notes + warning_lines + [json.dumps(c, indent=2)]))  # in the log too: what resume skipped
     from training.training_loop import training_loop  # noqa: heavy import after option checks
     try:
         training_loop(run_dir=run_dir, **c)
+    except DatasetError as err:
+        raise click.ClickException(_last_line(err)) from None
     except (CheckpointError, ValueError) as err:
-        raise click.ClickException(str(err)) from None
+        raise click.ClickException(' '.join(str(err).split())) from None
     finally:
         if distributed.get_rank() == 0:
             logger.close()
-        distributed.shutdown()
+    distributed.shutdown()
 
 #----------------------------------------------------------------------------
 
@@ -133,6 +147,28 @@ def _resumed_seed(path):
     from training.training_loop import load_training_state
     return int(load_training_state(path)['seed'])
 
+# A DataLoader worker's error arrives with the worker's traceback in its message; its last line is ours.
+def _last_line(err):
+    lines = [line for line in str(err).strip().splitlines() if line.strip()]
+    last = lines[-1] if lines else type(err).__name__
+    return re.sub(r'^\w+(\.\w+)*(Error|Exception): ', '', last.strip())
+
+# A dead or hung process makes a collective fail (a closed connection, or --timeout): every
+# surviving process says so and exits at once, instead of holding the allocation. os._exit,
+# because tearing down a broken process group can itself hang.
+@contextlib.contextmanager
+def _stop_on_lost_process(timeout):
+    try:
+        yield
+    except Exception as err:
+        message = distributed.lost_process_message(err, timeout)
+        if message is None:
+            raise
+        click.echo(f'Error: {message}', err=True)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(1)
+
 def _prepare_run_dir(run_dir, nosubdir):
     if not nosubdir and os.path.exists(run_dir):
         raise click.ClickException(f'{run_dir} already exists; choose another --outdir')
@@ -144,6 +180,22 @@ def _prepare_run_dir(run_dir, nosubdir):
         os.remove(probe)
     except OSError as err:
         raise click.ClickException(f'cannot write to {run_dir} ({err.strerror}); choose a writable --outdir') from None
+    return _tidy_interrupted_run(run_dir) if nosubdir else []
+
+# A run killed mid-write leaves temporary files (never a damaged result) and perhaps half a
+# stats.jsonl line; clear both before writing into the same folder again. Returns what it did.
+def _tidy_interrupted_run(run_dir):
+    leftovers = sorted(name for name in os.listdir(run_dir) if (name.startswith('.tmp-') or
+        name == 'training_options.json.tmp') and os.path.isfile(os.path.join(run_dir, name)))
+    for name in leftovers:
+        os.remove(os.path.join(run_dir, name))
+    stats = os.path.join(run_dir, 'stats.jsonl')
+    if os.path.isfile(stats):
+        with open(stats, 'rb+') as f:
+            data = f.read()
+            if data and not data.endswith(b'\n'):
+                f.truncate(data.rfind(b'\n') + 1)
+    return [f'Removed {len(leftovers)} temporary file(s) of an interrupted run: {", ".join(leftovers)}'] if leftovers else []
 
 def _write_json_atomic(path, obj):
     tmp = path + '.tmp'

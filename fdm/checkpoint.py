@@ -18,6 +18,7 @@ import collections
 import hashlib
 import io
 import json
+import math
 import os
 import pickle
 import tempfile
@@ -39,18 +40,69 @@ class CheckpointError(Exception):
 # Atomic write: a temporary file in the destination folder, flushed, then renamed over
 # the destination, so a crash leaves either the old file or the complete new one.
 
+def _read_umask():
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+_UMASK = _read_umask()
+
 def atomic_save(obj, path):
     path = os.fspath(path)
-    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(os.path.abspath(path)), prefix='.tmp-', suffix='.part')
+    folder = os.path.dirname(os.path.abspath(path))
+    # The temporary name says what it was for, so a leftover of a killed process is recognisable.
+    try:
+        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f'.tmp-{os.path.basename(path)}-', suffix='.part')
+    except OSError as err:
+        raise CheckpointError(f'cannot write {path} ({err.strerror}); check that the folder exists and is writable') from None
+    writer = None
     try:
         with os.fdopen(fd, 'wb') as f:
-            torch.save(obj, f)
+            os.fchmod(f.fileno(), 0o666 & ~_UMASK)  # mkstemp makes it private; make it like any other file
+            writer = _ErrorRecordingWriter(f)
+            torch.save(obj, writer)
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+        _fsync_dir(folder)
+    except (OSError, RuntimeError) as err:
+        # torch.save reports a failed write as a RuntimeError ("unexpected pos"); name the real cause.
+        cause = writer.error if writer is not None and writer.error is not None else err
+        if not isinstance(cause, OSError):
+            raise
+        raise CheckpointError(f'cannot write {path} ({cause.strerror or cause}); any previous version of it is '
+            'unchanged; free disk space or fix permissions, then resume') from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
+
+class _ErrorRecordingWriter:
+    """A file for torch.save that remembers the OSError of a failed write."""
+    def __init__(self, f):
+        self.f, self.error = f, None
+
+    def write(self, data):
+        try:
+            return self.f.write(data)
+        except OSError as err:
+            self.error = err
+            raise
+
+    def flush(self):
+        self.f.flush()
+
+# The rename itself reaches the disk only with the folder's entry; not every system can sync a folder.
+def _fsync_dir(folder):
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
 
 def tensors_digest(tensors):
     """SHA-256 over names, dtypes, shapes and bytes of a flat {name: tensor} dict."""
@@ -60,6 +112,32 @@ def tensors_digest(tensors):
         h.update(f'{name}:{t.dtype}:{tuple(t.shape)};'.encode())
         h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b'')
     return h.hexdigest()
+
+def nested_digest(obj):
+    """SHA-256 over nested dicts, lists and tuples of tensors and plain values (dict keys sorted)."""
+    h = hashlib.sha256()
+    _update_digest(h, obj)
+    return h.hexdigest()
+
+def _update_digest(h, obj):
+    if isinstance(obj, torch.Tensor):
+        t = obj.detach().cpu().contiguous()
+        h.update(f'T{t.dtype}{tuple(t.shape)};'.encode())
+        if t.numel():
+            h.update(t.reshape(-1).view(torch.uint8).numpy())
+    elif isinstance(obj, dict):
+        h.update(f'D{len(obj)};'.encode())
+        for key in sorted(obj, key=repr):
+            h.update(f'{key!r}='.encode())
+            _update_digest(h, obj[key])
+    elif isinstance(obj, (list, tuple)):
+        h.update(f'L{len(obj)};'.encode())
+        for value in obj:
+            _update_digest(h, value)
+    elif obj is None or isinstance(obj, (bool, int, float, str)):
+        h.update(f'{type(obj).__name__}:{obj!r};'.encode())
+    else:
+        raise TypeError(f'cannot digest {type(obj).__name__}')
 
 #----------------------------------------------------------------------------
 # Our snapshot format.
@@ -94,24 +172,29 @@ def _read_snapshot(f, name):
     if data.get('version') != FORMAT_VERSION:
         raise CheckpointError(f'{name}: snapshot format version {data.get("version")} is not supported '
             f'(this code reads version {FORMAT_VERSION}); update the code')
-    if tensors_digest(data['ema']) != data.get('sha256'):
+    tensors = data.get('ema')
+    if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()):
+        raise CheckpointError(f'{name}: the snapshot holds no network tensors; the file is damaged, use another snapshot')
+    if tensors_digest(tensors) != data.get('sha256'):
         raise CheckpointError(f'{name}: checksum mismatch, the file is damaged; use another snapshot')
     return data
 
 def load_snapshot(f, name='snapshot'):
     """Read one of our snapshots: {'ema': module, 'loss_fn', 'augment_pipe', 'dataset_kwargs', 'extra'}."""
     data = _read_snapshot(f, name)
-    description = json.loads(data['description'])
-    ema = _rebuild(description['ema']['class_name'], description['ema']['init_kwargs'], data['ema'], name)
+    try:
+        description = json.loads(data['description'])
+        class_name, init_kwargs = description['ema']['class_name'], description['ema']['init_kwargs']
+        if not isinstance(class_name, str) or not isinstance(init_kwargs, dict):
+            raise TypeError('class_name or init_kwargs has the wrong type')
+    except (KeyError, TypeError, ValueError) as err:
+        raise CheckpointError(f'{name}: the network description in the snapshot is damaged ({type(err).__name__}: {err}); '
+            'use another snapshot') from None
+    ema = _rebuild(class_name, init_kwargs, data['ema'], name)
     return dict(description, ema=ema)
 
 def _rebuild(class_name, init_kwargs, state, name):
-    with warnings.catch_warnings():  # the file's own options are not the user's mistake
-        warnings.simplefilter('ignore', IgnoredOptionWarning)
-        try:
-            net = build_precond(class_name, **init_kwargs)
-        except (TypeError, ValueError) as err:
-            raise CheckpointError(f'{name}: cannot rebuild {class_name} ({err})') from None
+    net = _build_within_budget(class_name, init_kwargs, state, name)
     missing, unexpected = _compare_keys(net.state_dict(), state)
     if missing or unexpected:
         raise CheckpointError(f'{name}: tensors do not match {class_name}: missing {missing[:5]}, '
@@ -121,6 +204,63 @@ def _rebuild(class_name, init_kwargs, state, name):
     except RuntimeError as err:
         raise CheckpointError(f'{name}: tensor shapes do not match {class_name}: {str(err).splitlines()[-1].strip()}') from None
     return net
+
+# The constructor arguments come from the file: build under a budget, so that they cannot make
+# us build a network far larger than the file's tensors (minutes of initialisation, or all the
+# memory) before the names and shapes are compared.
+def _build_within_budget(class_name, init_kwargs, state, name):
+    max_numel = 2 * sum(t.numel() for t in state.values()) + 2**20
+    with warnings.catch_warnings():  # the file's own options are not the user's mistake
+        warnings.simplefilter('ignore', IgnoredOptionWarning)
+        try:
+            with _ConstructionBudget(10 * len(state) + 1000, max_numel, name):
+                return build_precond(class_name, **init_kwargs)
+        except CheckpointError:
+            raise
+        except Exception as err:
+            raise CheckpointError(f'{name}: cannot rebuild {class_name} from the stored arguments ({err})') from None
+
+class _ConstructionBudget(torch.overrides.TorchFunctionMode):
+    """Refuses, before allocating, a tensor of more than `max_numel` elements; and stops a
+    constructor that registers more than `max_count` parameters, buffers and modules, or
+    parameters and buffers of more than `max_numel` elements in all."""
+    FACTORIES = {torch.empty, torch.zeros, torch.ones, torch.rand, torch.randn, torch.full}
+
+    def __init__(self, max_count, max_numel, name):
+        super().__init__()
+        self.max_count, self.max_numel, self.name = max_count, max_numel, name
+        self.count = self.numel = 0
+
+    def _too_large(self):
+        return CheckpointError(f'{self.name}: the stored constructor arguments describe a network far larger than '
+            'the tensors in the file; the file is damaged or not a network snapshot')
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func in self.FACTORIES:
+            size = kwargs.get('size', args[0] if len(args) == 1 or func is torch.full else args)
+            size = size if isinstance(size, (list, tuple, torch.Size)) else [size]
+            if all(isinstance(n, int) for n in size) and math.prod(max(n, 0) for n in size) > self.max_numel:
+                raise self._too_large()
+        return func(*args, **kwargs)
+
+    def _registered(self, _module, _name, value):
+        self.count += 1
+        self.numel += value.numel() if isinstance(value, torch.Tensor) else 0
+        if self.count > self.max_count or self.numel > self.max_numel:
+            raise self._too_large()
+
+    def __enter__(self):
+        modules = torch.nn.modules.module
+        self.handles = [modules.register_module_parameter_registration_hook(self._registered),
+            modules.register_module_buffer_registration_hook(self._registered),
+            modules.register_module_module_registration_hook(self._registered)]
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        for handle in self.handles:
+            handle.remove()
+        return super().__exit__(*exc)
 
 def _compare_keys(expected, got):
     return sorted(set(expected) - set(got)), sorted(set(got) - set(expected))
@@ -135,6 +275,16 @@ class PersistentRecord:
             raise CheckpointError('unsupported persistence record (expected type "class", version 6)')
         self.class_name = str(meta.get('class_name'))
         self.state = meta.get('state') or {}
+        if not isinstance(self.state, dict):
+            raise CheckpointError(f'the record of {self.class_name} has no state dict')
+
+    def __setstate__(self, state):  # a real record is complete when made; nothing may change it later
+        raise CheckpointError('unexpected state applied to a persistence record')
+
+# A function, not the class: the pickle may only call it (REDUCE), never allocate a bare
+# record with NEWOBJ and skip the checks of __init__.
+def _reconstruct_persistent_obj(meta):
+    return PersistentRecord(meta)
 
 class PlainObject:
     """A torch container module (ModuleDict etc.) pickled the ordinary way: keep its state."""
@@ -160,7 +310,7 @@ def _numpy_dtype(*args, **kwargs):
     return dtype
 
 _ALLOWED_GLOBALS = {
-    ('torch_utils.persistence', '_reconstruct_persistent_obj'): PersistentRecord,
+    ('torch_utils.persistence', '_reconstruct_persistent_obj'): _reconstruct_persistent_obj,
     ('torch._utils', '_rebuild_tensor_v2'): torch._utils._rebuild_tensor_v2,
     ('torch._utils', '_rebuild_parameter'): torch._utils._rebuild_parameter,
     ('torch.storage', '_load_from_bytes'): _load_storage_bytes,
@@ -251,6 +401,9 @@ def load_reference_pickle(f, name='pickle'):
         dataset_kwargs = _plain(data['dataset_kwargs']) if data.get('dataset_kwargs') is not None else None
     except CheckpointError as err:
         raise CheckpointError(f'{name}: {err}') from None
+    except (AttributeError, KeyError, TypeError, ValueError, RecursionError) as err:  # a tree of the wrong shape
+        raise CheckpointError(f'{name}: not an EDM/FDM network snapshot (unexpected structure: '
+            f'{type(err).__name__}: {err})') from None
     ema = _rebuild(ema_desc['class_name'], ema_desc['init_kwargs'], tensors, name)
     return dict(ema=ema, loss_fn=loss_desc, augment_pipe=augment_desc, dataset_kwargs=dataset_kwargs, extra=None)
 

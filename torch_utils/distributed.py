@@ -2,6 +2,7 @@
 
 import datetime
 import os
+import re
 
 import torch
 import torch.distributed as dist
@@ -10,6 +11,8 @@ import torch.distributed as dist
 # Join the process group torchrun describes in the environment (RANK, WORLD_SIZE,
 # MASTER_ADDR, ...). NCCL when CUDA is present, gloo otherwise. A plain process (no
 # WORLD_SIZE) runs alone without any group, so nothing needs a free port or a GPU.
+# timeout_s bounds every wait on the other processes (rendezvous, collectives, barriers): a
+# process that died or hangs makes the others fail after at most that long instead of hanging.
 
 def init(backend=None, timeout_s=1800):
     if dist.is_available() and dist.is_initialized():
@@ -21,6 +24,29 @@ def init(backend=None, timeout_s=1800):
     if backend == 'nccl':
         torch.cuda.set_device(int(os.environ.get('LOCAL_RANK', '0')))
     dist.init_process_group(backend=backend, timeout=datetime.timedelta(seconds=timeout_s))
+
+# Gloo reports a peer that died as a closed or reset connection and a peer that hangs as a
+# timed-out operation, both as plain RuntimeErrors; NCCL and the rendezvous store raise DistError.
+_LOST_PEER = re.compile(r'connection (closed|reset|refused)|broken pipe|end of file|socket closed', re.I)
+_TIMED_OUT = re.compile(r'time(d)? ?out', re.I)
+
+def lost_process_message(err, timeout_s):
+    """A one-line explanation if `err` means that another process died or hung, else None."""
+    text = ' '.join(str(err).split())
+    world = get_world_size() if is_distributed() else int(os.environ.get('WORLD_SIZE', '1'))
+    if world <= 1 or not (isinstance(err, getattr(dist, 'DistError', ())) or (isinstance(err, RuntimeError) and
+            (_LOST_PEER.search(text) or _TIMED_OUT.search(text) or 'gloo' in text.lower() or 'nccl' in text.lower()))):
+        return None
+    who = f'process {get_rank() if is_distributed() else os.environ.get("RANK", "?")} of {world}'
+    if _TIMED_OUT.search(text):
+        cause = f'another process did not respond within --timeout={timeout_s} s (it hangs, or is slower than that)'
+    elif _LOST_PEER.search(text):
+        cause = 'another process died (its connection closed)'
+    else:
+        cause = 'communication with the other processes failed'
+    detail = text if len(text) <= 300 else text[:300] + '...'
+    return (f'{who}: {cause}; stopping instead of waiting. Check the other processes\' logs, then resume with '
+        f'--resume=<run dir>. ({detail})')
 
 def is_distributed():
     return dist.is_available() and dist.is_initialized()

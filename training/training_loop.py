@@ -311,12 +311,16 @@ def training_loop(
 # Free space for a few more snapshots and states, else a warning before training starts (a full
 # disk fails one write cleanly, see atomic_save, but it stops the run).
 def check_free_space(run_dir, net, snapshot=True, state=True, count=3):
-    tensor_bytes = sum(t.numel() * t.element_size() for t in net.state_dict().values())
-    per_save = tensor_bytes * (snapshot + 4 * state)  # snapshot: EMA; state: net, EMA and Adam's two moments
+    tensors, params = list(net.state_dict().values()), list(net.parameters())
+    nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)
+    record = 320  # bytes a torch.save zip spends on each tensor besides its data
+    snapshot_bytes = nbytes(tensors) + record * len(tensors)  # the EMA network
+    state_bytes = 2 * nbytes(tensors) + 2 * nbytes(params) + record * (2 * len(tensors) + 3 * len(params))  # net, EMA, Adam
+    per_save = snapshot * snapshot_bytes + state * state_bytes
     free = shutil.disk_usage(run_dir).free
     if free < count * per_save:
-        print(f'Warning: only {free / 2**20:.0f} MiB free in {run_dir}, but each snapshot and training state takes '
-            f'about {per_save / 2**20:.0f} MiB; free space or choose another --outdir, or the run will stop at a '
+        print(f'Warning: only {free / 2**20:.1f} MiB free in {run_dir}, but each snapshot and training state take '
+            f'about {per_save / 2**20:.1f} MiB; free space or choose another --outdir, or the run will stop at a '
             'failed write (earlier files stay intact)', flush=True)
     return free, per_save
 

@@ -105,7 +105,7 @@ def load_stats(path_or_url):
             mu, sigma = data['mu'].astype(np.float64), data['sigma'].astype(np.float64)
     except FIDError:
         raise
-    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as err:
+    except (OSError, ValueError, EOFError, TypeError, NotImplementedError, RuntimeError, zipfile.BadZipFile) as err:
         raise FIDError(f'{path_or_url}: cannot be read as a statistics npz ({type(err).__name__}: {err}); '
             'the file is damaged or not a reference, make it again with "fid.py ref"') from None
     if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):

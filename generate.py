@@ -34,6 +34,8 @@ class GenerateError(Exception):
 #----------------------------------------------------------------------------
 # Seed lists: '1,2,5-10' <-> [1, 2, 5, 6, 7, 8, 9, 10].
 
+MAX_SEEDS = 10_000_000  # a typo like 0-999999999 would otherwise exhaust memory before anything runs
+
 def parse_int_list(s):
     if isinstance(s, (list, tuple, range)):
         return list(s)
@@ -45,6 +47,8 @@ def parse_int_list(s):
         lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
         if hi < lo:
             raise click.BadParameter(f'the range {lo}-{hi} in {s!r} is empty; write the smaller number first')
+        if len(out) + hi - lo + 1 > MAX_SEEDS:
+            raise click.BadParameter(f'{s!r} asks for more than {MAX_SEEDS:,} images; split the job into several seed ranges')
         out.extend(range(lo, hi + 1))
     return out
 

@@ -21,9 +21,6 @@ class ConfigError(Exception):
 # Options that only some preconditioners use: option -> the --precond values that use it.
 PRECOND_SPECIFIC = dict(warmup_ite={'fdm_vp', 'fdm_ve', 'fdm_edm'}, fdm_multiplier={'fdm_vp', 'fdm_edm'})
 
-# More classes than this is a damaged dataset.json, not a dataset (ImageNet-21k has 21,841).
-MAX_LABEL_DIM = 100000
-
 # Loss of each --precond (iDDPM is trained like VP but on its discrete sigma table).
 LOSS_BY_PRECOND = dict(vp='VPLoss', fdm_vp='VPLoss', ve='VELoss', fdm_ve='VELoss', edm='EDMLoss', fdm_edm='EDMLoss',
     iddpm='iDDPMLoss')
@@ -52,9 +49,6 @@ def setup_training_config(data, outdir='training-runs', cond=False, arch='ddpmpp
     c.dataset_kwargs.max_size = len(dataset)
     if cond and not dataset.has_labels:
         raise ConfigError(f'--cond=1 needs labels, but {data} has no dataset.json labels; add them or use --cond=0')
-    if cond and dataset.label_dim > MAX_LABEL_DIM:
-        raise ConfigError(f'dataset.json in {data} has labels of dimension {dataset.label_dim} (the largest class index '
-            f'plus one); more than {MAX_LABEL_DIM} is not supported, check the labels')
     c.data_loader_kwargs = dnnlib.EasyDict(num_workers=workers)
     if workers > 0:
         c.data_loader_kwargs.update(prefetch_factor=2, persistent_workers=True)

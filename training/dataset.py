@@ -17,6 +17,8 @@ import torch
 #----------------------------------------------------------------------------
 # A problem with the user's data; the message is one sentence that ends with what to do.
 
+MAX_CLASSES = 100_000  # one-hot labels beyond this are a broken dataset.json, not a dataset
+
 class DatasetError(Exception):
     pass
 
@@ -107,7 +109,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         if self._zipfile is None or self._zip_pid != os.getpid():
             try:
                 self._zipfile = zipfile.ZipFile(self._path)
-            except (zipfile.BadZipFile, OSError) as err:
+            except (zipfile.BadZipFile, OSError, NotImplementedError, UnicodeDecodeError, RuntimeError) as err:
                 raise DatasetError(f"Cannot read '{self._path}' as a zip file ({_one_line(err)}); recreate it with dataset_tool.py.") from None
             self._zip_pid = os.getpid()
         return self._zipfile
@@ -169,6 +171,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         try:
             with self._open_file('dataset.json') as f:
                 data = json.load(f)
+        except (zipfile.BadZipFile, OSError, NotImplementedError, RuntimeError) as err:
+            raise DatasetError(f'Cannot read {where} ({_one_line(err)}); the zip is damaged, recreate it with dataset_tool.py.') from None
         except (ValueError, UnicodeDecodeError) as err:
             raise DatasetError(f'{where} is not valid JSON ({_one_line(err)}); fix it or regenerate the dataset with dataset_tool.py.') from None
         if not isinstance(data, dict) or 'labels' not in data:
@@ -191,6 +195,9 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         if values is not None and values.ndim == 1 and values.dtype.kind in 'iu':
             if values.min() < 0:
                 raise DatasetError(f'Class labels in {where} must be non-negative integers, found {values.min()}; fix the file.')
+            if values.max() >= MAX_CLASSES:
+                raise DatasetError(f'Class label {values.max()} in {where} implies more than {MAX_CLASSES:,} classes; '
+                    'use class indices 0..N-1.')
             return values.astype(np.int64)
         if values is not None and values.ndim == 2 and values.dtype.kind in 'iuf':
             return values.astype(np.float32)

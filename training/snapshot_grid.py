@@ -30,6 +30,7 @@ def save_png_atomic(array, path):
     os.close(fd)
     try:
         PIL.Image.fromarray(np.ascontiguousarray(array)).save(tmp, format='PNG')
+        os.chmod(tmp, 0o644)  # mkstemp creates owner-only files
         os.replace(tmp, path)
     finally:
         if os.path.exists(tmp):

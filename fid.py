@@ -195,6 +195,8 @@ def _run(fn):
         return fn()
     except (FIDError, DatasetError, DetectorError) as err:
         raise click.ClickException(user_message(err)) from None
+    finally:
+        dist.shutdown()  # an undestroyed gloo group can abort the process at exit
 
 detector_option = click.option('--detector', help='Feature detector: URL, path, "nvidia", "pytorch-fid" or "digits"  [default: NVIDIA Inception]',
     metavar='URL|PATH', type=str, default=None)

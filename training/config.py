@@ -31,7 +31,7 @@ def setup_training_config(data, outdir='training-runs', cond=False, arch='ddpmpp
         batch=512, batch_gpu=None, cbase=None, cres=None, lr=10e-4, ema=0.5, dropout=0.13, augment=0.12, xflip=False,
         fp16=False, ls=1, bench=True, cache=True, workers=8, desc=None, nosubdir=False, tick=50, snap=200, dump=500,
         seed=None, transfer=None, resume=None, lr_rampup=10, warmup_ite=None, fdm_multiplier=2.0,
-        grid_images=64, world_size=1, explicit=()):
+        grid_images=64, precision='fp32', compile=False, channels_last=False, world_size=1, explicit=()):
     """Returns (config for training_loop, run description). `explicit`: options the user set."""
     c = dnnlib.EasyDict()
 
@@ -91,6 +91,14 @@ def setup_training_config(data, outdir='training-runs', cond=False, arch='ddpmpp
     c.batch_gpu = batch_gpu
     c.loss_scaling = ls
     c.cudnn_benchmark = bench
+    if precision not in ('fp32', 'tf32', 'bf16'):
+        raise ConfigError(f'--precision={precision} is not available for training; use fp32, tf32 or bf16 '
+            '(or --fp16=1, the reference\'s mixed precision)')
+    if fp16 and precision == 'bf16':
+        raise ConfigError('--fp16=1 and --precision=bf16 are two mixed-precision modes; choose one')
+    c.precision = precision
+    c.compile = compile
+    c.channels_last = channels_last
     c.kimg_per_tick = tick
     c.snapshot_ticks = snap
     c.state_dump_ticks = dump

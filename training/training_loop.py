@@ -25,6 +25,7 @@ from fdm.checkpoint import CheckpointError, atomic_save, load_network_file, nest
 from fdm.loss import build_loss
 from fdm.preconditioning import build_precond
 from torch_utils import distributed
+from torch_utils import precision as precision_lib
 from torch_utils.training_stats import StatsCollector
 from training.augment import AugmentPipe
 from training.dataset import ImageFolderDataset, InfiniteSampler
@@ -128,16 +129,20 @@ def training_loop(
     transfer            = None,     # Network file whose weights start the training, None = random init.
     cudnn_benchmark     = True,     # Enable torch.backends.cudnn.benchmark?
     device              = None,     # Device, None = this rank's GPU, else the CPU.
+    precision           = 'fp32',   # Network precision: fp32 (exact, the reference), tf32 or bf16 (autocast).
+    channels_last       = False,    # Keep the network and images in channels-last memory format?
+    compile             = False,    # torch.compile the network (the first step includes the compile time)?
     max_steps           = None,     # Stop after this many optimizer steps of this process (tests, kill drills).
 ):
     start_time = time.time()
     device = torch.device(device) if device is not None else distributed.device()
     rank, world = distributed.get_rank(), distributed.get_world_size()
+    if precision == 'fp16':
+        raise ValueError('--precision=fp16 is not supported for training; use --fp16=1 (the reference\'s mixed '
+            'precision with loss scaling) or --precision=bf16')
+    precision_lib.configure(precision, device)  # fp32: TF32 off, as the reference
     if device.type == 'cuda':
         torch.backends.cudnn.benchmark = cudnn_benchmark
-        torch.backends.cudnn.allow_tf32 = False
-        torch.backends.cuda.matmul.allow_tf32 = False
-        torch.backends.cuda.matmul.allow_fp16_reduced_precision_reduction = False
 
     # Batch split: batch = batch_gpu * rounds * world.
     batch_gpu_total = batch_size // world
@@ -162,9 +167,13 @@ def training_loop(
     torch.manual_seed(seed)
     interface = dict(img_resolution=dataset.resolution, img_channels=dataset.num_channels, label_dim=dataset.label_dim)
     net = build_precond(**{**network_kwargs, **interface}).train().requires_grad_(True).to(device)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    net = net.to(memory_format=memory_format)
     loss_fn = build_loss(**loss_kwargs)
     augment_pipe = AugmentPipe(**augment_kwargs) if augment_kwargs else None
-    optimizer = torch.optim.Adam(net.parameters(), **optimizer_kwargs)
+    # The fused CUDA kernel is faster but not bit-identical to the reference's Adam: fast modes only.
+    fused = device.type == 'cuda' and precision != 'fp32'
+    optimizer = torch.optim.Adam(net.parameters(), **optimizer_kwargs, **(dict(fused=True) if fused else {}))
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     step = 0
     cur_tick = 0
@@ -198,7 +207,8 @@ def training_loop(
     ddp = net
     if distributed.is_distributed():
         ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == 'cuda' else None,
-            broadcast_buffers=False)
+            broadcast_buffers=False, gradient_as_bucket_view=True)
+    model = torch.compile(ddp) if compile else ddp
     stats = StatsCollector(device)
     total_nimg = int(round(total_kimg * 1000))
     if state is not None and cur_nimg >= total_nimg:  # resumed from the final state: nothing left to do
@@ -218,11 +228,12 @@ def training_loop(
         optimizer.zero_grad(set_to_none=True)
         for round_idx in range(num_accumulation_rounds):
             images, labels = next(loader)
-            images = images.to(device).to(torch.float32) / 127.5 - 1
-            labels = labels.to(device)
+            images = images.to(device, non_blocking=True).to(torch.float32, memory_format=memory_format) / 127.5 - 1
+            labels = labels.to(device, non_blocking=True)
             sync = round_idx == num_accumulation_rounds - 1
             with (ddp.no_sync() if (ddp is not net and not sync) else contextlib.nullcontext()):
-                loss = loss_fn(net=ddp, images=images, labels=labels, augment_pipe=augment_pipe, step=step)
+                with precision_lib.autocast(precision, device):
+                    loss = loss_fn(net=model, images=images, labels=labels, augment_pipe=augment_pipe, step=step)
                 stats.report('Loss/loss', loss)
                 loss.sum().mul(loss_scaling / batch_gpu_total).backward()
 

@@ -14,13 +14,10 @@ example `os.system`) is refused with an error naming it. The denoiser is then re
 from our classes with the stored kwargs and its tensors loaded strictly by name.
 """
 
-import collections
 import hashlib
-import io
 import json
 import math
 import os
-import pickle
 import tempfile
 import warnings
 
@@ -28,6 +25,7 @@ import numpy as np
 import torch
 
 import dnnlib
+from torch_utils.safe_pickle import PersistentRecord, PlainObject, UnsafePickleError, restricted_load
 from fdm.preconditioning import IgnoredOptionWarning, build_precond
 
 FORMAT_NAME = 'fdm-snapshot'
@@ -268,83 +266,12 @@ def _compare_keys(expected, got):
 #----------------------------------------------------------------------------
 # Reference pickles: a restricted unpickler. Only these globals may appear.
 
-class PersistentRecord:
-    """What `_reconstruct_persistent_obj(meta)` becomes: the meta dict, never executed."""
-    def __init__(self, meta):
-        if not isinstance(meta, dict) or meta.get('type') != 'class' or meta.get('version') != 6:
-            raise CheckpointError('unsupported persistence record (expected type "class", version 6)')
-        self.class_name = str(meta.get('class_name'))
-        self.state = meta.get('state') or {}
-        if not isinstance(self.state, dict):
-            raise CheckpointError(f'the record of {self.class_name} has no state dict')
-
-    def __setstate__(self, state):  # a real record is complete when made; nothing may change it later
-        raise CheckpointError('unexpected state applied to a persistence record')
-
-# A function, not the class: the pickle may only call it (REDUCE), never allocate a bare
-# record with NEWOBJ and skip the checks of __init__.
-def _reconstruct_persistent_obj(meta):
-    return PersistentRecord(meta)
-
-class PlainObject:
-    """A torch container module (ModuleDict etc.) pickled the ordinary way: keep its state."""
-    state = {}
-
-    def __setstate__(self, state):
-        self.state = state if isinstance(state, dict) else {}
-
-def _load_storage_bytes(data):
-    # The reference's `torch.storage._load_from_bytes` is a nested torch.load; we do it with
-    # weights_only so the nested pickle is restricted too.
-    return torch.load(io.BytesIO(data), map_location='cpu', weights_only=True)
-
-def _numpy_scalar(dtype, data=None):
-    if not isinstance(dtype, np.dtype) or dtype.hasobject or not isinstance(data, (bytes, bytearray)):
-        raise CheckpointError('refusing a numpy scalar that is not plain numeric data')
-    return np.frombuffer(data, dtype=dtype, count=1)[0]
-
-def _numpy_dtype(*args, **kwargs):
-    dtype = np.dtype(*args, **kwargs)
-    if dtype.hasobject:
-        raise CheckpointError('refusing a numpy object dtype in a network pickle')
-    return dtype
-
-_ALLOWED_GLOBALS = {
-    ('torch_utils.persistence', '_reconstruct_persistent_obj'): _reconstruct_persistent_obj,
-    ('torch._utils', '_rebuild_tensor_v2'): torch._utils._rebuild_tensor_v2,
-    ('torch._utils', '_rebuild_parameter'): torch._utils._rebuild_parameter,
-    ('torch.storage', '_load_from_bytes'): _load_storage_bytes,
-    ('collections', 'OrderedDict'): collections.OrderedDict,
-    ('dnnlib.util', 'EasyDict'): dnnlib.EasyDict,
-    ('builtins', 'set'): set,
-    ('builtins', 'frozenset'): frozenset,
-    ('numpy', 'dtype'): _numpy_dtype,
-    ('torch', 'device'): torch.device,
-}
-for _module in ['numpy.core.multiarray', 'numpy._core.multiarray']:
-    _ALLOWED_GLOBALS[(_module, 'scalar')] = _numpy_scalar
-for _name in ['ModuleDict', 'ModuleList', 'Sequential']:
-    _ALLOWED_GLOBALS[('torch.nn.modules.container', _name)] = PlainObject
-for _name in ['float16', 'float32', 'float64', 'bfloat16', 'int64', 'int32', 'uint8', 'bool']:
-    _ALLOWED_GLOBALS[('torch', _name)] = getattr(torch, _name)
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    def find_class(self, module, name):
-        target = _ALLOWED_GLOBALS.get((module, name))
-        if target is None:
-            raise CheckpointError(f'refusing to load: the pickle references {module}.{name}, which a network '
-                'file never needs (it may run code); only EDM/FDM network pickles are accepted')
-        return target
-
-    def persistent_load(self, pid):
-        raise CheckpointError('refusing to load: the pickle uses persistent ids, which EDM/FDM network pickles do not')
-
 def read_reference_pickle(f, name='pickle'):
     """Unpickle a reference file with the allow-list; returns the raw tree of records."""
     try:
-        return _RestrictedUnpickler(f).load()
-    except CheckpointError as err:
-        raise CheckpointError(f'{name}: {err}') from None
+        return restricted_load(f)
+    except (UnsafePickleError, CheckpointError) as err:
+        raise CheckpointError(f'{name}: {err}; only EDM/FDM network pickles are accepted') from None
     except Exception as err:
         raise CheckpointError(f'{name}: cannot be read as an EDM/FDM network pickle '
             f'({type(err).__name__}: {err}); the file may be damaged or truncated') from None
@@ -384,6 +311,8 @@ def _record_description(record):
         return None
     if not isinstance(record, PersistentRecord):
         raise CheckpointError('expected a persistent object record')
+    if record.version != 6:
+        raise CheckpointError(f'{record.class_name} is a persistence record of version {record.version}, not 6')
     if record.state.get('_init_args'):
         raise CheckpointError(f'{record.class_name} was built with positional arguments, which we cannot map')
     return dict(class_name=record.class_name, init_kwargs=_plain(record.state.get('_init_kwargs') or {}))

@@ -20,19 +20,18 @@ ported to PyTorch twice:
 in 0..255 (C = 1 or 3) to get float32 features [N, feature_dim].
 """
 
-import collections
 import io
 import os
 import pickle
 import warnings
 import zipfile
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 import dnnlib
+from torch_utils.safe_pickle import PersistentRecord, PlainObject, UnsafePickleError, restricted_load
 
 NVIDIA_INCEPTION_URL = 'https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/inception-2015-12-05.pkl'
 PYTORCH_FID_URL = 'https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth'
@@ -262,77 +261,11 @@ def _first_line(err):
 # (`torch_utils.persistence._reconstruct_persistent_obj(meta)`) becomes a plain record whose
 # `module_src` is dropped unread; tensors, containers and harmless numpy values are allowed.
 
-class PersistentRecord:
-    """What `_reconstruct_persistent_obj(meta)` becomes: class name and state, never executed."""
-    def __init__(self, meta):
-        if not isinstance(meta, dict) or meta.get('type') != 'class':
-            raise DetectorError('unsupported persistence record (expected type "class")')
-        self.class_name = str(meta.get('class_name'))
-        self.state = meta.get('state')
-
-class PlainObject:
-    """A torch container module pickled the ordinary way: keep its state."""
-    state = None
-
-    def __setstate__(self, state):
-        self.state = state
-
-def _load_storage_bytes(data):
-    return torch.load(io.BytesIO(data), map_location='cpu', weights_only=True)
-
-def _numpy_scalar(dtype, data=None):
-    if not isinstance(dtype, np.dtype) or dtype.hasobject or not isinstance(data, (bytes, bytearray)):
-        raise DetectorError('refusing a numpy scalar that is not plain numeric data')
-    return np.frombuffer(data, dtype=dtype, count=1)[0]
-
-def _numpy_dtype(*args, **kwargs):
-    dtype = np.dtype(*args, **kwargs)
-    if dtype.hasobject:
-        raise DetectorError('refusing a numpy object dtype')
-    return dtype
-
-def _codecs_encode(text, encoding='latin1'):
-    # Pickle protocol 2 stores bytes as _codecs.encode(str, 'latin1'); nothing else is allowed.
-    if not isinstance(text, str) or encoding not in ('latin1', 'latin-1'):
-        raise DetectorError('refusing _codecs.encode with anything but a latin1 string')
-    return text.encode('latin1')
-
-_ALLOWED_GLOBALS = {
-    ('torch_utils.persistence', '_reconstruct_persistent_obj'): PersistentRecord,
-    ('torch._utils', '_rebuild_tensor_v2'): torch._utils._rebuild_tensor_v2,
-    ('torch._utils', '_rebuild_parameter'): torch._utils._rebuild_parameter,
-    ('torch.storage', '_load_from_bytes'): _load_storage_bytes,
-    ('collections', 'OrderedDict'): collections.OrderedDict,
-    ('dnnlib.util', 'EasyDict'): dnnlib.EasyDict,
-    ('builtins', 'set'): set,
-    ('builtins', 'frozenset'): frozenset,
-    ('_codecs', 'encode'): _codecs_encode,
-    ('numpy', 'dtype'): _numpy_dtype,
-    ('torch', 'device'): torch.device,
-}
-for _module in ['numpy.core.multiarray', 'numpy._core.multiarray']:
-    _ALLOWED_GLOBALS[(_module, 'scalar')] = _numpy_scalar
-for _name in ['ModuleDict', 'ModuleList', 'Sequential']:
-    _ALLOWED_GLOBALS[('torch.nn.modules.container', _name)] = PlainObject
-for _name in ['float16', 'float32', 'float64', 'bfloat16', 'int64', 'int32', 'uint8', 'bool']:
-    _ALLOWED_GLOBALS[('torch', _name)] = getattr(torch, _name)
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    def find_class(self, module, name):
-        target = _ALLOWED_GLOBALS.get((module, name))
-        if target is None:
-            raise DetectorError(f'refusing to load: the pickle references {module}.{name}, which an Inception detector '
-                'pickle does not need (it could run code)')
-        return target
-
-    def persistent_load(self, pid):
-        raise DetectorError('refusing to load: the pickle uses persistent ids, which the detector pickle does not')
-
 def read_detector_pickle(f, name='pickle'):
     """Unpickle a detector pickle with the allow-list; returns the raw tree of records."""
     try:
-        return _RestrictedUnpickler(f).load()
-    except DetectorError as err:
+        return restricted_load(f)
+    except UnsafePickleError as err:
         raise DetectorError(f'{name}: {err}') from None
     except Exception as err:
         raise DetectorError(f'{name}: cannot be read as a detector pickle ({type(err).__name__}: {_first_line(err)}); '

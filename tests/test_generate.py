@@ -247,3 +247,9 @@ def test_two_processes_give_the_same_images(nets, tmp_path):
     assert s['world_size'] == 2
 
 #----------------------------------------------------------------------------
+
+def test_absurd_seed_range_is_refused_before_allocating():
+    import click
+    with pytest.raises(click.BadParameter, match='more than'):
+        generate.parse_int_list('0-999999999')
+    assert len(generate.parse_int_list('0-49999')) == 50000

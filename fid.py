@@ -257,20 +257,38 @@ def calc(images, ref_path, num, seed, batch, workers, detector):
 
 @main.command()
 @click.option('--images', help='The three image folders (seeds 0-49999, 50000-99999, 100000-149999)',
-    metavar='DIR DIR DIR', type=str, nargs=3, required=True)
+    metavar='DIR DIR DIR', type=str, nargs=3, default=None)
+@click.option('--network', help='Or: generate the three seed ranges from this network first', metavar='PT|PKL|URL', type=str)
+@click.option('--outdir', help='With --network: where the three image folders go', metavar='DIR', type=str)
+@click.option('--solver', help='With --network: sampler', type=click.Choice(['edm', 'dpm']), default='edm', show_default=True)
+@click.option('--steps', help='With --network: sampling steps', metavar='INT', type=click.IntRange(min=1), default=18, show_default=True)
 @click.option('--ref', 'ref_path', help='Reference statistics', metavar='NPZ|URL', type=str, required=True)
 @click.option('--num', help='Number of images per folder', metavar='INT', type=click.IntRange(min=2), default=50000, show_default=True)
 @click.option('--seed', help='Random seed of the image subsets', metavar='INT', type=int, default=0, show_default=True)
 @batch_option
 @workers_option
 @detector_option
-def protocol(images, ref_path, num, seed, batch, workers, detector):
+def protocol(images, network, outdir, solver, steps, ref_path, num, seed, batch, workers, detector):
     """FID of one network over three seed ranges: min, mean and std.
 
-    Generate the three folders first with generate.py, using seeds 0-49999, 50000-99999 and
-    100000-149999 (one --outdir each), then pass them in that order.
+    Either pass --network and --outdir (the seed ranges 0..num-1, num..2num-1, 2num..3num-1 are
+    generated into OUTDIR/seeds-A-B; with --num=50000 these are the usual 0-49999, 50000-99999,
+    100000-149999), or generate the three folders with generate.py and pass them as --images.
     """
+    if (images is None) == (network is None) or (network is not None and outdir is None):
+        raise click.UsageError('give either --images DIR DIR DIR, or --network with --outdir')
+
     def run():
+        nonlocal images
+        if network is not None:
+            import generate  # noqa: only this path samples
+            images = []
+            for k in range(3):
+                seeds = range(k * num, (k + 1) * num)
+                folder = os.path.join(outdir, f'seeds-{seeds[0]}-{seeds[-1]}')
+                generate.generate(network, folder, seeds=seeds, subdirs=True, max_batch_size=batch, solver=solver,
+                    num_steps=steps, verbose=(dist.get_rank() == 0))
+                images.append(folder)
         ref_stats = load_stats(ref_path)
         datasets = [open_images(path, num=num, seed=seed) for path in images]
         det = open_detector(detector)

@@ -438,3 +438,24 @@ def test_pickle_calling_os_system_is_refused_without_running(tmp_path):
     assert not marker.exists()
 
 #----------------------------------------------------------------------------
+
+def test_protocol_generates_the_three_seed_ranges_from_a_network(tmp_path, detector_file):
+    from fdm.checkpoint import save_snapshot
+    from fdm.preconditioning import build_precond
+    torch.manual_seed(0)
+    net = build_precond('FDM_EDMPrecond', img_resolution=8, img_channels=3, model_type='SongUNet', model_channels=8,
+        channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], dropout=0)
+    save_snapshot(tmp_path / 'net.pt', net)
+    ref_mu, ref_sigma = numpy_stats(write_and_features(tmp_path / 'refimgs', 24))
+    fid.save_stats(tmp_path / 'ref.npz', ref_mu, ref_sigma)
+    out = tmp_path / 'gen'
+    result = invoke('protocol', '--network', tmp_path / 'net.pt', '--outdir', out, '--num', 3, '--steps', 2,
+        '--ref', tmp_path / 'ref.npz', '--detector', detector_file, '--workers', 0)
+    assert result.exit_code == 0, result.output
+    dirs = [out / 'seeds-0-2', out / 'seeds-3-5', out / 'seeds-6-8']
+    assert [sorted(p.name for p in (d / '000000').iterdir()) for d in dirs] == [
+        [f'{s:06d}.png' for s in range(k * 3, k * 3 + 3)] for k in range(3)]
+    again = invoke('protocol', '--images', *dirs, '--ref', tmp_path / 'ref.npz', '--num', 3, '--detector', detector_file,
+        '--workers', 0)
+    assert fid_line(again) == fid_line(result)
+    assert invoke('protocol', '--ref', tmp_path / 'ref.npz').exit_code != 0  # neither --images nor --network

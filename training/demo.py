@@ -3,7 +3,7 @@
 Builds the digits dataset (embedded in scikit-learn), trains a small class-conditional
 EDM-FDM, samples a grid (one column per class) and prints FD-digits and class accuracy.
 
-    python -m training.demo --outdir=demo-run            # ~8 minutes on 2 CPU cores
+    python -m training.demo --outdir=demo-run            # ~6 minutes on 2 CPU cores
     python -m training.demo --outdir=demo-run --smoke    # ~1 minute, for CI
 """
 

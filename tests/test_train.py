@@ -147,3 +147,15 @@ def test_dry_run_options_and_warnings(tiny_zip, tmp_path):
     assert 'Warning: --fdm_multiplier has no effect with --precond=fdm_ve' in result.output
 
 #----------------------------------------------------------------------------
+
+def test_nonfinite_gradients_are_replaced_and_counted():
+    from training.training_loop import sanitize_gradients
+    a = torch.nn.Parameter(torch.zeros(4))
+    b = torch.nn.Parameter(torch.zeros(2, 2))
+    c = torch.nn.Parameter(torch.zeros(3))  # no gradient: skipped
+    a.grad = torch.tensor([1.0, float('nan'), float('inf'), -float('inf')])
+    b.grad = torch.tensor([[2.0, 3.0], [float('nan'), 4.0]])
+    assert sanitize_gradients([a, b, c]).item() == 4
+    assert a.grad.tolist() == [1.0, 0.0, 1e5, -1e5]
+    assert b.grad.tolist() == [[2.0, 3.0], [0.0, 4.0]]
+    assert sanitize_gradients([a, b, c]).item() == 0  # now all finite

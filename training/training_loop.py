@@ -41,6 +41,20 @@ def step_seed(seed, rank, step):
     return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, dtype=np.uint64)[0] % (1 << 63))
 
 #----------------------------------------------------------------------------
+# Non-finite gradients are replaced in place as the reference does (NaN -> 0, +-inf -> +-1e5),
+# so that one bad batch does not end a run of days; the count (a device tensor, no host
+# synchronisation) goes into the statistics so that it is seen.
+
+def sanitize_gradients(params):
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return torch.zeros([], dtype=torch.int64)
+    count = torch.stack([(~torch.isfinite(g)).sum() for g in grads]).sum()
+    for g in grads:
+        torch.nan_to_num(g, nan=0, posinf=1e5, neginf=-1e5, out=g)
+    return count
+
+#----------------------------------------------------------------------------
 # Learning rate and EMA as functions of the images seen (EDM's schedule).
 
 def learning_rate(lr, cur_nimg, lr_rampup_kimg):
@@ -241,11 +255,7 @@ def training_loop(
         lr = learning_rate(optimizer_kwargs['lr'], cur_nimg, lr_rampup_kimg)
         for group in optimizer.param_groups:
             group['lr'] = lr
-        grads = [p.grad for p in net.parameters() if p.grad is not None]
-        nonfinite = sum((~torch.isfinite(g)).sum() for g in grads)
-        stats.report('Train/nonfinite_grads', nonfinite)
-        for g in grads:
-            torch.nan_to_num(g, nan=0, posinf=1e5, neginf=-1e5, out=g)
+        stats.report('Train/nonfinite_grads', sanitize_gradients(net.parameters()))
         optimizer.step()
 
         # EMA of the parameters (buffers are constant).

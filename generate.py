@@ -11,7 +11,6 @@ process, on the GPU if there is one, else on the CPU.
 import json
 import math
 import os
-import re
 import tempfile
 
 import click
@@ -37,20 +36,11 @@ class GenerateError(Exception):
 MAX_SEEDS = 10_000_000  # a typo like 0-999999999 would otherwise exhaust memory before anything runs
 
 def parse_int_list(s):
-    if isinstance(s, (list, tuple, range)):
-        return list(s)
-    out = []
-    for part in str(s).split(','):
-        m = re.fullmatch(r'\s*(\d+)\s*(?:-\s*(\d+)\s*)?', part)
-        if not m:
-            raise click.BadParameter(f'{s!r} is not a list of non-negative integers and ranges like "1,2,5-10"')
-        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
-        if hi < lo:
-            raise click.BadParameter(f'the range {lo}-{hi} in {s!r} is empty; write the smaller number first')
-        if len(out) + hi - lo + 1 > MAX_SEEDS:
-            raise click.BadParameter(f'{s!r} asks for more than {MAX_SEEDS:,} images; split the job into several seed ranges')
-        out.extend(range(lo, hi + 1))
-    return out
+    """--seeds: non-negative integers, at most MAX_SEEDS of them."""
+    try:
+        return dnnlib.util.parse_int_list(s, minimum=0, max_items=MAX_SEEDS, too_many='; split the job into several seed ranges')
+    except ValueError as err:
+        raise click.BadParameter(str(err)) from None
 
 def format_int_list(values):
     """Inverse of parse_int_list: consecutive runs become 'a-b'."""

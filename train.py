@@ -28,21 +28,12 @@ from training.dataset import DatasetError
 MAX_LIST_ITEMS = 32
 
 def parse_int_list(s):
-    """'1,2,5-10' -> [1, 2, 5, 6, 7, 8, 9, 10]: positive integers, at most MAX_LIST_ITEMS of them."""
-    if isinstance(s, list):
-        return s
-    out = []
-    for part in str(s).split(','):
-        m = re.fullmatch(r'\s*(\d+)\s*(?:-\s*(\d+)\s*)?', part)
-        if not m:
-            raise click.BadParameter(f'{s!r} is not a list of integers like "1,2,5-10"')
-        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
-        if lo < 1 or hi < lo:
-            raise click.BadParameter(f'{part.strip()!r} in {s!r} is not a positive integer or a range "a-b" with 1 <= a <= b')
-        if len(out) + hi - lo + 1 > MAX_LIST_ITEMS:
-            raise click.BadParameter(f'{s!r} has more than {MAX_LIST_ITEMS} entries; give one channel multiplier per resolution')
-        out.extend(range(lo, hi + 1))
-    return out
+    """--cres: positive integers, at most MAX_LIST_ITEMS of them."""
+    try:
+        return dnnlib.util.parse_int_list(s, minimum=1, max_items=MAX_LIST_ITEMS,
+            too_many='; give one channel multiplier per resolution')
+    except ValueError as err:
+        raise click.BadParameter(str(err)) from None
 
 #----------------------------------------------------------------------------
 

@@ -79,6 +79,26 @@ def open_url(url, cache=True, verbose=True):
 
 #----------------------------------------------------------------------------
 
+# '1,2,5-10' -> [1, 2, 5, 6, 7, 8, 9, 10], for --seeds and --cres. Entries below `minimum`,
+# empty ranges and lists longer than `max_items` raise ValueError (checked before expanding, so
+# a typo like 0-999999999 cannot exhaust memory).
+
+def parse_int_list(s, minimum=0, max_items=None, too_many=''):
+    if isinstance(s, (list, tuple, range)):
+        return list(s)
+    out = []
+    for part in str(s).split(','):
+        m = re.fullmatch(r'\s*(\d+)\s*(?:-\s*(\d+)\s*)?', part)
+        if not m:
+            raise ValueError(f'{s!r} is not a list of integers and ranges like "1,2,5-10"')
+        lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
+        if lo < minimum or hi < lo:
+            raise ValueError(f'{part.strip()!r} in {s!r} is not an integer >= {minimum} or a range "a-b" with {minimum} <= a <= b')
+        if max_items is not None and len(out) + hi - lo + 1 > max_items:
+            raise ValueError(f'{s!r} has more than {max_items:,} entries{too_many}')
+        out.extend(range(lo, hi + 1))
+    return out
+
 # Copy everything written to stdout/stderr into a log file (appending, line-buffered),
 # so log.txt holds what the user saw, tracebacks included.
 class Logger:

@@ -90,10 +90,12 @@ def parse_int_list(s, minimum=0, max_items=None, too_many=''):
     for part in str(s).split(','):
         m = re.fullmatch(r'\s*(\d+)\s*(?:-\s*(\d+)\s*)?', part)
         if not m:
-            raise ValueError(f'{s!r} is not a list of integers and ranges like "1,2,5-10"')
+            raise ValueError(f'{s!r} is not a list of non-negative integers and ranges like "1,2,5-10"')
         lo, hi = int(m.group(1)), int(m.group(2) or m.group(1))
-        if lo < minimum or hi < lo:
-            raise ValueError(f'{part.strip()!r} in {s!r} is not an integer >= {minimum} or a range "a-b" with {minimum} <= a <= b')
+        if hi < lo:
+            raise ValueError(f'the range {lo}-{hi} in {s!r} is empty; write the smaller number first')
+        if lo < minimum:
+            raise ValueError(f'{part.strip()!r} in {s!r} has a number below {minimum}; use integers >= {minimum}')
         if max_items is not None and len(out) + hi - lo + 1 > max_items:
             raise ValueError(f'{s!r} has more than {max_items:,} entries{too_many}')
         out.extend(range(lo, hi + 1))

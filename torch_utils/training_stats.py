@@ -19,8 +19,9 @@ class StatsCollector:
     def report(self, name, values):
         """Accumulate every element of `values` (a tensor or a number) under `name`."""
         values = torch.as_tensor(values).detach().to(self.device, torch.float64).reshape(-1)
-        moments = torch.stack([torch.tensor(float(values.numel()), dtype=torch.float64, device=self.device),
-            values.sum(), values.square().sum()])
+        # torch.full is a device-side fill; torch.tensor(...) would copy from the host every step.
+        count = torch.full([], float(values.numel()), dtype=torch.float64, device=self.device)
+        moments = torch.stack([count, values.sum(), values.square().sum()])
         if name in self._moments:
             self._moments[name] += moments
         else:

@@ -4,25 +4,31 @@ and the three-seed-range protocol.
     python fid.py ref --data=datasets/cifar10-32x32.zip --dest=fid-refs/cifar10-32x32.npz
     torchrun --standalone --nproc_per_node=8 fid.py calc --images=out/seeds0 --ref=fid-refs/cifar10-32x32.npz
     python fid.py protocol --images out/seeds0 out/seeds1 out/seeds2 --ref=fid-refs/cifar10-32x32.npz
+    torchrun --standalone --nproc_per_node=8 fid.py gen --network=net.pt --seeds=0-49999 --ref=fid-refs/cifar10-32x32.npz
 
+`gen` (and `protocol --network`) score images straight from the sampler, quantised to uint8
+exactly as generate.py saves them, so they give the FID of the PNGs without writing them.
 Without torchrun everything runs in one process, on the GPU if there is one, else on the CPU.
 """
 
+import contextlib
 import os
 import re
 import tempfile
+import time
 import warnings
 import zipfile
 
 import click
 import numpy as np
+import PIL.Image
 import scipy
 import scipy.linalg
 import torch
 import tqdm
 
 import dnnlib
-from torch_utils import distributed as dist
+from torch_utils import distributed as dist, precision as precision_lib
 from torch_utils.inception import DetectorError, load_detector
 from training.dataset import DatasetError, ImageFolderDataset
 
@@ -130,25 +136,107 @@ def open_images(path, num=None, seed=0):
         raise FIDError(f"images in '{path}' have {dataset.num_channels} channels; FID needs grayscale or RGB images")
     return dataset
 
+# The detector's numerics must not depend on the generator's --precision (generate.py's fp32
+# switches TF32 off globally): `calc` on PNGs and `gen` in memory must give the same features
+# on a GPU. Both run the detector with PyTorch's default switches (TF32 for convolutions, not
+# for matmuls), the setting `calc` has always had. Setting them costs no device work.
+@contextlib.contextmanager
+def detector_numerics():
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = False, True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+class FeatureSums:
+    """Running count, sum f and sum f f^T of detector features, float64 on the detector's device.
+    Nothing here waits for the device: the count comes from host-side shapes."""
+    def __init__(self, detector):
+        self.detector = detector
+        self.count = 0
+        self.sum_f = torch.zeros([detector.feature_dim], dtype=torch.float64, device=detector.device)
+        self.sum_ff = torch.zeros([detector.feature_dim] * 2, dtype=torch.float64, device=detector.device)
+
+    def add(self, images):
+        """uint8 images [N, C, H, W], ideally already on the detector's device."""
+        with detector_numerics():
+            features = self.detector(images).to(torch.float64)  # [N, D]
+        self.count += features.shape[0]
+        self.sum_f += features.sum(dim=0)
+        self.sum_ff.addmm_(features.T, features)  # float64 keeps the sums exact enough to add across ranks
+
+    def stats(self):
+        """(mu, sigma) over all ranks: the sums are added across torchrun's processes."""
+        count = torch.tensor(float(self.count), dtype=torch.float64, device=self.sum_f.device)
+        if dist.is_distributed():
+            for t in (count, self.sum_f, self.sum_ff):
+                torch.distributed.all_reduce(t)
+        return stats_from_sums(count.item(), self.sum_f.cpu().numpy(), self.sum_ff.cpu().numpy())
+
 def compute_stats(dataset, detector, batch=64, workers=3, progress=True):
     """(mu, sigma) of the detector features of every image; under torchrun each rank takes every
     world-th image and the float64 sums are added across ranks."""
     rank, world = dist.get_rank(), dist.get_world_size()
     subset = torch.utils.data.Subset(dataset, range(rank, len(dataset), world))
-    loader = torch.utils.data.DataLoader(subset, batch_size=batch, num_workers=workers)
-    dim, device = detector.feature_dim, detector.device
-    count = torch.zeros([], dtype=torch.float64, device=device)
-    sum_f = torch.zeros([dim], dtype=torch.float64, device=device)
-    sum_ff = torch.zeros([dim, dim], dtype=torch.float64, device=device)
+    # Workers decode PNGs while the device runs the detector; pinned batches let the uint8
+    # copy overlap with the previous batch's work. The images travel as uint8 (a quarter of
+    # float32) and the detector converts them on the device.
+    cuda = detector.device.type == 'cuda'
+    loader = torch.utils.data.DataLoader(subset, batch_size=batch, num_workers=workers, pin_memory=cuda,
+        prefetch_factor=(4 if workers > 0 else None))
+    sums = FeatureSums(detector)
     for images, _labels in tqdm.tqdm(loader, unit='batch', disable=(rank != 0 or not progress)):
-        features = detector(images).to(torch.float64)  # [N, D]
-        count += features.shape[0]
-        sum_f += features.sum(dim=0)
-        sum_ff += features.T @ features
-    if dist.is_distributed():
-        for t in (count, sum_f, sum_ff):
-            torch.distributed.all_reduce(t)
-    return stats_from_sums(count.item(), sum_f.cpu().numpy(), sum_ff.cpu().numpy())
+        sums.add(images.to(detector.device, non_blocking=True))
+    return sums.stats()
+
+#----------------------------------------------------------------------------
+# Images straight from the sampler. generate.to_uint8 is the very quantisation generate.py
+# applies before writing its (lossless) PNGs, so these images, and hence their features, are
+# those of the PNGs. Its copy to the host waits for the batch, but a batch costs tens of
+# network evaluations, against which one synchronisation is nothing.
+
+def generated_batches(net, sampler_name, sampler_kwargs, seeds, device, batch=64, class_idx=None, precision='fp32',
+        progress=True):
+    """(seeds, uint8 images [N, C, H, W] on the CPU) for this rank's share of the seeds."""
+    import generate  # noqa: only the generating paths need the sampler
+    rank, world = dist.get_rank(), dist.get_world_size()
+    batches = [b for b in generate.rank_batches(seeds, batch, rank, world) if b]
+    for batch_seeds in tqdm.tqdm(batches, unit='batch', disable=(rank != 0 or not progress)):
+        images = generate.generate_batch(net, sampler_name, sampler_kwargs, batch_seeds, device, class_idx, precision)
+        yield batch_seeds, torch.from_numpy(generate.to_uint8(images)).permute(0, 3, 1, 2)  # [N, H, W, C] -> [N, C, H, W]
+
+def save_pngs(outdir, seeds, images):
+    """uint8 [N, C, H, W] -> outdir/{seed - seed % 1000:06d}/{seed:06d}.png, generate.py --subdirs' layout,
+    through a temporary name so that a folder scan never sees half an image."""
+    for seed, image in zip(seeds, images.permute(0, 2, 3, 1).numpy()):
+        folder = os.path.join(outdir, f'{seed - seed % 1000:06d}')
+        os.makedirs(folder, exist_ok=True)
+        pixels = image[:, :, 0] if image.shape[2] == 1 else image  # one channel as grayscale (mode L)
+        tmp = os.path.join(folder, f'.tmp-{seed:06d}.part')
+        PIL.Image.fromarray(np.ascontiguousarray(pixels)).save(tmp, format='PNG')
+        os.replace(tmp, os.path.join(folder, f'{seed:06d}.png'))
+
+def make_outdir(path):
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as err:
+        raise FIDError(f"cannot create --outdir '{path}' ({err.strerror}); choose a writable folder") from None
+
+def generated_stats(net, sampler_name, sampler_kwargs, seeds, detector, batch=64, class_idx=None, precision='fp32',
+        outdir=None, progress=True):
+    """(mu, sigma) of the features of the images of `seeds`, shared among torchrun's ranks as
+    generate.py shares them; with `outdir` the PNGs are written too."""
+    sums = FeatureSums(detector)
+    for batch_seeds, images in generated_batches(net, sampler_name, sampler_kwargs, seeds, detector.device, batch,
+            class_idx, precision, progress):
+        if outdir is not None:
+            make_outdir(outdir)  # once per batch is cheap, and reports an unwritable folder before any work is lost
+            save_pngs(outdir, batch_seeds, images)
+        sums.add(images.to(detector.device))
+    return sums.stats()
+
+#----------------------------------------------------------------------------
 
 def open_detector(spec, device=None):
     """The detector, downloaded by rank 0 first so that the ranks do not race for the cache."""
@@ -166,6 +254,22 @@ def check_dims(detector, mu, ref):
         raise FIDError(f"reference '{ref}' has {mu.shape[0]}-dimensional statistics but the detector "
             f"'{detector.name}' gives {detector.feature_dim} features; use a reference made with the same detector")
 
+def open_generator(network, device, precision='fp32', class_idx=None, **sampler_options):
+    """(net, sampler name, sampler kwargs) chosen as generate.py chooses them; its errors become FIDErrors."""
+    import generate  # noqa: only the generating paths need the sampler
+    try:
+        sampler_name, sampler_kwargs, _ignored = generate.select_sampler(**sampler_options)
+        net, _name = generate.load_net(network, device, dist.get_rank(), log=dist.print0)
+    except generate.GenerateError as err:
+        raise FIDError(str(err)) from None
+    if net.img_channels not in (1, 3):
+        raise FIDError(f"--network {network} makes {net.img_channels}-channel images; FID needs grayscale or RGB images")
+    if class_idx is not None and not 0 <= class_idx < net.label_dim:
+        raise FIDError(f'--class {class_idx} does not exist: the network has {net.label_dim} classes'
+            + ('; drop --class' if not net.label_dim else f', 0..{net.label_dim - 1}'))
+    precision_lib.configure(precision, device)  # the TF32 switches generate.py would set
+    return net, sampler_name, sampler_kwargs
+
 def calc_fid(dataset, ref_stats, detector, batch=64, workers=3, progress=True):
     """FID of the images of a dataset (see open_images) against reference (mu, sigma)."""
     mu, sigma = compute_stats(dataset, detector, batch=batch, workers=workers, progress=progress)
@@ -176,6 +280,12 @@ def summarize(fids):
     fids = np.asarray(fids, dtype=np.float64)
     std = float(fids.std(ddof=1)) if fids.size > 1 else 0.0
     return float(fids.min()), float(fids.mean()), std
+
+def rate(num, start):
+    """'N images in T s (R img/s)' since `start` (time.perf_counter()); the stats end in a host copy,
+    so the device has finished by the time this is called."""
+    elapsed = time.perf_counter() - start
+    return f'{num} images in {elapsed:.1f} s ({num / max(elapsed, 1e-9):.0f} img/s)'
 
 #----------------------------------------------------------------------------
 # Command line.
@@ -203,6 +313,18 @@ detector_option = click.option('--detector', help='Feature detector: URL, path, 
 workers_option = click.option('--workers', help='Data loader processes per GPU', metavar='INT', type=click.IntRange(min=0), default=3, show_default=True)
 batch_option = click.option('--batch', help='Maximum batch size per GPU', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
 
+MAX_SEEDS = 10_000_000  # as generate.py: a typo like 0-999999999 would exhaust memory before anything runs
+
+def parse_seeds(s):
+    try:
+        return dnnlib.util.parse_int_list(s, minimum=0, max_items=MAX_SEEDS, too_many='; split the job into several seed ranges')
+    except ValueError as err:
+        raise click.BadParameter(str(err)) from None
+
+steps_option = click.option('--steps', help='Sampling steps', metavar='INT', type=click.IntRange(min=1), default=18, show_default=True)
+precision_option = click.option('--precision', help='Network precision while sampling (the detector is unaffected)',
+    type=click.Choice(list(precision_lib.PRECISIONS)), default='fp32', show_default=True)
+
 @click.group()
 def main():
     """Calculate Frechet Inception Distance (FID).
@@ -213,6 +335,9 @@ def main():
     \b
     # FID of 50000 generated images, on 8 GPUs
     torchrun --standalone --nproc_per_node=8 fid.py calc --images=out --ref=fid-refs/cifar10-32x32.npz
+    \b
+    # The same straight from the network, without writing PNGs
+    torchrun --standalone --nproc_per_node=8 fid.py gen --network=net.pt --seeds=0-49999 --ref=fid-refs/cifar10-32x32.npz
     """
 
 @main.command()
@@ -229,7 +354,9 @@ def ref(data, dest, batch, workers, detector):
         dataset = open_images(data)
         det = open_detector(detector)
         dist.print0(f"Calculating statistics of {len(dataset)} images in '{data}' with '{det.name}'...")
+        start = time.perf_counter()
         mu, sigma = compute_stats(dataset, det, batch=batch, workers=workers)
+        dist.print0(f'Features of {rate(len(dataset), start)}')
         if dist.get_rank() == 0:
             save_stats(dest, mu, sigma)
         dist.print0(f"Saved the statistics of {len(dataset)} images to '{dest}'")
@@ -251,53 +378,98 @@ def calc(images, ref_path, num, seed, batch, workers, detector):
         det = open_detector(detector)
         check_dims(det, ref_stats[0], ref_path)
         dist.print0(f"Calculating features of {len(dataset)} images in '{images}' with '{det.name}'...")
+        start = time.perf_counter()
         fid = calc_fid(dataset, ref_stats, det, batch=batch, workers=workers)
+        dist.print0(f'Features of {rate(len(dataset), start)}')
         dist.print0(f"FID {fid:g} from {len(dataset)} images in '{images}' against '{ref_path}'")
+    _run(run)
+
+@main.command()
+@click.option('--network', help='Network snapshot (ours or a reference .pkl)', metavar='PT|PKL|URL', type=str, required=True)
+@click.option('--ref', 'ref_path', help='Reference statistics', metavar='NPZ|URL', type=str, required=True)
+@click.option('--seeds', help='Random seeds (e.g. 0-49999)', metavar='LIST', type=parse_seeds, default='0-49999', show_default=True)
+@click.option('--class', 'class_idx', help='Class label  [default: random]', metavar='INT', type=click.IntRange(min=0), default=None)
+@click.option('--solver', help='Sampler, as in generate.py', type=click.Choice(['edm', 'dpm', 'euler', 'heun']), default='edm', show_default=True)
+@steps_option
+@precision_option
+@click.option('--outdir', help='Also save the PNGs here (as generate.py --subdirs)', metavar='DIR', type=str)
+@batch_option
+@detector_option
+def gen(network, ref_path, seeds, class_idx, solver, steps, precision, outdir, batch, detector):
+    """FID of images generated on the fly (no PNGs unless --outdir).
+
+    The images are those generate.py would save for the same seeds and sampler options, so the
+    FID equals that of "generate.py" followed by "fid.py calc".
+    """
+    def run():
+        if len(seeds) < 2:
+            raise FIDError(f'--seeds gives {len(seeds)} image; a covariance needs at least 2, e.g. --seeds=0-49999')
+        ref_stats = load_stats(ref_path)
+        det = open_detector(detector)
+        check_dims(det, ref_stats[0], ref_path)
+        if outdir is not None:
+            make_outdir(outdir)
+        net, sampler_name, sampler_kwargs = open_generator(network, det.device, precision, class_idx,
+            solver=solver, num_steps=steps)
+        dist.print0(f"Generating {len(seeds)} images and their features with '{det.name}'...")
+        start = time.perf_counter()
+        mu, sigma = generated_stats(net, sampler_name, sampler_kwargs, seeds, det, batch=batch, class_idx=class_idx,
+            precision=precision, outdir=outdir)
+        dist.print0(f'Generated and scored {rate(len(seeds), start)}')
+        fid = frechet_distance(mu, sigma, *ref_stats)
+        dist.print0(f"FID {fid:g} from {len(seeds)} images generated by '{network}' against '{ref_path}'")
     _run(run)
 
 @main.command()
 @click.option('--images', help='The three image folders (seeds 0-49999, 50000-99999, 100000-149999)',
     metavar='DIR DIR DIR', type=str, nargs=3, default=None)
-@click.option('--network', help='Or: generate the three seed ranges from this network first', metavar='PT|PKL|URL', type=str)
-@click.option('--outdir', help='With --network: where the three image folders go', metavar='DIR', type=str)
+@click.option('--network', help='Or: generate the three seed ranges from this network', metavar='PT|PKL|URL', type=str)
+@click.option('--outdir', help='With --network: also save the three image folders here', metavar='DIR', type=str)
 @click.option('--solver', help='With --network: sampler', type=click.Choice(['edm', 'dpm']), default='edm', show_default=True)
 @click.option('--steps', help='With --network: sampling steps', metavar='INT', type=click.IntRange(min=1), default=18, show_default=True)
+@precision_option
 @click.option('--ref', 'ref_path', help='Reference statistics', metavar='NPZ|URL', type=str, required=True)
 @click.option('--num', help='Number of images per folder', metavar='INT', type=click.IntRange(min=2), default=50000, show_default=True)
 @click.option('--seed', help='Random seed of the image subsets', metavar='INT', type=int, default=0, show_default=True)
 @batch_option
 @workers_option
 @detector_option
-def protocol(images, network, outdir, solver, steps, ref_path, num, seed, batch, workers, detector):
+def protocol(images, network, outdir, solver, steps, precision, ref_path, num, seed, batch, workers, detector):
     """FID of one network over three seed ranges: min, mean and std.
 
-    Either pass --network and --outdir (the seed ranges 0..num-1, num..2num-1, 2num..3num-1 are
-    generated into OUTDIR/seeds-A-B; with --num=50000 these are the usual 0-49999, 50000-99999,
-    100000-149999), or generate the three folders with generate.py and pass them as --images.
+    Either pass --network: the seed ranges 0..num-1, num..2num-1, 2num..3num-1 (with --num=50000
+    the usual 0-49999, 50000-99999, 100000-149999) are generated and scored in memory, and with
+    --outdir also saved to OUTDIR/seeds-A-B; or generate the three folders with generate.py and
+    pass them as --images.
     """
-    if (images is None) == (network is None) or (network is not None and outdir is None):
-        raise click.UsageError('give either --images DIR DIR DIR, or --network with --outdir')
+    if (images is None) == (network is None) or (outdir is not None and network is None):
+        raise click.UsageError('give either --images DIR DIR DIR, or --network (and optionally --outdir)')
 
     def run():
-        nonlocal images
-        if network is not None:
-            import generate  # noqa: only this path samples
-            images = []
-            for k in range(3):
-                seeds = range(k * num, (k + 1) * num)
-                folder = os.path.join(outdir, f'seeds-{seeds[0]}-{seeds[-1]}')
-                generate.generate(network, folder, seeds=seeds, subdirs=True, max_batch_size=batch, solver=solver,
-                    num_steps=steps, verbose=(dist.get_rank() == 0))
-                images.append(folder)
         ref_stats = load_stats(ref_path)
-        datasets = [open_images(path, num=num, seed=seed) for path in images]
-        det = open_detector(detector)
-        check_dims(det, ref_stats[0], ref_path)
-        fids = []
-        for path, dataset in zip(images, datasets):
-            fid = calc_fid(dataset, ref_stats, det, batch=batch, workers=workers)
-            dist.print0(f"FID {fid:g} from {len(dataset)} images in '{path}'")
-            fids.append(fid)
+        if network is not None:
+            det = open_detector(detector)
+            check_dims(det, ref_stats[0], ref_path)
+            if outdir is not None:
+                make_outdir(outdir)
+            net, sampler_name, sampler_kwargs = open_generator(network, det.device, precision, solver=solver, num_steps=steps)
+            ranges = [range(k * num, (k + 1) * num) for k in range(3)]
+            names = [f'seeds-{seeds[0]}-{seeds[-1]}' for seeds in ranges]
+            folders = [os.path.join(outdir, name) if outdir is not None else None for name in names]
+            fids = []
+            for seeds, name, folder in zip(ranges, names, folders):
+                mu, sigma = generated_stats(net, sampler_name, sampler_kwargs, seeds, det, batch=batch,
+                    precision=precision, outdir=folder)
+                fids.append(frechet_distance(mu, sigma, *ref_stats))
+                dist.print0(f"FID {fids[-1]:g} from {num} images " + (f"in '{folder}'" if folder else f"of {name}"))
+        else:
+            datasets = [open_images(path, num=num, seed=seed) for path in images]
+            det = open_detector(detector)
+            check_dims(det, ref_stats[0], ref_path)
+            fids = []
+            for path, dataset in zip(images, datasets):
+                fids.append(calc_fid(dataset, ref_stats, det, batch=batch, workers=workers))
+                dist.print0(f"FID {fids[-1]:g} from {len(dataset)} images in '{path}'")
         lo, mean, std = summarize(fids)
         dist.print0(f"FID min {lo:g}  mean {mean:g}  std {std:g}  over {len(fids)} seed ranges against '{ref_path}'")
     _run(run)

@@ -149,7 +149,9 @@ def dpm_solver_sampler(net, latents, class_labels=None, randn_like=torch.randn_l
     time_steps(skip_type, sigma_max, sigma_min, 1)  # validates skip_type
 
     def denoise(x, t):
-        sigma = torch.as_tensor(t, dtype=torch.float64, device=x.device)
+        # A fill kernel, not as_tensor: as_tensor copies the Python float from the host, a
+        # blocking transfer on every evaluation. Same float64 value either way.
+        sigma = torch.full([], t, dtype=torch.float64, device=x.device)
         return net(x, sigma, class_labels).to(torch.float64)
 
     steps = num_steps - 1 if denoise_to_zero else num_steps

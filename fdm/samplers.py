@@ -21,6 +21,32 @@ from fdm.dpm_solver import dpm_solver_sampler
 from fdm.schedules import edm_sigma_steps, iddpm_sigmas, vp_sigma, vp_sigma_inv
 
 #----------------------------------------------------------------------------
+# Algorithm 2's churn, planned on the host before the loop: gamma_i = min(S_churn / N,
+# sqrt(2) - 1) where S_min <= sigma_i <= S_max, else 0. `sigmas` are the device values the
+# loop uses; one transfer here replaces a GPU->CPU sync per step (a comparison of a device
+# tensor with a Python float). Also returns how many leading steps must draw noise: the
+# reference draws at every step, but once no later step has t_hat != t_cur, every further
+# draw is multiplied by sqrt(t_hat^2 - t_cur^2) = 0 and the generator is not used again, so
+# those draws are skipped (with S_churn = 0: all of them) without changing any image.
+# Draws before the last churned step stay, even where gamma = 0, so that a per-seed
+# generator stays in step with the reference. `linear`: sigma(t) = t, so t_hat = t_cur
+# exactly when round_sigma(sigma_i (1 + gamma_i)) = sigma_i; otherwise (VP/VE schedules,
+# where sigma^-1(sigma(t)) need not be t) every step draws.
+
+def churn_plan(sigmas, round_sigma, num_steps, S_churn, S_min, S_max, S_noise, linear=True):
+    """-> (gamma per step, number of leading steps that draw noise)."""
+    sigmas = sigmas.tolist()
+    gamma_max = min(S_churn / num_steps, math.sqrt(2) - 1)
+    gammas = [gamma_max if S_min <= sigma <= S_max else 0 for sigma in sigmas]
+    if not linear or not math.isfinite(S_noise):  # 0 * inf is nan: the reference's result
+        return gammas, len(sigmas)
+    # sigma + gamma sigma and round_sigma on the host: the same IEEE float64 operations as on
+    # the device (round_sigma is an identity or a nearest-entry lookup), so the same t_hat.
+    t_hat = round_sigma(torch.tensor([s + g * s for s, g in zip(sigmas, gammas)], dtype=torch.float64))
+    changed = [i for i, (t, s) in enumerate(zip(torch.as_tensor(t_hat).tolist(), sigmas)) if t != s]
+    return gammas, (changed[-1] + 1 if changed else 0)
+
+#----------------------------------------------------------------------------
 # EDM stochastic sampler (Karras et al. 2022, Algorithm 2): Heun's 2nd-order method with
 # optional churn; S_churn = 0 gives the deterministic Algorithm 1. State in float64.
 # Cost: 2 N - 1 network evaluations.
@@ -31,17 +57,19 @@ def edm_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, nu
     sigma_min = max(sigma_min, net.sigma_min)
     sigma_max = min(sigma_max, net.sigma_max)
     t_steps = edm_sigma_steps(num_steps, sigma_min, sigma_max, rho, net.round_sigma, latents.device)
+    gammas, noisy_steps = churn_plan(t_steps[:-1], net.round_sigma, num_steps, S_churn, S_min, S_max, S_noise)
 
     x_next = latents.to(torch.float64) * t_steps[0]
     for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):  # 0, ..., N-1
         x_cur = x_next
 
-        # Churn: raise the noise level to t_hat = t_cur (1 + gamma) by adding fresh noise.
-        # The noise is drawn at every step, even when gamma = 0, so that a per-seed
-        # generator stays in step with the reference.
-        gamma = min(S_churn / num_steps, math.sqrt(2) - 1) if S_min <= t_cur <= S_max else 0
-        t_hat = torch.as_tensor(net.round_sigma(t_cur + gamma * t_cur), dtype=torch.float64)
-        x_hat = x_cur + (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise * randn_like(x_cur)
+        # Churn: raise the noise level to t_hat = t_cur (1 + gamma) by adding fresh noise
+        # (drawn as the reference does up to the last step where it matters; see churn_plan).
+        t_hat = torch.as_tensor(net.round_sigma(t_cur + gammas[i] * t_cur), dtype=torch.float64)
+        if i < noisy_steps:
+            x_hat = x_cur + (t_hat ** 2 - t_cur ** 2).sqrt() * S_noise * randn_like(x_cur)
+        else:  # t_hat = t_cur from here on: the noise term would be 0
+            x_hat = x_cur
 
         # Euler step from t_hat to t_next.
         denoised = net(x_hat, t_hat, class_labels).to(torch.float64)
@@ -158,18 +186,25 @@ def ablation_sampler(net, latents, class_labels=None, randn_like=torch.randn_lik
     t_steps = sigma_inv(torch.as_tensor(net.round_sigma(sigma_steps), dtype=torch.float64))
     t_steps = torch.cat([t_steps, torch.zeros_like(t_steps[:1])])  # t_N = 0
 
+    # sigma(t_i) per step as the loop needs it; churn_plan brings them to the host once.
+    sigma_cur_steps = [sigma(t) for t in t_steps[:-1]]
+    gammas, noisy_steps = churn_plan(torch.stack(sigma_cur_steps), net.round_sigma, num_steps, S_churn,
+        S_min, S_max, S_noise, linear=(schedule == 'linear'))
+
     x_next = latents.to(torch.float64) * (sigma(t_steps[0]) * s(t_steps[0]))
     for i, (t_cur, t_next) in enumerate(zip(t_steps[:-1], t_steps[1:])):  # 0, ..., N-1
         x_cur = x_next
 
         # Churn (Algorithm 2): raise the noise level to sigma(t_hat) = sigma(t_cur) (1 + gamma).
-        # Noise is drawn every step, even when gamma = 0, as edm_sampler does. The clip guards
-        # against a tiny negative variance from rounding in sigma_inv(sigma(t)).
-        sigma_cur = sigma(t_cur)
-        gamma = min(S_churn / num_steps, math.sqrt(2) - 1) if S_min <= sigma_cur <= S_max else 0
-        t_hat = sigma_inv(torch.as_tensor(net.round_sigma(sigma_cur + gamma * sigma_cur), dtype=torch.float64))
-        x_hat = s(t_hat) / s(t_cur) * x_cur \
-            + (sigma(t_hat) ** 2 - sigma_cur ** 2).clip(min=0).sqrt() * s(t_hat) * S_noise * randn_like(x_cur)
+        # Noise is drawn as edm_sampler draws it (see churn_plan). The clip guards against a
+        # tiny negative variance from rounding in sigma_inv(sigma(t)).
+        sigma_cur = sigma_cur_steps[i]
+        t_hat = sigma_inv(torch.as_tensor(net.round_sigma(sigma_cur + gammas[i] * sigma_cur), dtype=torch.float64))
+        if i < noisy_steps:
+            x_hat = s(t_hat) / s(t_cur) * x_cur \
+                + (sigma(t_hat) ** 2 - sigma_cur ** 2).clip(min=0).sqrt() * s(t_hat) * S_noise * randn_like(x_cur)
+        else:  # linear schedule, t_hat = t_cur: the scale is s(t)/s(t) = 1 and the noise term 0
+            x_hat = x_cur
 
         # Euler step; the last step (to t = 0) is always Euler.
         h = t_next - t_hat

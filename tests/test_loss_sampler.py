@@ -138,7 +138,9 @@ def test_noise_drawn_every_step_and_churn():
         return torch.randn_like(x)
 
     edm_sampler(GaussianDenoiser(), latents, randn_like=counting_randn_like, num_steps=5)
-    assert len(draws) == 5  # drawn even though S_churn = 0 (keeps per-seed generators in step)
+    assert len(draws) == 0  # S_churn = 0: every draw would be multiplied by 0, so none is made
+    edm_sampler(GaussianDenoiser(), latents, randn_like=counting_randn_like, num_steps=5, S_churn=1)
+    assert len(draws) == 5  # with churn, one draw per step as the reference
 
     def run(seed, **kw):
         g = torch.Generator().manual_seed(seed)

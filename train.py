@@ -67,6 +67,7 @@ def parse_int_list(s):
 @click.option('--channels-last', help='Channels-last memory format', is_flag=True)
 @click.option('--ls', help='Loss scaling', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=1, show_default=True)
 @click.option('--bench', help='Enable cuDNN benchmarking', metavar='BOOL', type=bool, default=True, show_default=True)
+@click.option('--data-on-device', 'data_on_device', help='Keep the whole dataset on the GPU (same images, same order)  [default: auto, when it takes under 10% of GPU memory]', type=click.Choice(['auto', 'on', 'off']), default='auto')
 @click.option('--cache', help='Cache dataset in CPU memory', metavar='BOOL', type=bool, default=True, show_default=True)
 @click.option('--workers', help='DataLoader worker processes', metavar='INT', type=click.IntRange(min=0), default=8, show_default=True)
 

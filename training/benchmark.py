@@ -8,7 +8,6 @@ model FLOP utilisation, for one configuration and precision, printed as one Mark
 Synthetic data: this measures the network, loss, optimizer, sampler and detector, not disk I/O.
 """
 
-import contextlib
 import copy
 import time
 
@@ -21,7 +20,10 @@ from fdm.preconditioning import build_precond
 from fdm.samplers import edm_sampler
 from torch_utils import precision as precision_lib
 from torch_utils.inception import FIDInceptionV3
-from training.config import LOSS_BY_PRECOND
+from torch_utils.training_stats import StatsCollector
+from training.augment import AugmentPipe
+from training.config import AUGMENT_TRANSFORMS, LOSS_BY_PRECOND
+from training.training_loop import flatten_gradients, optimizer_step, update_ema
 from training.networks import ARCH_PRESETS
 from fdm.preconditioning import PRECOND_BY_OPTION
 
@@ -67,29 +69,36 @@ def build(arch, precond, resolution, cond, cbase, cres, device, channels_last):
         net = net.to(memory_format=torch.channels_last)
     return net
 
-def bench_training(net, loss_fn, batch, resolution, cond, device, precision, compile_net, warmup, iters):
+def bench_training(net, loss_fn, augment_pipe, batch, resolution, cond, device, precision, compile_net, channels_last,
+        warmup, iters):
+    """img/s of the training loop's own step (optimizer_step, flattened gradients, EMA) on synthetic
+    uint8 images already on the device, and the time of the first step (it includes compiling)."""
     net = copy.deepcopy(net).train().requires_grad_(True)
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
     model = torch.compile(net) if compile_net else net
-    fused = device.type == 'cuda'
-    optimizer = torch.optim.Adam(net.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=1e-8, fused=fused)
-    images = torch.rand([batch, 3, resolution, resolution], device=device) * 2 - 1
-    labels = torch.eye(10, device=device)[torch.randint(10, [batch], device=device)] if cond else None
+    fused = device.type == 'cuda' and precision != 'fp32'  # as the training loop
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=1e-8, **(dict(fused=True) if fused else {}))
+    images = torch.randint(0, 256, [batch, 3, resolution, resolution], dtype=torch.uint8, device=device)
+    labels = torch.eye(10, device=device)[torch.randint(10, [batch], device=device)] if cond else torch.zeros([batch, 0], device=device)
+    stats = StatsCollector(device)
+    memory_format = torch.channels_last if channels_last else torch.contiguous_format
+    state = dict(step=0)
 
     def step():
-        optimizer.zero_grad(set_to_none=True)
-        with precision_lib.autocast(precision, device):
-            loss = loss_fn(net=model, images=images, labels=labels)
-        loss.sum().mul(1 / batch).backward()
-        for p in net.parameters():  # as the training loop: non-finite gradients replaced
-            if p.grad is not None:
-                torch.nan_to_num(p.grad, nan=0, posinf=1e5, neginf=-1e5, out=p.grad)
-        optimizer.step()
+        optimizer_step(net, model, optimizer, loss_fn, lambda: (images, labels), stats, step=state['step'], lr=1e-4,
+            num_rounds=1, batch_gpu_total=batch, device=device, augment_pipe=augment_pipe, precision=precision,
+            memory_format=memory_format)
+        if state['step'] == 0:
+            flatten_gradients(net.parameters())
+        update_ema(ema.parameters(), net.parameters(), 0.999)
+        state['step'] += 1
 
     compile_start = time.perf_counter()
     step()
     synchronize(device)
     first_step = time.perf_counter() - compile_start
     seconds = timed(step, device, warmup, iters)
+    stats.collect()  # the loss was accumulated on the device all along: read once, as per tick
     return batch / seconds, first_step
 
 @torch.no_grad()
@@ -128,6 +137,7 @@ def bench_features(batch, resolution, device, precision, iters):
 @click.option('--cond', type=bool, default=True, show_default=True)
 @click.option('--cbase', type=int, default=None)
 @click.option('--cres', type=str, default=None, help='e.g. 1,2,2,2')
+@click.option('--augment', help='Augmentation probability, as train.py', type=float, default=0.12, show_default=True)
 @click.option('--batch', help='Training batch per GPU', type=int, default=128, show_default=True)
 @click.option('--sample-batch', type=int, default=1024, show_default=True)
 @click.option('--feature-batch', type=int, default=500, show_default=True)
@@ -139,7 +149,7 @@ def bench_features(batch, resolution, device, precision, iters):
 @click.option('--peak-tflops', type=float, default=None, help='Peak FLOP/s of the device for MFU  [default: 790 on CUDA (H100 bf16 dense, as the issue), none on CPU]')
 @click.option('--small', is_flag=True, help='A tiny configuration that runs in seconds on a CPU')
 @click.option('--device', type=str, default=None)
-def main(arch, precond, resolution, cond, cbase, cres, batch, sample_batch, feature_batch, sample_steps, precision,
+def main(arch, precond, resolution, cond, cbase, cres, augment, batch, sample_batch, feature_batch, sample_steps, precision,
         compile_net, channels_last, iters, peak_tflops, small, device):
     """Measure and print one table for a configuration."""
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
@@ -156,11 +166,12 @@ def main(arch, precond, resolution, cond, cbase, cres, batch, sample_batch, feat
     labels = torch.eye(10, device=device)[:1] if cond else None
     flops = count_forward_flops(net, x, torch.ones(1, device=device), labels, torch.zeros(1, 9, device=device))
     loss_fn = build_loss(LOSS_BY_PRECOND[precond], **({'warmup_ite': 200} if precond.startswith('fdm') else {}))
-    aug_loss = lambda net, images, labels: loss_fn(net, images, labels)  # noqa: E731 (no augmentation)
+    augment_pipe = AugmentPipe(p=augment, **AUGMENT_TRANSFORMS) if augment > 0 else None
 
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
-    train_ips, first_step = bench_training(net, aug_loss, batch, resolution, cond, device, precision, compile_net, 2, iters)
+    train_ips, first_step = bench_training(net, loss_fn, augment_pipe, batch, resolution, cond, device, precision, compile_net,
+        channels_last, 2, iters)
     train_mem = peak_memory_gib(device)
     sample_ips = bench_sampling(net, sample_batch, resolution, cond, device, precision, compile_net, sample_steps, max(iters // 10, 1))
     feature_ips = bench_features(feature_batch, resolution, device, precision, max(iters // 4, 1))
@@ -173,7 +184,7 @@ def main(arch, precond, resolution, cond, cbase, cres, batch, sample_batch, feat
         ('configuration', f'{arch} {precond} {resolution}x{resolution} {"cond" if cond else "uncond"}, {n_params:,} parameters, '
             f'{flops / 1e9:.2f} GFLOP forward per image'),
         ('precision / compile / channels_last', f'{precision} / {compile_net} / {channels_last}'),
-        (f'training img/s (batch {batch})', f'{train_ips:,.1f}'),
+        (f'training img/s (batch {batch}, augment {augment:g})', f'{train_ips:,.1f}'),
         ('first training step s (incl. compile)', f'{first_step:.1f}'),
         ('peak memory GiB (training)', f'{train_mem:.2f}'),
         ('model FLOP utilisation (training)', f'{100 * mfu:.1f}% of {peak_tflops:g} TFLOP/s' if mfu is not None else 'n/a (give --peak-tflops)'),

@@ -21,6 +21,9 @@ class ConfigError(Exception):
 # Options that only some preconditioners use: option -> the --precond values that use it.
 PRECOND_SPECIFIC = dict(warmup_ite={'fdm_vp', 'fdm_ve', 'fdm_edm'}, fdm_multiplier={'fdm_vp', 'fdm_edm'})
 
+# The reference's augmentation for --augment=p: every ADA transform but colour, x-flips always.
+AUGMENT_TRANSFORMS = dict(xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1)
+
 # Loss of each --precond (iDDPM is trained like VP but on its discrete sigma table).
 LOSS_BY_PRECOND = dict(vp='VPLoss', fdm_vp='VPLoss', ve='VELoss', fdm_ve='VELoss', edm='EDMLoss', fdm_edm='EDMLoss',
     iddpm='iDDPMLoss')
@@ -31,7 +34,7 @@ def setup_training_config(data, outdir='training-runs', cond=False, arch='ddpmpp
         batch=512, batch_gpu=None, cbase=None, cres=None, lr=10e-4, ema=0.5, dropout=0.13, augment=0.12, xflip=False,
         fp16=False, ls=1, bench=True, cache=True, workers=8, desc=None, nosubdir=False, tick=50, snap=200, dump=500,
         seed=None, transfer=None, resume=None, lr_rampup=10, warmup_ite=None, fdm_multiplier=2.0,
-        grid_images=64, precision='fp32', compile=False, channels_last=False, world_size=1, explicit=()):
+        grid_images=64, precision='fp32', compile=False, channels_last=False, data_on_device='auto', world_size=1, explicit=()):
     """Returns (config for training_loop, run description). `explicit`: options the user set."""
     c = dnnlib.EasyDict()
 
@@ -79,7 +82,7 @@ def setup_training_config(data, outdir='training-runs', cond=False, arch='ddpmpp
 
     c.augment_kwargs = None
     if augment > 0:
-        c.augment_kwargs = dnnlib.EasyDict(p=augment, xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1)
+        c.augment_kwargs = dnnlib.EasyDict(p=augment, **AUGMENT_TRANSFORMS)
 
     # Optimisation and schedule.
     c.optimizer_kwargs = dnnlib.EasyDict(lr=lr, betas=[0.9, 0.999], eps=1e-8)
@@ -99,6 +102,9 @@ def setup_training_config(data, outdir='training-runs', cond=False, arch='ddpmpp
     c.precision = precision
     c.compile = compile
     c.channels_last = channels_last
+    if data_on_device not in ('auto', 'on', 'off'):
+        raise ConfigError(f'--data-on-device={data_on_device} is not one of auto, on, off')
+    c.data_on_device = dict(auto=None, on=True, off=False)[data_on_device]
     c.kimg_per_tick = tick
     c.snapshot_ticks = snap
     c.state_dump_ticks = dump

@@ -9,6 +9,7 @@ file continues bit for bit as if it had never stopped.
 
 import contextlib
 import copy
+import inspect
 import json
 import os
 import re
@@ -28,17 +29,64 @@ from torch_utils import distributed
 from torch_utils import precision as precision_lib
 from torch_utils.training_stats import StatsCollector
 from training.augment import AugmentPipe
-from training.dataset import ImageFolderDataset, InfiniteSampler
+from training.dataset import DeviceBatches, ImageFolderDataset, InfiniteSampler, dataset_nbytes
 from training.snapshot_grid import save_sample_grid
 
 STATE_FORMAT = 'fdm-training-state'
 STATE_VERSION = 2  # 2: with a SHA-256 over everything in the file
+DEVICE_DATA_FRACTION = 0.1  # auto data_on_device: the dataset's pixels take at most this share of GPU memory
 
 #----------------------------------------------------------------------------
 # Seed of step k on rank r: independent streams, reproducible from (seed, rank, k) alone.
 
 def step_seed(seed, rank, step):
     return int(np.random.SeedSequence([seed, rank, step]).generate_state(1, dtype=np.uint64)[0] % (1 << 63))
+
+#----------------------------------------------------------------------------
+# Gradients in few contiguous buffers, so that per-step work on "all gradients" is a handful of
+# kernels instead of two per parameter tensor (DDPM++ has ~400). DDP with gradient_as_bucket_view
+# already keeps them in its buckets; a single process gets one buffer per (device, dtype) from
+# flatten_gradients after its first backward (parameters that got no gradient keep None).
+
+def flatten_gradients(params):
+    """Move the existing .grad of `params` into one buffer per (device, dtype), as views with the
+    parameters' own strides (fused optimizers need matching layouts). Values are unchanged; from
+    now on zero the gradients in place (zero_grad(set_to_none=False)) to keep the views."""
+    groups = {}
+    for p in params:
+        if p.grad is not None and not p.grad.is_sparse and _dense(p):
+            groups.setdefault((p.grad.device, p.grad.dtype), []).append(p)
+    for (device, dtype), members in groups.items():
+        flat = torch.empty(sum(p.numel() for p in members), device=device, dtype=dtype)
+        offset = 0
+        for p in members:
+            view = flat.as_strided(p.shape, p.stride(), offset)
+            view.copy_(p.grad)
+            p.grad = view
+            offset += p.numel()
+
+# Elements packed without gaps (row-major or channels-last): the tensor spans exactly numel() slots.
+def _dense(t):
+    return t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
+
+def gradient_buffers(grads):
+    """1-D tensors that together hold exactly the elements of `grads`: the whole storage where a
+    set of gradients tiles it (flattened or DDP buckets), else each gradient on its own."""
+    by_storage = {}
+    for g in grads:
+        by_storage.setdefault((g.device, g.untyped_storage().data_ptr()), []).append(g)
+    buffers = []
+    for members in by_storage.values():
+        storage = members[0].untyped_storage()
+        dtype = members[0].dtype
+        tiles = (all(g.dtype == dtype and _dense(g) for g in members)
+            and sum(g.numel() for g in members) * members[0].element_size() == storage.nbytes())
+        if tiles:
+            numel = storage.nbytes() // members[0].element_size()
+            buffers.append(torch.empty(0, dtype=dtype, device=members[0].device).set_(storage, 0, (numel,)))
+        else:
+            buffers.extend(g.reshape(-1) if g.is_contiguous() else g for g in members)
+    return buffers
 
 #----------------------------------------------------------------------------
 # Non-finite gradients are replaced in place as the reference does (NaN -> 0, +-inf -> +-1e5),
@@ -49,10 +97,42 @@ def sanitize_gradients(params):
     grads = [p.grad for p in params if p.grad is not None]
     if not grads:
         return torch.zeros([], dtype=torch.int64)
-    count = torch.stack([(~torch.isfinite(g)).sum() for g in grads]).sum()
-    for g in grads:
-        torch.nan_to_num(g, nan=0, posinf=1e5, neginf=-1e5, out=g)
+    count = torch.zeros([], dtype=torch.int64, device=grads[0].device)
+    for buffer in gradient_buffers(grads):
+        count += torch.isfinite(buffer).logical_not_().sum()
+        torch.nan_to_num(buffer, nan=0, posinf=1e5, neginf=-1e5, out=buffer)
     return count
+
+#----------------------------------------------------------------------------
+# EMA of the parameters (buffers are constant), written as the reference's
+# p_ema = lerp(p_net, p_ema, beta) for bit-compatibility, with multi-tensor kernels.
+
+@torch.no_grad()
+def update_ema(ema_params, net_params, beta):
+    ema_params, net_params = list(ema_params), [p.detach() for p in net_params]
+    torch._foreach_copy_(ema_params, torch._foreach_lerp(net_params, ema_params, beta))
+
+#----------------------------------------------------------------------------
+# One optimizer step: accumulation rounds (DDP syncs only on the last), the lr, non-finite
+# gradients replaced and counted, Adam. Everything stays on the device: no host synchronisation.
+
+def optimizer_step(net, model, optimizer, loss_fn, next_batch, stats, step, lr, num_rounds, batch_gpu_total, device,
+        ddp=None, augment_pipe=None, precision='fp32', memory_format=torch.contiguous_format, loss_scaling=1):
+    optimizer.zero_grad(set_to_none=False)  # in place: keeps flattened / bucket-view gradients
+    for round_idx in range(num_rounds):
+        images, labels = next_batch()
+        images = images.to(device, non_blocking=True).to(torch.float32, memory_format=memory_format) / 127.5 - 1
+        labels = labels.to(device, non_blocking=True)
+        sync = round_idx == num_rounds - 1
+        with (ddp.no_sync() if (ddp is not None and not sync) else contextlib.nullcontext()):
+            with precision_lib.autocast(precision, device):
+                loss = loss_fn(net=model, images=images, labels=labels, augment_pipe=augment_pipe, step=step)
+            stats.report('Loss/loss', loss)
+            loss.sum().mul(loss_scaling / batch_gpu_total).backward()
+    for group in optimizer.param_groups:
+        group['lr'] = lr
+    stats.report('Train/nonfinite_grads', sanitize_gradients(net.parameters()))
+    optimizer.step()
 
 #----------------------------------------------------------------------------
 # Learning rate and EMA as functions of the images seen (EDM's schedule).
@@ -146,6 +226,7 @@ def training_loop(
     precision           = 'fp32',   # Network precision: fp32 (exact, the reference), tf32 or bf16 (autocast).
     channels_last       = False,    # Keep the network and images in channels-last memory format?
     compile             = False,    # torch.compile the network (the first step includes the compile time)?
+    data_on_device      = None,     # Keep the whole dataset on the device? None = on CUDA when it fits easily.
     max_steps           = None,     # Stop after this many optimizer steps of this process (tests, kill drills).
 ):
     start_time = time.time()
@@ -173,8 +254,14 @@ def training_loop(
     state = load_training_state(find_resume_state(resume_state)) if resume_state else None
     cur_nimg = state['cur_nimg'] if state else 0
     sampler = InfiniteSampler(dataset, rank=rank, num_replicas=world, seed=seed, start_index=cur_nimg)
-    loader = iter(torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=batch_gpu,
-        pin_memory=(device.type == 'cuda'), **data_loader_kwargs))
+    if data_on_device is None:
+        data_on_device = device.type == 'cuda' and dataset_nbytes(dataset) <= DEVICE_DATA_FRACTION * torch.cuda.get_device_properties(device).total_memory
+    if data_on_device:
+        distributed.print0(f'Keeping the dataset on the {device.type} ({dataset_nbytes(dataset) / 2**20:.1f} MiB)...')
+        next_batch = DeviceBatches(dataset, sampler, batch_gpu, device, num_workers=data_loader_kwargs.get('num_workers', 0)).next
+    else:
+        next_batch = iter(torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=batch_gpu,
+            pin_memory=(device.type == 'cuda'), **data_loader_kwargs)).__next__
 
     # Network, loss, augmentation, optimizer. Initialisation is identical on every rank.
     distributed.print0('Constructing network...')
@@ -220,8 +307,11 @@ def training_loop(
 
     ddp = net
     if distributed.is_distributed():
+        # Buffers are constants, identical on every rank: no per-forward sync (newer torch names the option differently).
+        no_buffer_sync = (dict(forward_sync_buffers=False) if 'forward_sync_buffers' in
+            inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters else dict(broadcast_buffers=False))
         ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == 'cuda' else None,
-            broadcast_buffers=False, gradient_as_bucket_view=True)
+            gradient_as_bucket_view=True, **no_buffer_sync)
     model = torch.compile(ddp) if compile else ddp
     stats = StatsCollector(device)
     total_nimg = int(round(total_kimg * 1000))
@@ -239,30 +329,14 @@ def training_loop(
     while True:
         # One optimizer step; all randomness of this step comes from (seed, rank, step).
         torch.manual_seed(step_seed(seed, rank, step))
-        optimizer.zero_grad(set_to_none=True)
-        for round_idx in range(num_accumulation_rounds):
-            images, labels = next(loader)
-            images = images.to(device, non_blocking=True).to(torch.float32, memory_format=memory_format) / 127.5 - 1
-            labels = labels.to(device, non_blocking=True)
-            sync = round_idx == num_accumulation_rounds - 1
-            with (ddp.no_sync() if (ddp is not net and not sync) else contextlib.nullcontext()):
-                with precision_lib.autocast(precision, device):
-                    loss = loss_fn(net=model, images=images, labels=labels, augment_pipe=augment_pipe, step=step)
-                stats.report('Loss/loss', loss)
-                loss.sum().mul(loss_scaling / batch_gpu_total).backward()
-
-        # Non-finite gradients are replaced so the run survives, and counted so it is seen.
         lr = learning_rate(optimizer_kwargs['lr'], cur_nimg, lr_rampup_kimg)
-        for group in optimizer.param_groups:
-            group['lr'] = lr
-        stats.report('Train/nonfinite_grads', sanitize_gradients(net.parameters()))
-        optimizer.step()
-
-        # EMA of the parameters (buffers are constant).
-        beta = ema_beta(batch_size, cur_nimg, ema_halflife_kimg, ema_rampup_ratio)
-        with torch.no_grad():
-            for p_ema, p_net in zip(ema.parameters(), net.parameters()):
-                p_ema.copy_(p_net.detach().lerp(p_ema, beta))
+        optimizer_step(net, model, optimizer, loss_fn, next_batch, stats, step=step, lr=lr,
+            num_rounds=num_accumulation_rounds, batch_gpu_total=batch_gpu_total, device=device,
+            ddp=(ddp if ddp is not net else None), augment_pipe=augment_pipe, precision=precision,
+            memory_format=memory_format, loss_scaling=loss_scaling)
+        if process_steps == 0 and ddp is net:
+            flatten_gradients(net.parameters())
+        update_ema(ema.parameters(), net.parameters(), ema_beta(batch_size, cur_nimg, ema_halflife_kimg, ema_rampup_ratio))
 
         cur_nimg += batch_size
         step += 1

@@ -1,0 +1,115 @@
+"""Fast paths of the training step against their plain counterparts, bit for bit on the CPU:
+flattened gradients, sanitising per buffer, the multi-tensor EMA, the dataset on the device."""
+
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import write_image_zip
+from test_train import assert_same_state, loop_config
+from training.dataset import DeviceBatches, ImageFolderDataset, InfiniteSampler
+from training.training_loop import flatten_gradients, gradient_buffers, sanitize_gradients, training_loop, update_ema
+
+def small_net(channels_last=False):
+    torch.manual_seed(0)
+    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.SiLU(), torch.nn.Conv2d(8, 8, 1),
+        torch.nn.Flatten(), torch.nn.Linear(8 * 4 * 4, 5), torch.nn.Linear(5, 2))
+    net[5].requires_grad_(True)
+    if channels_last:
+        net = net.to(memory_format=torch.channels_last)
+    return net
+
+def backward(net, seed):
+    torch.manual_seed(seed)
+    x = torch.randn(3, 3, 4, 4)
+    net[:5](x).square().sum().backward()  # the last Linear gets no gradient: it must stay None
+
+# The reference's per-tensor replacement, written out independently.
+def reference_sanitize(grads):
+    count = sum(int((~torch.isfinite(g)).sum()) for g in grads)
+    return [torch.nan_to_num(g, nan=0, posinf=1e5, neginf=-1e5) for g in grads], count
+
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_flattened_gradients_keep_values_and_sanitise_as_the_reference(channels_last):
+    net = small_net(channels_last)
+    backward(net, 1)
+    before = {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+    flatten_gradients(net.parameters())
+    params = [p for p in net.parameters() if p.grad is not None]
+    assert net[5].weight.grad is None and len(params) == 6
+    assert all(torch.equal(p.grad, before[n]) for n, p in net.named_parameters() if p.grad is not None)
+    assert all(p.grad.stride() == p.stride() for p in params)  # fused optimizers need equal layouts
+    assert len(gradient_buffers([p.grad for p in params])) == 1  # one buffer for all gradients
+
+    # Autograd accumulates into the views after an in-place zero: values equal a fresh backward.
+    for p in params:
+        p.grad.zero_()
+    backward(net, 2)
+    fresh = small_net(channels_last)
+    backward(fresh, 2)
+    assert all(torch.equal(a.grad, b.grad) for a, b in zip(params, [p for p in fresh.parameters() if p.grad is not None]))
+    assert len(gradient_buffers([p.grad for p in params])) == 1
+
+    # Non-finite values: same replacement and count as per tensor.
+    params[0].grad[0, 0, 0, :3] = torch.tensor([float('nan'), float('inf'), -float('inf')])
+    params[3].grad[5] = float('nan')
+    params[4].grad[0, 0] = -float('inf')
+    expected, expected_count = reference_sanitize([p.grad.clone() for p in params])
+    count = sanitize_gradients(net.parameters())
+    assert int(count) == expected_count == 5
+    assert all(torch.equal(p.grad, e) for p, e in zip(params, expected))
+    assert params[0].grad[0, 0, 0, :3].tolist() == [0, 1e5, -1e5]
+
+def test_gradient_buffers_fall_back_to_each_tensor():
+    base = torch.zeros(10)
+    a, b = base[:4], base[5:]  # a gap at 4: they do not tile the storage
+    c = torch.ones(3)
+    buffers = gradient_buffers([a, b, c])
+    assert sorted(t.numel() for t in buffers) == [3, 4, 5]
+    whole = torch.zeros(9)
+    assert [t.numel() for t in gradient_buffers([whole[:4], whole[4:].view(5, 1)])] == [9]
+
+def test_update_ema_equals_the_reference_formula():
+    torch.manual_seed(0)
+    net = [torch.randn(5, 3), torch.randn(7).to(torch.float32), torch.randn(2, 3, 4, 4).to(memory_format=torch.channels_last)]
+    ema = [torch.randn_like(p) for p in net]
+    for beta in (0.0, 0.3, 0.5, 0.999, 1.0):
+        expected = [p.lerp(e, beta) for p, e in zip(net, ema)]
+        update_ema(ema, net, beta)
+        assert all(torch.equal(e, x) for e, x in zip(ema, expected))
+
+def test_device_batches_equal_the_data_loader(tmp_path):
+    path = write_image_zip(tmp_path / 'd.zip', num_images=11, num_classes=3)
+    dataset = ImageFolderDataset(path, use_labels=True, xflip=True)
+    assert dataset.num_unique_images == 11 and len(dataset) == 22
+    loader = iter(torch.utils.data.DataLoader(dataset, sampler=InfiniteSampler(dataset, seed=5, start_index=40), batch_size=4))
+    device_batches = DeviceBatches(dataset, InfiniteSampler(dataset, seed=5, start_index=40), 4, 'cpu')
+    flipped = 0
+    for _ in range(12):
+        (a_img, a_lab), (b_img, b_lab) = next(loader), device_batches.next()
+        assert a_img.dtype == b_img.dtype == torch.uint8 and torch.equal(a_img, b_img) and torch.equal(a_lab, b_lab)
+        flipped += int(sum(not torch.equal(img, img.flip(2)) for img in b_img))
+    assert flipped > 0
+
+def test_training_with_the_dataset_on_the_device_is_identical(tmp_path, tiny_zip):
+    results = []
+    for on_device in (False, True):
+        run_dir = tmp_path / f'run-{on_device}'
+        os.makedirs(run_dir)
+        results.append(training_loop(run_dir=str(run_dir), **loop_config(tiny_zip, total_kimg=0.024, data_on_device=on_device)))
+    assert_same_state(results[0]['net'].state_dict(), results[1]['net'].state_dict())
+    assert_same_state(results[0]['ema'].state_dict(), results[1]['ema'].state_dict())
+    assert np.isfinite(results[0]['cur_nimg'])
+
+def test_second_opening_reuses_the_header_scan(tmp_path, monkeypatch):
+    path = write_image_zip(tmp_path / 'd.zip', num_images=6)
+    calls = []
+    original = ImageFolderDataset._header_shape
+    monkeypatch.setattr(ImageFolderDataset, '_header_shape', lambda self, f: calls.append(f) or original(self, f))
+    ImageFolderDataset(path)
+    ImageFolderDataset(path, max_size=6)  # what train.py's loop opens after the option check
+    assert len(calls) == 6
+    write_image_zip(tmp_path / 'd.zip', num_images=7)  # a changed file is scanned again
+    assert len(ImageFolderDataset(path)) == 7 and len(calls) == 13

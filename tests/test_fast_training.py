@@ -113,3 +113,12 @@ def test_second_opening_reuses_the_header_scan(tmp_path, monkeypatch):
     assert len(calls) == 6
     write_image_zip(tmp_path / 'd.zip', num_images=7)  # a changed file is scanned again
     assert len(ImageFolderDataset(path)) == 7 and len(calls) == 13
+
+def test_compile_and_data_options_reach_the_loop(tiny_zip):
+    from training.config import ConfigError, setup_training_config
+    c, _ = setup_training_config(tiny_zip, compile=True, compile_mode='reduce-overhead', data_on_device='on')
+    assert c.compile == 'reduce-overhead' and c.data_on_device is True
+    c, _ = setup_training_config(tiny_zip)
+    assert c.compile is False and c.data_on_device is None  # auto: on CUDA when the dataset fits
+    with pytest.raises(ConfigError, match='--compile-mode applies only with --compile'):
+        setup_training_config(tiny_zip, compile_mode='max-autotune')

@@ -69,13 +69,13 @@ def build(arch, precond, resolution, cond, cbase, cres, device, channels_last):
         net = net.to(memory_format=torch.channels_last)
     return net
 
-def bench_training(net, loss_fn, augment_pipe, batch, resolution, cond, device, precision, compile_net, channels_last,
+def bench_training(net, loss_fn, augment_pipe, batch, resolution, cond, device, precision, compile_mode, channels_last,
         warmup, iters):
     """img/s of the training loop's own step (optimizer_step, flattened gradients, EMA) on synthetic
     uint8 images already on the device, and the time of the first step (it includes compiling)."""
     net = copy.deepcopy(net).train().requires_grad_(True)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
-    model = torch.compile(net) if compile_net else net
+    model = torch.compile(net, mode=compile_mode) if compile_mode else net
     fused = device.type == 'cuda' and precision != 'fp32'  # as the training loop
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=1e-8, **(dict(fused=True) if fused else {}))
     images = torch.randint(0, 256, [batch, 3, resolution, resolution], dtype=torch.uint8, device=device)
@@ -101,17 +101,18 @@ def bench_training(net, loss_fn, augment_pipe, batch, resolution, cond, device, 
     stats.collect()  # the loss was accumulated on the device all along: read once, as per tick
     return batch / seconds, first_step
 
-@torch.no_grad()
-def bench_sampling(net, batch, resolution, cond, device, precision, compile_net, num_steps, iters):
+def bench_sampling(net, batch, device, precision, compile_mode, num_steps, iters):
+    """img/s of generate.py's own batch function: per-seed latents and noise, EDM Heun, float64 state."""
+    import generate  # noqa: the top-level script; measured as users run it
     net = copy.deepcopy(net).eval().requires_grad_(False)
-    if compile_net:
-        net.model = torch.compile(net.model)
-    latents = torch.randn([batch, 3, resolution, resolution], device=device)
-    labels = torch.eye(10, device=device)[torch.randint(10, [batch], device=device)] if cond else None
+    if compile_mode:
+        net = generate.compile_net(net, compile_mode)
+    sampler_name, sampler_kwargs, _ = generate.select_sampler(num_steps=num_steps)
+    seeds = iter(range(10**9))
 
     def run():
-        with precision_lib.autocast(precision, device):
-            edm_sampler(net, latents, labels, num_steps=num_steps)
+        generate.generate_batch(net, sampler_name, sampler_kwargs, [next(seeds) for _ in range(batch)], device,
+            precision=precision)
 
     seconds = timed(run, device, warmup=1, iters=iters)
     return batch / seconds
@@ -143,14 +144,16 @@ def bench_features(batch, resolution, device, precision, iters):
 @click.option('--feature-batch', type=int, default=500, show_default=True)
 @click.option('--sample-steps', type=int, default=18, show_default=True)
 @click.option('--precision', type=click.Choice(list(precision_lib.PRECISIONS)), default='fp32', show_default=True)
-@click.option('--compile', 'compile_net', is_flag=True, help='torch.compile the network')
+@click.option('--compile', 'compile_net', is_flag=True, help='torch.compile the network (training and sampling)')
+@click.option('--compile-mode', type=click.Choice(['default', 'reduce-overhead', 'max-autotune']), default='default',
+    show_default=True, help='torch.compile mode; reduce-overhead uses CUDA graphs')
 @click.option('--channels-last', is_flag=True)
 @click.option('--iters', type=int, default=20, show_default=True)
 @click.option('--peak-tflops', type=float, default=None, help='Peak FLOP/s of the device for MFU  [default: 790 on CUDA (H100 bf16 dense, as the issue), none on CPU]')
 @click.option('--small', is_flag=True, help='A tiny configuration that runs in seconds on a CPU')
 @click.option('--device', type=str, default=None)
 def main(arch, precond, resolution, cond, cbase, cres, augment, batch, sample_batch, feature_batch, sample_steps, precision,
-        compile_net, channels_last, iters, peak_tflops, small, device):
+        compile_net, compile_mode, channels_last, iters, peak_tflops, small, device):
     """Measure and print one table for a configuration."""
     device = torch.device(device or ('cuda' if torch.cuda.is_available() else 'cpu'))
     if small:
@@ -170,10 +173,11 @@ def main(arch, precond, resolution, cond, cbase, cres, augment, batch, sample_ba
 
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
-    train_ips, first_step = bench_training(net, loss_fn, augment_pipe, batch, resolution, cond, device, precision, compile_net,
+    compile_mode = compile_mode if compile_net else None
+    train_ips, first_step = bench_training(net, loss_fn, augment_pipe, batch, resolution, cond, device, precision, compile_mode,
         channels_last, 2, iters)
     train_mem = peak_memory_gib(device)
-    sample_ips = bench_sampling(net, sample_batch, resolution, cond, device, precision, compile_net, sample_steps, max(iters // 10, 1))
+    sample_ips = bench_sampling(net, sample_batch, device, precision, compile_mode, sample_steps, max(iters // 10, 1))
     feature_ips = bench_features(feature_batch, resolution, device, precision, max(iters // 4, 1))
     nfe = 2 * sample_steps - 1
     mfu = (train_ips * 3 * flops / (peak_tflops * 1e12)) if peak_tflops else None
@@ -183,7 +187,7 @@ def main(arch, precond, resolution, cond, cbase, cres, augment, batch, sample_ba
         ('device', name), ('torch', torch.__version__),
         ('configuration', f'{arch} {precond} {resolution}x{resolution} {"cond" if cond else "uncond"}, {n_params:,} parameters, '
             f'{flops / 1e9:.2f} GFLOP forward per image'),
-        ('precision / compile / channels_last', f'{precision} / {compile_net} / {channels_last}'),
+        ('precision / compile mode / channels_last', f'{precision} / {compile_mode or "off"} / {channels_last}'),
         (f'training img/s (batch {batch}, augment {augment:g})', f'{train_ips:,.1f}'),
         ('first training step s (incl. compile)', f'{first_step:.1f}'),
         ('peak memory GiB (training)', f'{train_mem:.2f}'),

@@ -34,7 +34,7 @@ def setup_training_config(data, outdir='training-runs', cond=False, arch='ddpmpp
         batch=512, batch_gpu=None, cbase=None, cres=None, lr=10e-4, ema=0.5, dropout=0.13, augment=0.12, xflip=False,
         fp16=False, ls=1, bench=True, cache=True, workers=8, desc=None, nosubdir=False, tick=50, snap=200, dump=500,
         seed=None, transfer=None, resume=None, lr_rampup=10, warmup_ite=None, fdm_multiplier=2.0,
-        grid_images=64, precision='fp32', compile=False, channels_last=False, data_on_device='auto', world_size=1, explicit=()):
+        grid_images=64, precision='fp32', compile=False, compile_mode=None, channels_last=False, data_on_device='auto', world_size=1, explicit=()):
     """Returns (config for training_loop, run description). `explicit`: options the user set."""
     c = dnnlib.EasyDict()
 
@@ -100,7 +100,9 @@ def setup_training_config(data, outdir='training-runs', cond=False, arch='ddpmpp
     if fp16 and precision == 'bf16':
         raise ConfigError('--fp16=1 and --precision=bf16 are two mixed-precision modes; choose one')
     c.precision = precision
-    c.compile = compile
+    if compile_mode is not None and not compile:
+        raise ConfigError('--compile-mode applies only with --compile; add --compile or drop --compile-mode')
+    c.compile = (compile_mode or 'default') if compile else False
     c.channels_last = channels_last
     if data_on_device not in ('auto', 'on', 'off'):
         raise ConfigError(f'--data-on-device={data_on_device} is not one of auto, on, off')

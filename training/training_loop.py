@@ -225,7 +225,7 @@ def training_loop(
     device              = None,     # Device, None = this rank's GPU, else the CPU.
     precision           = 'fp32',   # Network precision: fp32 (exact, the reference), tf32 or bf16 (autocast).
     channels_last       = False,    # Keep the network and images in channels-last memory format?
-    compile             = False,    # torch.compile the network (the first step includes the compile time)?
+    compile             = False,    # torch.compile the network: False, True or a mode ('reduce-overhead': CUDA graphs).
     data_on_device      = None,     # Keep the whole dataset on the device? None = on CUDA when it fits easily.
     max_steps           = None,     # Stop after this many optimizer steps of this process (tests, kill drills).
 ):
@@ -312,7 +312,8 @@ def training_loop(
             inspect.signature(torch.nn.parallel.DistributedDataParallel).parameters else dict(broadcast_buffers=False))
         ddp = torch.nn.parallel.DistributedDataParallel(net, device_ids=[device] if device.type == 'cuda' else None,
             gradient_as_bucket_view=True, **no_buffer_sync)
-    model = torch.compile(ddp) if compile else ddp
+    # The first step includes the compile time (printed in the first tick's sec/tick).
+    model = torch.compile(ddp, **({} if compile is True else dict(mode=compile))) if compile else ddp
     stats = StatsCollector(device)
     total_nimg = int(round(total_kimg * 1000))
     if state is not None and cur_nimg >= total_nimg:  # resumed from the final state: nothing left to do

@@ -1,0 +1,55 @@
+"""The training fast paths on CUDA against their plain counterparts (skipped without a GPU;
+run by tests/gpu_checks.sh). The CPU versions of these checks are in test_fast_training.py."""
+
+import os
+
+import pytest
+import torch
+
+from conftest import write_image_zip
+from test_fast_training import reference_sanitize, small_net
+from test_train import assert_same_state, loop_config
+from training.dataset import DeviceBatches, ImageFolderDataset, InfiniteSampler
+from training.training_loop import flatten_gradients, gradient_buffers, sanitize_gradients, training_loop, update_ema
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+
+def test_multi_tensor_ema_equals_lerp_on_cuda():
+    torch.manual_seed(0)
+    net = [torch.randn(n, device='cuda') for n in (5, 1000, 70001)]
+    ema = [torch.randn_like(p) for p in net]
+    for beta in (0.3, 0.5, 0.9993):
+        expected = [p.lerp(e, beta) for p, e in zip(net, ema)]
+        update_ema(ema, net, beta)
+        assert all(torch.equal(e, x) for e, x in zip(ema, expected))
+
+@pytest.mark.parametrize('channels_last', [False, True])
+def test_flattened_sanitize_on_cuda(channels_last):
+    net = small_net(channels_last).cuda()
+    torch.manual_seed(1)
+    net[:5](torch.randn(3, 3, 4, 4, device='cuda')).square().sum().backward()
+    flatten_gradients(net.parameters())
+    params = [p for p in net.parameters() if p.grad is not None]
+    assert len(gradient_buffers([p.grad for p in params])) == 1
+    params[0].grad[0, 0, 0, :3] = torch.tensor([float('nan'), float('inf'), -float('inf')])
+    expected, expected_count = reference_sanitize([p.grad.clone() for p in params])
+    assert int(sanitize_gradients(net.parameters())) == expected_count == 3
+    assert all(torch.equal(p.grad, e) for p, e in zip(params, expected))
+
+def test_device_batches_on_cuda_equal_the_data_loader(tmp_path):
+    dataset = ImageFolderDataset(write_image_zip(tmp_path / 'd.zip', num_images=11, num_classes=3), use_labels=True, xflip=True)
+    loader = iter(torch.utils.data.DataLoader(dataset, sampler=InfiniteSampler(dataset, seed=5), batch_size=4))
+    batches = DeviceBatches(dataset, InfiniteSampler(dataset, seed=5), 4, 'cuda')
+    for _ in range(8):
+        (a_img, a_lab), (b_img, b_lab) = next(loader), batches.next()
+        assert b_img.is_cuda and torch.equal(a_img, b_img.cpu()) and torch.equal(a_lab, b_lab.cpu())
+
+def test_training_on_cuda_with_the_dataset_on_the_device_is_identical(tmp_path, tiny_zip):
+    results = []
+    for on_device in (False, True):
+        run_dir = tmp_path / f'run-{on_device}'
+        os.makedirs(run_dir)
+        results.append(training_loop(run_dir=str(run_dir), **loop_config(tiny_zip, total_kimg=0.024, device='cuda',
+            data_on_device=on_device)))
+    assert_same_state(results[0]['net'].state_dict(), results[1]['net'].state_dict())
+    assert_same_state(results[0]['ema'].state_dict(), results[1]['ema'].state_dict())

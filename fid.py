@@ -399,7 +399,8 @@ def gen(network, ref_path, seeds, class_idx, solver, steps, precision, outdir, b
     """FID of images generated on the fly (no PNGs unless --outdir).
 
     The images are those generate.py would save for the same seeds and sampler options, so the
-    FID equals that of "generate.py" followed by "fid.py calc".
+    FID equals that of "generate.py" followed by "fid.py calc" (bit for bit when both use the same
+    --batch, else up to float64 rounding of the sums).
     """
     def run():
         if len(seeds) < 2:

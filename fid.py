@@ -399,7 +399,7 @@ def gen(network, ref_path, seeds, class_idx, solver, steps, precision, outdir, b
     """FID of images generated on the fly (no PNGs unless --outdir).
 
     The images are those generate.py would save for the same seeds and sampler options, so the
-    FID equals that of "generate.py" followed by "fid.py calc" (bit for bit when both use the same
+    FID equals that of "generate.py" followed by "fid.py calc" (in one process bit for bit when both use the same
     --batch, else up to float64 rounding of the sums).
     """
     def run():

@@ -53,3 +53,34 @@ def test_training_on_cuda_with_the_dataset_on_the_device_is_identical(tmp_path, 
             data_on_device=on_device)))
     assert_same_state(results[0]['net'].state_dict(), results[1]['net'].state_dict())
     assert_same_state(results[0]['ema'].state_dict(), results[1]['ema'].state_dict())
+
+def test_training_step_does_not_synchronise_with_the_host(tmp_path):
+    # Everything between two ticks stays on the GPU: data, augmentation, loss, statistics, Adam, EMA.
+    from fdm.loss import build_loss
+    from fdm.preconditioning import build_precond
+    from torch_utils.training_stats import StatsCollector
+    from training.augment import AugmentPipe
+    from training.config import AUGMENT_TRANSFORMS
+    from training.training_loop import optimizer_step
+    dataset = ImageFolderDataset(write_image_zip(tmp_path / 'd.zip', num_images=16, num_classes=4), use_labels=True, xflip=True)
+    batches = DeviceBatches(dataset, InfiniteSampler(dataset, seed=0), 8, 'cuda')
+    c = loop_config('unused')
+    torch.manual_seed(0)
+    net = build_precond(**c['network_kwargs'], img_resolution=8, img_channels=3, label_dim=4).cuda().train()
+    ema = [p.detach().clone() for p in net.parameters()]
+    optimizer = torch.optim.Adam(net.parameters(), lr=1e-3, fused=True)
+    stats = StatsCollector('cuda')
+    kwargs = dict(num_rounds=2, batch_gpu_total=16, device=torch.device('cuda'), augment_pipe=AugmentPipe(p=0.5, **AUGMENT_TRANSFORMS),
+        precision='bf16')
+    loss_fn = build_loss(**c['loss_kwargs'])
+    optimizer_step(net, net, optimizer, loss_fn, batches.next, stats, step=0, lr=1e-3, **kwargs)  # warm-up: allocations, lazy init
+    flatten_gradients(net.parameters())
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode('error')
+    try:
+        for step in range(1, 4):
+            optimizer_step(net, net, optimizer, loss_fn, batches.next, stats, step=step, lr=1e-3, **kwargs)
+            update_ema(ema, net.parameters(), 0.9)
+    finally:
+        torch.cuda.set_sync_debug_mode('default')
+    assert stats.collect()['Loss/loss']['num'] == 4 * 16

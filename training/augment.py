@@ -80,16 +80,13 @@ def _warp(images, G_inv):
     K = h.numel()
     half = K // 2 - 1 # upsampled samples each output pixel needs on either side, minus one
 
-    # Reflect-pad enough that the warped corners plus the filter support stay inside the
-    # input, but never more than reflection allows (W - 1); the pad is shared by the batch.
+    # Reflect-pad by the most reflection allows (W - 1, H - 1), not by what this batch's corners
+    # reach: a pad that depends on the random matrices would need their values on the host, a
+    # GPU->CPU synchronisation every training step. The samples the warp reads lie inside either
+    # pad and reflection gives them the same values: only rounding differs (measured: 1.4e-5 at most
+    # on [-1, 1] images at 32x32, against the data-dependent pad; a uint8 level is 7.8e-3).
     cx, cy = (W - 1) / 2, (H - 1) / 2
-    corners = torch.tensor([[-cx, cx, cx, -cx], [-cy, -cy, cy, cy], [1, 1, 1, 1]], dtype=G_inv.dtype, device=device)
-    reach = (G_inv @ corners)[:, :2, :].permute(1, 0, 2).flatten(1) # [xy, N * 4]
-    support = K // 2 # in input pixels: filter half-width at the 2x grid
-    limits = torch.tensor([W - 1, H - 1], dtype=G_inv.dtype, device=device)
-    centre = torch.tensor([cx, cy], dtype=G_inv.dtype, device=device)
-    pad_lo = ((-reach).amax(dim=1) - centre + support).clamp(min=0).minimum(limits).ceil().to(torch.int64).tolist()
-    pad_hi = (reach.amax(dim=1) - centre + support).clamp(min=0).minimum(limits).ceil().to(torch.int64).tolist()
+    pad_lo = pad_hi = [W - 1, H - 1]
     images = F.pad(images, [pad_lo[0], pad_hi[0], pad_lo[1], pad_hi[1]], mode='reflect')
     Hp, Wp = images.shape[2:]
 

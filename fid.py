@@ -197,13 +197,16 @@ def compute_stats(dataset, detector, batch=64, workers=3, progress=True):
 # network evaluations, against which one synchronisation is nothing.
 
 def generated_batches(net, sampler_name, sampler_kwargs, seeds, device, batch=64, class_idx=None, precision='fp32',
-        progress=True):
-    """(seeds, uint8 images [N, C, H, W] on the CPU) for this rank's share of the seeds."""
+        progress=True, fixed_shape=False):
+    """(seeds, uint8 images [N, C, H, W] on the CPU) for this rank's share of the seeds;
+    fixed_shape (a compiled net): short batches are padded as generate.py pads them."""
     import generate  # noqa: only the generating paths need the sampler
     rank, world = dist.get_rank(), dist.get_world_size()
     batches = [b for b in generate.rank_batches(seeds, batch, rank, world) if b]
+    pad_to = max((len(b) for b in batches), default=0) if fixed_shape else None
     for batch_seeds in tqdm.tqdm(batches, unit='batch', disable=(rank != 0 or not progress)):
-        images = generate.generate_batch(net, sampler_name, sampler_kwargs, batch_seeds, device, class_idx, precision)
+        images = generate.generate_batch(net, sampler_name, sampler_kwargs, batch_seeds, device, class_idx, precision,
+            pad_to=pad_to)
         yield batch_seeds, torch.from_numpy(generate.to_uint8(images)).permute(0, 3, 1, 2)  # [N, H, W, C] -> [N, C, H, W]
 
 def save_pngs(outdir, seeds, images):
@@ -224,12 +227,12 @@ def make_outdir(path):
         raise FIDError(f"cannot create --outdir '{path}' ({err.strerror}); choose a writable folder") from None
 
 def generated_stats(net, sampler_name, sampler_kwargs, seeds, detector, batch=64, class_idx=None, precision='fp32',
-        outdir=None, progress=True):
+        outdir=None, progress=True, fixed_shape=False):
     """(mu, sigma) of the features of the images of `seeds`, shared among torchrun's ranks as
     generate.py shares them; with `outdir` the PNGs are written too."""
     sums = FeatureSums(detector)
     for batch_seeds, images in generated_batches(net, sampler_name, sampler_kwargs, seeds, detector.device, batch,
-            class_idx, precision, progress):
+            class_idx, precision, progress, fixed_shape):
         if outdir is not None:
             make_outdir(outdir)  # once per batch is cheap, and reports an unwritable folder before any work is lost
             save_pngs(outdir, batch_seeds, images)
@@ -254,8 +257,9 @@ def check_dims(detector, mu, ref):
         raise FIDError(f"reference '{ref}' has {mu.shape[0]}-dimensional statistics but the detector "
             f"'{detector.name}' gives {detector.feature_dim} features; use a reference made with the same detector")
 
-def open_generator(network, device, precision='fp32', class_idx=None, **sampler_options):
-    """(net, sampler name, sampler kwargs) chosen as generate.py chooses them; its errors become FIDErrors."""
+def open_generator(network, device, precision='fp32', class_idx=None, compile_mode=None, **sampler_options):
+    """(net, sampler name, sampler kwargs) chosen as generate.py chooses them; its errors become FIDErrors.
+    compile_mode: the net's U-Net compiled as generate.py --compile does."""
     import generate  # noqa: only the generating paths need the sampler
     try:
         sampler_name, sampler_kwargs, _ignored = generate.select_sampler(**sampler_options)
@@ -268,6 +272,8 @@ def open_generator(network, device, precision='fp32', class_idx=None, **sampler_
         raise FIDError(f'--class {class_idx} does not exist: the network has {net.label_dim} classes'
             + ('; drop --class' if not net.label_dim else f', 0..{net.label_dim - 1}'))
     precision_lib.configure(precision, device)  # the TF32 switches generate.py would set
+    if compile_mode is not None:
+        net = generate.compile_net(net, compile_mode)
     return net, sampler_name, sampler_kwargs
 
 def calc_fid(dataset, ref_stats, detector, batch=64, workers=3, progress=True):
@@ -322,6 +328,17 @@ def parse_seeds(s):
         raise click.BadParameter(str(err)) from None
 
 steps_option = click.option('--steps', help='Sampling steps', metavar='INT', type=click.IntRange(min=1), default=18, show_default=True)
+def compile_options(fn):
+    fn = click.option('--compile-mode', 'compile_mode', help='torch.compile mode; reduce-overhead and max-autotune use CUDA graphs  [default: default]',
+        type=click.Choice(['default', 'reduce-overhead', 'max-autotune']))(fn)
+    return click.option('--compile', 'compile_net', help='torch.compile the network while sampling (one batch shape)', is_flag=True)(fn)
+
+# generate.py's rule: --compile-mode alone is a mistake; --compile alone means the default mode.
+def resolve_compile(compile_net, compile_mode):
+    if compile_mode is not None and not compile_net:
+        raise click.UsageError('--compile-mode applies only with --compile; add --compile or drop --compile-mode')
+    return (compile_mode or 'default') if compile_net else None
+
 precision_option = click.option('--precision', help='Network precision while sampling (the detector is unaffected)',
     type=click.Choice(list(precision_lib.PRECISIONS)), default='fp32', show_default=True)
 
@@ -395,13 +412,16 @@ def calc(images, ref_path, num, seed, batch, workers, detector):
 @click.option('--outdir', help='Also save the PNGs here (as generate.py --subdirs)', metavar='DIR', type=str)
 @batch_option
 @detector_option
-def gen(network, ref_path, seeds, class_idx, solver, steps, precision, outdir, batch, detector):
+@compile_options
+def gen(network, ref_path, seeds, class_idx, solver, steps, precision, outdir, batch, detector, compile_net, compile_mode):
     """FID of images generated on the fly (no PNGs unless --outdir).
 
     The images are those generate.py would save for the same seeds and sampler options, so the
     FID equals that of "generate.py" followed by "fid.py calc" (in one process bit for bit when both use the same
     --batch, else up to float64 rounding of the sums).
     """
+    compile_mode = resolve_compile(compile_net, compile_mode)
+
     def run():
         if len(seeds) < 2:
             raise FIDError(f'--seeds gives {len(seeds)} image; a covariance needs at least 2, e.g. --seeds=0-49999')
@@ -410,12 +430,12 @@ def gen(network, ref_path, seeds, class_idx, solver, steps, precision, outdir, b
         check_dims(det, ref_stats[0], ref_path)
         if outdir is not None:
             make_outdir(outdir)
-        net, sampler_name, sampler_kwargs = open_generator(network, det.device, precision, class_idx,
+        net, sampler_name, sampler_kwargs = open_generator(network, det.device, precision, class_idx, compile_mode,
             solver=solver, num_steps=steps)
         dist.print0(f"Generating {len(seeds)} images and their features with '{det.name}'...")
         start = time.perf_counter()
         mu, sigma = generated_stats(net, sampler_name, sampler_kwargs, seeds, det, batch=batch, class_idx=class_idx,
-            precision=precision, outdir=outdir)
+            precision=precision, outdir=outdir, fixed_shape=compile_mode is not None)
         dist.print0(f'Generated and scored {rate(len(seeds), start)}')
         fid = frechet_distance(mu, sigma, *ref_stats)
         dist.print0(f"FID {fid:g} from {len(seeds)} images generated by '{network}' against '{ref_path}'")
@@ -435,7 +455,9 @@ def gen(network, ref_path, seeds, class_idx, solver, steps, precision, outdir, b
 @batch_option
 @workers_option
 @detector_option
-def protocol(images, network, outdir, solver, steps, precision, ref_path, num, seed, batch, workers, detector):
+@compile_options
+def protocol(images, network, outdir, solver, steps, precision, ref_path, num, seed, batch, workers, detector, compile_net,
+        compile_mode):
     """FID of one network over three seed ranges: min, mean and std.
 
     Either pass --network: the seed ranges 0..num-1, num..2num-1, 2num..3num-1 (with --num=50000
@@ -445,6 +467,9 @@ def protocol(images, network, outdir, solver, steps, precision, ref_path, num, s
     """
     if (images is None) == (network is None) or (outdir is not None and network is None):
         raise click.UsageError('give either --images DIR DIR DIR, or --network (and optionally --outdir)')
+    compile_mode = resolve_compile(compile_net, compile_mode)
+    if compile_mode is not None and network is None:
+        raise click.UsageError('--compile applies only with --network (it compiles the sampling network)')
 
     def run():
         ref_stats = load_stats(ref_path)
@@ -453,14 +478,15 @@ def protocol(images, network, outdir, solver, steps, precision, ref_path, num, s
             check_dims(det, ref_stats[0], ref_path)
             if outdir is not None:
                 make_outdir(outdir)
-            net, sampler_name, sampler_kwargs = open_generator(network, det.device, precision, solver=solver, num_steps=steps)
+            net, sampler_name, sampler_kwargs = open_generator(network, det.device, precision, compile_mode=compile_mode,
+                solver=solver, num_steps=steps)
             ranges = [range(k * num, (k + 1) * num) for k in range(3)]
             names = [f'seeds-{seeds[0]}-{seeds[-1]}' for seeds in ranges]
             folders = [os.path.join(outdir, name) if outdir is not None else None for name in names]
             fids = []
             for seeds, name, folder in zip(ranges, names, folders):
                 mu, sigma = generated_stats(net, sampler_name, sampler_kwargs, seeds, det, batch=batch,
-                    precision=precision, outdir=folder)
+                    precision=precision, outdir=folder, fixed_shape=compile_mode is not None)
                 fids.append(frechet_distance(mu, sigma, *ref_stats))
                 dist.print0(f"FID {fids[-1]:g} from {num} images " + (f"in '{folder}'" if folder else f"of {name}"))
         else:

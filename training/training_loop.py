@@ -335,8 +335,13 @@ def training_loop(
             num_rounds=num_accumulation_rounds, batch_gpu_total=batch_gpu_total, device=device,
             ddp=(ddp if ddp is not net else None), augment_pipe=augment_pipe, precision=precision,
             memory_format=memory_format, loss_scaling=loss_scaling)
-        if process_steps == 0 and ddp is net:
-            flatten_gradients(net.parameters())
+        if process_steps == 0:
+            if ddp is net:
+                flatten_gradients(net.parameters())
+            if compile:  # one synchronisation, once: the compile time is worth knowing
+                if device.type == 'cuda':
+                    torch.cuda.synchronize(device)
+                distributed.print0(f'First step: {time.time() - tick_start_time:.1f} s, torch.compile included', flush=True)
         update_ema(ema.parameters(), net.parameters(), ema_beta(batch_size, cur_nimg, ema_halflife_kimg, ema_rampup_ratio))
 
         cur_nimg += batch_size

@@ -9,6 +9,7 @@ import zipfile
 import numpy as np
 import PIL.Image
 import pytest
+import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
@@ -34,3 +35,11 @@ def write_image_zip(path, num_images=16, resolution=8, channels=3, num_classes=4
 @pytest.fixture
 def tiny_zip(tmp_path):
     return write_image_zip(tmp_path / 'tiny.zip')
+
+@pytest.fixture
+def one_thread():
+    # The test machine is shared: one intra-op thread is far faster than two contended ones.
+    old = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(old)

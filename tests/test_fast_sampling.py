@@ -20,13 +20,7 @@ from fdm.samplers import (PerSeedGenerator, _ablation_schedule, _ablation_sigma_
     ablation_sigma_range, edm_sampler)
 from fdm.schedules import edm_sigma_steps, iddpm_sigmas
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The test machine is shared: one intra-op thread is far faster than two contended ones.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures('one_thread')  # see conftest.py
 
 def tiny_net(label_dim=4, channel_mult=(1, 2), attn_resolutions=(4,)):
     torch.manual_seed(0)

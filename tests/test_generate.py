@@ -20,13 +20,7 @@ from fdm.samplers import ablation_sampler, dpm_solver_sampler, edm_sampler
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The test machine is shared: one intra-op thread is far faster than two contended ones.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures('one_thread')  # see conftest.py
 
 def tiny_net(label_dim, img_channels):
     torch.manual_seed(0)

@@ -18,13 +18,7 @@ from fdm.samplers import (SAMPLERS, PerSeedGenerator, ablation_sampler, ablation
 
 S_D = 0.5
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # The test machine is shared: one intra-op thread is far faster than two contended ones.
-    old = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(old)
+pytestmark = pytest.mark.usefixtures('one_thread')  # see conftest.py
 
 class GaussianDenoiser:
     sigma_min, sigma_max = 0.0, math.inf

@@ -99,7 +99,9 @@ def sanitize_gradients(params):
         return torch.zeros([], dtype=torch.int64)
     count = torch.zeros([], dtype=torch.int64, device=grads[0].device)
     for buffer in gradient_buffers(grads):
-        count += torch.isfinite(buffer).logical_not_().sum()
+        # x - x is 0 where x is finite and NaN where it is not: two passes over the buffer, where
+        # torch.isfinite alone takes four (it is composed of ==, abs and !=).
+        count += torch.count_nonzero(buffer - buffer)
         torch.nan_to_num(buffer, nan=0, posinf=1e5, neginf=-1e5, out=buffer)
     return count
 
@@ -109,7 +111,7 @@ def sanitize_gradients(params):
 
 @torch.no_grad()
 def update_ema(ema_params, net_params, beta):
-    ema_params, net_params = list(ema_params), [p.detach() for p in net_params]
+    ema_params, net_params = list(ema_params), list(net_params)  # no_grad: nothing to detach
     torch._foreach_copy_(ema_params, torch._foreach_lerp(net_params, ema_params, beta))
 
 #----------------------------------------------------------------------------

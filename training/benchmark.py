@@ -19,7 +19,7 @@ from fdm.loss import build_loss
 from fdm.preconditioning import build_precond
 from fdm.samplers import edm_sampler
 from torch_utils import precision as precision_lib
-from torch_utils.inception import FIDInceptionV3
+from torch_utils.inception import Detector, FIDInceptionV3
 from torch_utils.training_stats import StatsCollector
 from training.augment import AugmentPipe
 from training.config import AUGMENT_TRANSFORMS, LOSS_BY_PRECOND
@@ -118,15 +118,14 @@ def bench_sampling(net, batch, device, precision, compile_mode, num_steps, iters
     return batch / seconds
 
 @torch.no_grad()
-def bench_features(batch, resolution, device, precision, iters):
-    detector = FIDInceptionV3().eval().to(device)  # the pytorch-fid network; random weights time the same
+def bench_features(batch, resolution, device, iters):
+    """img/s of fid.py's own feature accumulation (Inception-v3 at fid.py's fixed numerics, float64
+    sums), on uint8 images already on the device: the detector side of `fid.py calc/gen`."""
+    import fid  # noqa: the top-level script; measured as users run it
+    net = FIDInceptionV3()  # the pytorch-fid network; random weights take the same time
+    sums = fid.FeatureSums(Detector(net, 'pytorch-fid Inception-v3 (random weights)', device, feature_dim=2048))
     images = torch.randint(0, 256, [batch, 3, resolution, resolution], dtype=torch.uint8, device=device)
-
-    def run():
-        with precision_lib.autocast(precision if precision != 'fp16' else 'fp32', device):
-            detector(images)
-
-    seconds = timed(run, device, warmup=1, iters=iters)
+    seconds = timed(lambda: sums.add(images), device, warmup=1, iters=iters)
     return batch / seconds
 
 #----------------------------------------------------------------------------
@@ -178,7 +177,7 @@ def main(arch, precond, resolution, cond, cbase, cres, augment, batch, sample_ba
         channels_last, 2, iters)
     train_mem = peak_memory_gib(device)
     sample_ips = bench_sampling(net, sample_batch, device, precision, compile_mode, sample_steps, max(iters // 10, 1))
-    feature_ips = bench_features(feature_batch, resolution, device, precision, max(iters // 4, 1))
+    feature_ips = bench_features(feature_batch, resolution, device, max(iters // 4, 1))
     nfe = 2 * sample_steps - 1
     mfu = (train_ips * 3 * flops / (peak_tflops * 1e12)) if peak_tflops else None
 
@@ -193,7 +192,7 @@ def main(arch, precond, resolution, cond, cbase, cres, augment, batch, sample_ba
         ('peak memory GiB (training)', f'{train_mem:.2f}'),
         ('model FLOP utilisation (training)', f'{100 * mfu:.1f}% of {peak_tflops:g} TFLOP/s' if mfu is not None else 'n/a (give --peak-tflops)'),
         (f'sampling img/s (EDM Heun, {nfe} NFE, batch {sample_batch})', f'{sample_ips:,.1f}'),
-        (f'FID features img/s (Inception, {resolution}x{resolution}, batch {feature_batch})', f'{feature_ips:,.1f}'),
+        (f'FID features img/s (Inception-v3 at fid.py\'s numerics, {resolution}x{resolution}, batch {feature_batch})', f'{feature_ips:,.1f}'),
     ]
     click.echo('| measure | value |\n|---|---|')
     for k, v in rows:

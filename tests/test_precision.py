@@ -59,6 +59,7 @@ def test_benchmark_runs_small_on_cpu():
     rows = {k.strip(): v.strip() for k, v in rows.items()}
     assert float(rows['training img/s (batch 8, augment 0.12)'].replace(',', '')) > 0
     assert float(rows['sampling img/s (EDM Heun, 5 NFE, batch 8)'].replace(',', '')) > 0
+    assert int(rows['top-level aten operators per training step (profiler)'].replace(',', '')) > 100
 
 def test_bf16_and_channels_last_training_close_to_fp32(tmp_path, tiny_zip):
     from test_train import loop_config

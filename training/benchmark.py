@@ -45,6 +45,21 @@ def peak_memory_gib(device):
         return torch.cuda.max_memory_allocated(device) / 2**30
     return psutil.Process().memory_info().rss / 2**30
 
+def count_launches(fn, device):
+    """What one call of fn asks of the device, by torch's profiler: CUDA kernels, copies and
+    fills on a GPU (each costs a launch; fewer, larger ones keep the GPU busy), top-level aten
+    operators on a CPU."""
+    from torch.profiler import ProfilerActivity, profile
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
+    with profile(activities=activities) as prof:
+        fn()
+        synchronize(device)
+    events = prof.events()
+    if device.type == 'cuda':
+        return sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA), 'device kernels and copies'
+    return sum(1 for e in events if e.name.startswith('aten::') and (e.cpu_parent is None
+        or not e.cpu_parent.name.startswith('aten::'))), 'top-level aten operators'
+
 def timed(fn, device, warmup, iters):
     for _ in range(warmup):
         fn()
@@ -98,8 +113,9 @@ def bench_training(net, loss_fn, augment_pipe, batch, resolution, cond, device, 
     synchronize(device)
     first_step = time.perf_counter() - compile_start
     seconds = timed(step, device, warmup, iters)
+    launches = count_launches(step, device)
     stats.collect()  # the loss was accumulated on the device all along: read once, as per tick
-    return batch / seconds, first_step
+    return batch / seconds, first_step, launches
 
 def bench_sampling(net, batch, device, precision, compile_mode, num_steps, iters):
     """img/s of generate.py's own batch function: per-seed latents and noise, EDM Heun, float64 state."""
@@ -173,7 +189,7 @@ def main(arch, precond, resolution, cond, cbase, cres, augment, batch, sample_ba
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
     compile_mode = compile_mode if compile_net else None
-    train_ips, first_step = bench_training(net, loss_fn, augment_pipe, batch, resolution, cond, device, precision, compile_mode,
+    train_ips, first_step, (launches, launch_kind) = bench_training(net, loss_fn, augment_pipe, batch, resolution, cond, device, precision, compile_mode,
         channels_last, 2, iters)
     train_mem = peak_memory_gib(device)
     sample_ips = bench_sampling(net, sample_batch, device, precision, compile_mode, sample_steps, max(iters // 10, 1))
@@ -189,6 +205,7 @@ def main(arch, precond, resolution, cond, cbase, cres, augment, batch, sample_ba
         ('precision / compile mode / channels_last', f'{precision} / {compile_mode or "off"} / {channels_last}'),
         (f'training img/s (batch {batch}, augment {augment:g})', f'{train_ips:,.1f}'),
         ('first training step s (incl. compile)', f'{first_step:.1f}'),
+        (f'{launch_kind} per training step (profiler)', f'{launches:,}'),
         ('peak memory GiB (training)', f'{train_mem:.2f}'),
         ('model FLOP utilisation (training)', f'{100 * mfu:.1f}% of {peak_tflops:g} TFLOP/s' if mfu is not None else 'n/a (give --peak-tflops)'),
         (f'sampling img/s (EDM Heun, {nfe} NFE, batch {sample_batch})', f'{sample_ips:,.1f}'),

@@ -256,8 +256,17 @@ def training_loop(
     state = load_training_state(find_resume_state(resume_state)) if resume_state else None
     cur_nimg = state['cur_nimg'] if state else 0
     sampler = InfiniteSampler(dataset, rank=rank, num_replicas=world, seed=seed, start_index=cur_nimg)
-    if data_on_device is None:
-        data_on_device = device.type == 'cuda' and dataset_nbytes(dataset) <= DEVICE_DATA_FRACTION * torch.cuda.get_device_properties(device).total_memory
+    if device.type == 'cuda':
+        # auto: on the GPU when it takes little of it (10% of the card, half of what is free);
+        # on: whenever half of the free memory holds it (the rest is for the training step).
+        free, total = torch.cuda.mem_get_info(device)
+        if data_on_device is None:
+            data_on_device = dataset_nbytes(dataset) <= min(DEVICE_DATA_FRACTION * total, free / 2)
+        elif data_on_device and dataset_nbytes(dataset) > free / 2:
+            raise ValueError(f'--data-on-device=on: the dataset takes {dataset_nbytes(dataset) / 2**30:.2f} GiB of the '
+                f'{free / 2**30:.1f} GiB of GPU memory that is free; use --data-on-device=auto or off')
+    elif data_on_device is None:
+        data_on_device = False  # a CPU run: worker processes decode while the step computes
     if data_on_device:
         distributed.print0(f'Keeping the dataset on the {device.type} ({dataset_nbytes(dataset) / 2**20:.1f} MiB)...')
         next_batch = DeviceBatches(dataset, sampler, batch_gpu, device, num_workers=data_loader_kwargs.get('num_workers', 0)).next

@@ -3,6 +3,7 @@
 import io
 import json
 import os
+import socket
 import sys
 import zipfile
 
@@ -43,3 +44,23 @@ def one_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(old)
+
+# A TCP port nobody listens on now, for a MASTER_PORT (another process may still take it first).
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+# train.py in this process; its result for one_line_error.
+def run_train_cli(*args):
+    from click.testing import CliRunner
+    import train
+    return CliRunner().invoke(train.main, [str(a) for a in args])
+
+def one_line_error(result):
+    """The single 'Error' line of a failed command, which must print no traceback."""
+    assert result.exit_code != 0
+    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
+    lines = [line for line in result.output.splitlines() if line.startswith('Error')]
+    assert len(lines) == 1 and 'Traceback' not in result.output, result.output
+    return lines[0]

@@ -3,7 +3,6 @@
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 
@@ -14,6 +13,7 @@ import torch
 from click.testing import CliRunner
 
 import generate
+from conftest import free_port
 from fdm.checkpoint import save_snapshot
 from fdm.preconditioning import build_precond
 from fdm.samplers import ablation_sampler, dpm_solver_sampler, edm_sampler
@@ -218,15 +218,10 @@ def test_cuda_batch_independence(nets, tmp_path):
     s = json.loads((tmp_path / 'b2' / 'generate_options.json').read_text())
     assert s['device'] == 'cuda'
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
 def test_two_processes_give_the_same_images(nets, tmp_path):
     # torchrun-style: two gloo ranks on the CPU split the seeds; every image is as in one process.
     run('--network', nets['cond'], '--outdir', tmp_path / 'one', '--seeds', '0-4', '--steps', 3, '--batch', 2, '--S_churn', 10)
-    port = _free_port()
+    port = free_port()
     procs = []
     for rank in range(2):
         env = dict(os.environ, RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE='2', MASTER_ADDR='127.0.0.1',

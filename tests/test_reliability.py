@@ -6,19 +6,16 @@ import json
 import os
 import resource
 import shutil
-import socket
 import subprocess
 import sys
 import time
 
 import pytest
 import torch
-from click.testing import CliRunner
 
 import fdm.checkpoint
-import train
 import training.training_loop
-from conftest import ROOT
+from conftest import ROOT, free_port, one_line_error, run_train_cli
 from fdm.checkpoint import CheckpointError, atomic_save, nested_digest
 from kill_drill import run_drill
 from training.training_loop import find_resume_state, load_training_state
@@ -27,16 +24,6 @@ def tiny_args(out, data, *extra, duration_steps=2):
     return ['--outdir', str(out), '--data', data, '--cond=1', '--cbase=8', '--cres=1', '--batch=8',
         f'--duration={duration_steps * 8 / 1e6}', '--tick=0.008', '--workers=0', '--seed=3', '--grid-images=0',
         '--warmup_ite=10', *extra]
-
-def run_cli(*args):
-    return CliRunner().invoke(train.main, list(args))
-
-def one_line_error(result):
-    assert result.exit_code != 0
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    lines = [line for line in result.output.splitlines() if line.startswith('Error')]
-    assert len(lines) == 1 and 'Traceback' not in result.output, result.output
-    return lines[0]
 
 #----------------------------------------------------------------------------
 # 1. SIGKILL at random moments, resume, and end with the weights of an uninterrupted run
@@ -55,7 +42,7 @@ def test_kill_drill_short(tmp_path):
 @pytest.fixture
 def state_file(tmp_path, tiny_zip):
     run = tmp_path / 'run'
-    result = run_cli(*tiny_args(run, tiny_zip, '--nosubdir'))
+    result = run_train_cli(*tiny_args(run, tiny_zip, '--nosubdir'))
     assert result.exit_code == 0, result.output
     return run / 'training-state-000000.pt'
 
@@ -99,7 +86,7 @@ def test_resume_takes_newest_valid_state_and_names_the_skipped(tmp_path, tiny_zi
     (run / '.tmp-training-state-000004.pt-x1y2.part').write_bytes(raw[:1000])
     with open(run / 'stats.jsonl', 'a') as f:
         f.write('{"Loss/loss": {"num": 8, "me')
-    result = run_cli(*tiny_args(run, tiny_zip, '--nosubdir', '--resume', str(run), duration_steps=3))
+    result = run_train_cli(*tiny_args(run, tiny_zip, '--nosubdir', '--resume', str(run), duration_steps=3))
     assert result.exit_code == 0, result.output
     assert 'Removed 1 temporary file(s) of an interrupted run: .tmp-training-state-000004.pt-x1y2.part' in result.output
     assert not list(run.glob('.tmp-*'))
@@ -118,7 +105,7 @@ def test_resume_takes_newest_valid_state_and_names_the_skipped(tmp_path, tiny_zi
 def test_resuming_a_finished_run_changes_nothing(tmp_path, tiny_zip, state_file):
     run = state_file.parent
     before = state_file.read_bytes()
-    result = run_cli(*tiny_args(run, tiny_zip, '--nosubdir', '--resume', str(run)))
+    result = run_train_cli(*tiny_args(run, tiny_zip, '--nosubdir', '--resume', str(run)))
     assert result.exit_code == 0, result.output
     assert 'Training already complete (16 of 16 images)' in result.output
     assert state_file.read_bytes() == before
@@ -146,14 +133,9 @@ import train
 train.main(sys.argv[3:])
 '''
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
 @pytest.mark.parametrize('fault, timeout', [('die', 120), ('hang', 5)])
 def test_survivor_stops_when_its_peer_dies_or_hangs(tmp_path, tiny_zip, fault, timeout):
-    port, mark = _free_port(), str(tmp_path / 'fault-time')
+    port, mark = free_port(), str(tmp_path / 'fault-time')
     args = tiny_args(tmp_path / 'run', tiny_zip, '--nosubdir', f'--timeout={timeout}', duration_steps=20)
     procs = []
     for rank in range(2):
@@ -186,13 +168,13 @@ def test_survivor_stops_when_its_peer_dies_or_hangs(tmp_path, tiny_zip, fault, t
 
 def test_unwritable_outdir_is_reported_before_training(tmp_path, tiny_zip):
     (tmp_path / 'file').write_text('x')
-    message = one_line_error(run_cli(*tiny_args(tmp_path / 'file' / 'runs', tiny_zip)))
+    message = one_line_error(run_train_cli(*tiny_args(tmp_path / 'file' / 'runs', tiny_zip)))
     assert 'cannot write to' in message and 'choose a writable --outdir' in message
     if os.geteuid() != 0:  # root ignores permissions
         os.makedirs(tmp_path / 'locked')
         os.chmod(tmp_path / 'locked', 0o500)
         try:
-            assert 'Permission denied' in one_line_error(run_cli(*tiny_args(tmp_path / 'locked', tiny_zip, '--nosubdir')))
+            assert 'Permission denied' in one_line_error(run_train_cli(*tiny_args(tmp_path / 'locked', tiny_zip, '--nosubdir')))
         finally:
             os.chmod(tmp_path / 'locked', 0o700)
     assert not list(tmp_path.glob('**/training-state-*'))
@@ -200,7 +182,7 @@ def test_unwritable_outdir_is_reported_before_training(tmp_path, tiny_zip):
 def test_low_free_space_is_reported_before_training(tmp_path, tiny_zip, monkeypatch):
     usage = shutil.disk_usage(tmp_path)
     monkeypatch.setattr(training.training_loop.shutil, 'disk_usage', lambda path: usage._replace(free=2**17))
-    result = run_cli(*tiny_args(tmp_path / 'run', tiny_zip, '--nosubdir', duration_steps=1))
+    result = run_train_cli(*tiny_args(tmp_path / 'run', tiny_zip, '--nosubdir', duration_steps=1))
     assert result.exit_code == 0, result.output
     warning = result.output.index('Warning: only 0.1 MiB free in')
     assert warning < result.output.index('tick 0')

@@ -2,7 +2,6 @@
 
 import json
 import os
-import socket
 
 import numpy as np
 import PIL.Image
@@ -13,7 +12,7 @@ from click.testing import CliRunner
 
 import fdm
 import train
-from conftest import write_image_zip
+from conftest import free_port, one_line_error, run_train_cli, write_image_zip
 from training.training_loop import training_loop
 
 # A tiny network and schedule for the loop; augmentation, dropout, warmup and gradient
@@ -75,11 +74,6 @@ def test_resume_is_bit_exact(tmp_path, tiny_zip):
     first = training_loop(run_dir=str(tmp_path / 'b1'), **loop_config(tiny_zip, total_kimg=0.008))
     assert not torch.equal(first['net'].model.enc['8x8_conv'].weight, straight['net'].model.enc['8x8_conv'].weight)
 
-def _free_port():
-    with socket.socket() as s:
-        s.bind(('127.0.0.1', 0))
-        return s.getsockname()[1]
-
 def _gloo_worker(rank, world, port, data, run_dir, out):
     os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
         LOCAL_RANK=str(rank))
@@ -91,7 +85,7 @@ def _gloo_worker(rank, world, port, data, run_dir, out):
 
 def test_two_gloo_processes_hold_identical_weights(tmp_path, tiny_zip):
     os.makedirs(tmp_path / 'run')
-    mp.start_processes(_gloo_worker, args=(2, _free_port(), tiny_zip, str(tmp_path / 'run'), str(tmp_path)),
+    mp.start_processes(_gloo_worker, args=(2, free_port(), tiny_zip, str(tmp_path / 'run'), str(tmp_path)),
         nprocs=2, start_method='spawn')
     a = torch.load(tmp_path / 'rank0.pt', weights_only=True)
     b = torch.load(tmp_path / 'rank1.pt', weights_only=True)
@@ -101,49 +95,39 @@ def test_two_gloo_processes_hold_identical_weights(tmp_path, tiny_zip):
 #----------------------------------------------------------------------------
 # Bad input: one line that says what is wrong, no traceback, nothing started.
 
-def run_cli(*args):
-    return CliRunner().invoke(train.main, list(args))
-
-def one_line_error(result):
-    assert result.exit_code != 0
-    assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
-    lines = [line for line in result.output.splitlines() if line.startswith('Error')]
-    assert len(lines) == 1, result.output
-    return lines[0]
-
 def test_bad_inputs(tmp_path, tiny_zip):
     out = str(tmp_path / 'runs')
-    assert 'does not exist' in one_line_error(run_cli('--outdir', out, '--data', str(tmp_path / 'nope.zip'), '-n'))
+    assert 'does not exist' in one_line_error(run_train_cli('--outdir', out, '--data', str(tmp_path / 'nope.zip'), '-n'))
     os.makedirs(tmp_path / 'empty')
-    assert 'no image files' in one_line_error(run_cli('--outdir', out, '--data', str(tmp_path / 'empty'), '-n')).lower()
+    assert 'no image files' in one_line_error(run_train_cli('--outdir', out, '--data', str(tmp_path / 'empty'), '-n')).lower()
     os.makedirs(tmp_path / 'rect')
     PIL.Image.new('RGB', (8, 6)).save(tmp_path / 'rect' / 'a.png')
-    assert 'square' in one_line_error(run_cli('--outdir', out, '--data', str(tmp_path / 'rect'), '-n'))
+    assert 'square' in one_line_error(run_train_cli('--outdir', out, '--data', str(tmp_path / 'rect'), '-n'))
     os.makedirs(tmp_path / 'mixed')
     PIL.Image.new('RGB', (8, 8)).save(tmp_path / 'mixed' / 'a.png')
     PIL.Image.new('RGB', (16, 16)).save(tmp_path / 'mixed' / 'b.png')
-    assert 'b.png' in one_line_error(run_cli('--outdir', out, '--data', str(tmp_path / 'mixed'), '-n'))
+    assert 'b.png' in one_line_error(run_train_cli('--outdir', out, '--data', str(tmp_path / 'mixed'), '-n'))
     unlabeled = write_image_zip(tmp_path / 'unlabeled.zip', num_classes=0)
-    assert '--cond' in one_line_error(run_cli('--outdir', out, '--data', unlabeled, '--cond=1', '-n'))
-    assert 'divisible' in one_line_error(run_cli('--outdir', out, '--data', tiny_zip, '--batch=10', '--batch-gpu=4', '-n'))
-    assert 'cannot be combined' in one_line_error(run_cli('--outdir', out, '--data', tiny_zip, '--resume', tiny_zip,
+    assert '--cond' in one_line_error(run_train_cli('--outdir', out, '--data', unlabeled, '--cond=1', '-n'))
+    assert 'divisible' in one_line_error(run_train_cli('--outdir', out, '--data', tiny_zip, '--batch=10', '--batch-gpu=4', '-n'))
+    assert 'cannot be combined' in one_line_error(run_train_cli('--outdir', out, '--data', tiny_zip, '--resume', tiny_zip,
         '--transfer', tiny_zip, '-n'))
-    assert 'training-state' in one_line_error(run_cli('--outdir', out, '--data', tiny_zip, '--resume', str(tmp_path / 'empty'), '-n'))
+    assert 'training-state' in one_line_error(run_train_cli('--outdir', out, '--data', tiny_zip, '--resume', str(tmp_path / 'empty'), '-n'))
     assert not os.path.exists(out)
 
 def test_dry_run_options_and_warnings(tiny_zip, tmp_path):
-    result = run_cli('--outdir', str(tmp_path), '--data', tiny_zip, '--precond=edm', '--warmup_ite=100', '--fdm_multipler=1', '-n')
+    result = run_train_cli('--outdir', str(tmp_path), '--data', tiny_zip, '--precond=edm', '--warmup_ite=100', '--fdm_multipler=1', '-n')
     assert result.exit_code == 0, result.output
     assert 'Warning: --warmup_ite has no effect with --precond=edm' in result.output
     assert 'Warning: --fdm_multiplier has no effect with --precond=edm' in result.output
     config = json.loads(result.output[result.output.index('{'):result.output.rindex('}') + 1])
     assert config['network_kwargs']['class_name'] == 'EDMPrecond' and 'warmup_ite' not in config['loss_kwargs']
     assert config['lr_rampup_kimg'] == 10000 and config['ema_halflife_kimg'] == 500 and config['batch_size'] == 512
-    result = run_cli('--outdir', str(tmp_path), '--data', tiny_zip, '--precond=fdm_vp', '--fdm_multipler=1', '-n')
+    result = run_train_cli('--outdir', str(tmp_path), '--data', tiny_zip, '--precond=fdm_vp', '--fdm_multipler=1', '-n')
     config = json.loads(result.output[result.output.index('{'):result.output.rindex('}') + 1])
     assert config['network_kwargs']['fdm_multiplier'] == 1.0 and config['loss_kwargs']['class_name'] == 'VPLoss'
     assert isinstance(config['seed'], int)  # drawn without CUDA and recorded
-    result = run_cli('--outdir', str(tmp_path), '--data', tiny_zip, '--precond=fdm_ve', '--fdm_multiplier=2', '-n')
+    result = run_train_cli('--outdir', str(tmp_path), '--data', tiny_zip, '--precond=fdm_ve', '--fdm_multiplier=2', '-n')
     assert 'Warning: --fdm_multiplier has no effect with --precond=fdm_ve' in result.output
 
 #----------------------------------------------------------------------------

@@ -210,6 +210,17 @@ def check_labels(class_labels, label_dim):
         raise ValueError(f'This network is class-conditional (label_dim={label_dim}); pass class_labels of shape [N, {label_dim}].')
 
 #----------------------------------------------------------------------------
+# The start of one decoder level, the same in DDPM++/NCSN++ and ADM: the bottleneck pair
+# (`in0` with attention, `in1`) at the deepest level, an upsampling block (`up`) elsewhere.
+
+def add_decoder_head(dec, res, deepest, channels, block_kwargs):
+    if deepest:
+        dec[f'{res}x{res}_in0'] = UNetBlock(channels, channels, attention=True, **block_kwargs)
+        dec[f'{res}x{res}_in1'] = UNetBlock(channels, channels, **block_kwargs)
+    else:
+        dec[f'{res}x{res}_up'] = UNetBlock(channels, channels, up=True, **block_kwargs)
+
+#----------------------------------------------------------------------------
 # DDPM++ and NCSN++ U-Net of Song et al., "Score-Based Generative Modeling through SDEs" (ICLR 2021).
 
 class SongUNet(torch.nn.Module):
@@ -273,11 +284,7 @@ class SongUNet(torch.nn.Module):
         self.dec = torch.nn.ModuleDict()
         for level, mult in reversed(list(enumerate(channel_mult))):
             res = img_resolution >> level
-            if level == len(channel_mult) - 1:
-                self.dec[f'{res}x{res}_in0'] = UNetBlock(cout, cout, attention=True, **block_kwargs)
-                self.dec[f'{res}x{res}_in1'] = UNetBlock(cout, cout, **block_kwargs)
-            else:
-                self.dec[f'{res}x{res}_up'] = UNetBlock(cout, cout, up=True, **block_kwargs)
+            add_decoder_head(self.dec, res, level == len(channel_mult) - 1, cout, block_kwargs)
             for idx in range(num_blocks + 1):
                 cin, cout = cout + skips.pop(), model_channels * mult
                 attn = (idx == num_blocks and res in attn_resolutions)
@@ -375,11 +382,7 @@ class DhariwalUNet(torch.nn.Module):
         self.dec = torch.nn.ModuleDict()
         for level, mult in reversed(list(enumerate(channel_mult))):
             res = img_resolution >> level
-            if level == len(channel_mult) - 1:
-                self.dec[f'{res}x{res}_in0'] = UNetBlock(cout, cout, attention=True, **block_kwargs)
-                self.dec[f'{res}x{res}_in1'] = UNetBlock(cout, cout, **block_kwargs)
-            else:
-                self.dec[f'{res}x{res}_up'] = UNetBlock(cout, cout, up=True, **block_kwargs)
+            add_decoder_head(self.dec, res, level == len(channel_mult) - 1, cout, block_kwargs)
             for idx in range(num_blocks + 1):
                 cin, cout = cout + skips.pop(), model_channels * mult
                 self.dec[f'{res}x{res}_block{idx}'] = UNetBlock(cin, cout, attention=(res in attn_resolutions), **block_kwargs)

@@ -21,7 +21,6 @@ import zipfile
 
 import click
 import numpy as np
-import PIL.Image
 import scipy
 import scipy.linalg
 import torch
@@ -209,17 +208,6 @@ def generated_batches(net, sampler_name, sampler_kwargs, seeds, device, batch=64
             pad_to=pad_to)
         yield batch_seeds, torch.from_numpy(generate.to_uint8(images)).permute(0, 3, 1, 2)  # [N, H, W, C] -> [N, C, H, W]
 
-def save_pngs(outdir, seeds, images):
-    """uint8 [N, C, H, W] -> outdir/{seed - seed % 1000:06d}/{seed:06d}.png, generate.py --subdirs' layout,
-    through a temporary name so that a folder scan never sees half an image."""
-    for seed, image in zip(seeds, images.permute(0, 2, 3, 1).numpy()):
-        folder = os.path.join(outdir, f'{seed - seed % 1000:06d}')
-        os.makedirs(folder, exist_ok=True)
-        pixels = image[:, :, 0] if image.shape[2] == 1 else image  # one channel as grayscale (mode L)
-        tmp = os.path.join(folder, f'.tmp-{seed:06d}.part')
-        PIL.Image.fromarray(np.ascontiguousarray(pixels)).save(tmp, format='PNG')
-        os.replace(tmp, os.path.join(folder, f'{seed:06d}.png'))
-
 def make_outdir(path):
     try:
         os.makedirs(path, exist_ok=True)
@@ -230,12 +218,13 @@ def generated_stats(net, sampler_name, sampler_kwargs, seeds, detector, batch=64
         outdir=None, progress=True, fixed_shape=False):
     """(mu, sigma) of the features of the images of `seeds`, shared among torchrun's ranks as
     generate.py shares them; with `outdir` the PNGs are written too."""
+    import generate  # noqa: only the generating paths need the sampler
     sums = FeatureSums(detector)
     for batch_seeds, images in generated_batches(net, sampler_name, sampler_kwargs, seeds, detector.device, batch,
             class_idx, precision, progress, fixed_shape):
         if outdir is not None:
             make_outdir(outdir)  # once per batch is cheap, and reports an unwritable folder before any work is lost
-            save_pngs(outdir, batch_seeds, images)
+            generate.save_images(images.permute(0, 2, 3, 1).numpy(), batch_seeds, outdir, subdirs=True)  # generate.py's files
         sums.add(images.to(detector.device))
     return sums.stats()
 

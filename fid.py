@@ -28,6 +28,7 @@ import tqdm
 
 import dnnlib
 from torch_utils import distributed as dist, precision as precision_lib
+from torch_utils.compile_modes import COMPILE_MODES, resolve_compile_mode
 from torch_utils.inception import DetectorError, load_detector
 from training.dataset import DatasetError, ImageFolderDataset
 
@@ -319,14 +320,14 @@ def parse_seeds(s):
 steps_option = click.option('--steps', help='Sampling steps', metavar='INT', type=click.IntRange(min=1), default=18, show_default=True)
 def compile_options(fn):
     fn = click.option('--compile-mode', 'compile_mode', help='torch.compile mode; reduce-overhead and max-autotune use CUDA graphs  [default: default]',
-        type=click.Choice(['default', 'reduce-overhead', 'max-autotune']))(fn)
+        type=click.Choice(COMPILE_MODES))(fn)
     return click.option('--compile', 'compile_net', help='torch.compile the network while sampling (one batch shape)', is_flag=True)(fn)
 
-# generate.py's rule: --compile-mode alone is a mistake; --compile alone means the default mode.
 def resolve_compile(compile_net, compile_mode):
-    if compile_mode is not None and not compile_net:
-        raise click.UsageError('--compile-mode applies only with --compile; add --compile or drop --compile-mode')
-    return (compile_mode or 'default') if compile_net else None
+    try:
+        return resolve_compile_mode(compile_net, compile_mode)
+    except ValueError as err:
+        raise click.UsageError(str(err)) from None
 
 precision_option = click.option('--precision', help='Network precision while sampling (the detector is unaffected)',
     type=click.Choice(list(precision_lib.PRECISIONS)), default='fp32', show_default=True)

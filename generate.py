@@ -26,6 +26,7 @@ import dnnlib
 from fdm.checkpoint import CheckpointError, load_network
 from fdm.samplers import SAMPLERS, PerSeedGenerator, sampler_nfe, sampler_settings, sampler_sigma_range
 from torch_utils import distributed, precision as precision_lib
+from torch_utils.compile_modes import COMPILE_MODES, resolve_compile_mode
 
 #----------------------------------------------------------------------------
 # A user error: generate() raises it, main() shows it as a one-line click error.
@@ -180,8 +181,6 @@ def generate_batch(net, sampler_name, sampler_kwargs, batch_seeds, device, class
 #----------------------------------------------------------------------------
 # Speed: torch.compile of the network, the automatic batch size, PNG writing beside sampling.
 
-COMPILE_MODES = ('default', 'reduce-overhead', 'max-autotune')  # torch.compile modes; the last two use CUDA graphs
-
 def compile_net(net, mode='default'):
     """The denoiser with its U-Net F (net.model) compiled for fixed shapes. The preconditioner
     around F (a few scalar operations per call) stays eager. A shallow copy: the parameters are
@@ -270,11 +269,10 @@ def generate(network, outdir, seeds=range(64), subdirs=False, class_idx=None, ma
     seeds = list(seeds)
     if not seeds:
         raise GenerateError('--seeds is empty; give seeds like 0-63')
-    if compile_mode is not None and not compile:
-        raise GenerateError('--compile-mode applies only with --compile; add --compile or drop --compile-mode')
-    compile_mode = (compile_mode or 'default') if compile else None
-    if compile_mode not in (None, *COMPILE_MODES):
-        raise GenerateError(f'unknown --compile-mode {compile_mode!r}; expected one of {", ".join(COMPILE_MODES)}')
+    try:
+        compile_mode = resolve_compile_mode(compile, compile_mode)
+    except ValueError as err:
+        raise GenerateError(str(err)) from None
     if grid is not None and os.path.commonpath([os.path.abspath(grid), os.path.abspath(outdir)]) == os.path.abspath(outdir):
         raise GenerateError(f'--grid {grid} lies inside --outdir, where fid.py would count it as a sample; '
             'put the grid somewhere else')

@@ -20,6 +20,7 @@ import torch
 import dnnlib
 from fdm.checkpoint import CheckpointError
 from torch_utils import distributed
+from torch_utils.compile_modes import COMPILE_MODES
 from training.config import ConfigError, next_run_dir, setup_training_config
 from training.dataset import DatasetError
 
@@ -64,7 +65,7 @@ def parse_int_list(s):
 @click.option('--fp16', help='Enable mixed-precision training', metavar='BOOL', type=bool, default=False, show_default=True)
 @click.option('--precision', help='fp32 is exact (the reference); tf32 and bf16 (autocast) are faster on GPUs', type=click.Choice(['fp32', 'tf32', 'bf16']), default='fp32', show_default=True)
 @click.option('--compile', 'compile', help='torch.compile the network', is_flag=True)
-@click.option('--compile-mode', 'compile_mode', help='torch.compile mode; reduce-overhead and max-autotune use CUDA graphs  [default: default]', type=click.Choice(['default', 'reduce-overhead', 'max-autotune']))
+@click.option('--compile-mode', 'compile_mode', help='torch.compile mode; reduce-overhead and max-autotune use CUDA graphs  [default: default]', type=click.Choice(COMPILE_MODES))
 @click.option('--channels-last', help='Channels-last memory format', is_flag=True)
 @click.option('--ls', help='Loss scaling', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=1, show_default=True)
 @click.option('--bench', help='Enable cuDNN benchmarking', metavar='BOOL', type=bool, default=True, show_default=True)

@@ -19,6 +19,7 @@ from fdm.loss import build_loss
 from fdm.preconditioning import build_precond
 from fdm.samplers import edm_sampler
 from torch_utils import precision as precision_lib
+from torch_utils.compile_modes import COMPILE_MODES
 from torch_utils.inception import Detector, FIDInceptionV3
 from torch_utils.training_stats import StatsCollector
 from training.augment import AugmentPipe
@@ -160,7 +161,7 @@ def bench_features(batch, resolution, device, iters):
 @click.option('--sample-steps', type=int, default=18, show_default=True)
 @click.option('--precision', type=click.Choice(list(precision_lib.PRECISIONS)), default='fp32', show_default=True)
 @click.option('--compile', 'compile_net', is_flag=True, help='torch.compile the network (training and sampling)')
-@click.option('--compile-mode', type=click.Choice(['default', 'reduce-overhead', 'max-autotune']), default='default',
+@click.option('--compile-mode', type=click.Choice(COMPILE_MODES), default='default',
     show_default=True, help='torch.compile mode; reduce-overhead uses CUDA graphs')
 @click.option('--channels-last', is_flag=True)
 @click.option('--iters', type=int, default=20, show_default=True)

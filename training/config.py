@@ -12,6 +12,7 @@ import zlib
 
 import dnnlib
 from fdm.preconditioning import PRECOND_BY_OPTION
+from torch_utils.compile_modes import resolve_compile_mode
 from training.dataset import DatasetError, ImageFolderDataset
 from training.networks import ARCH_PRESETS
 
@@ -100,9 +101,10 @@ def setup_training_config(data, outdir='training-runs', cond=False, arch='ddpmpp
     if fp16 and precision == 'bf16':
         raise ConfigError('--fp16=1 and --precision=bf16 are two mixed-precision modes; choose one')
     c.precision = precision
-    if compile_mode is not None and not compile:
-        raise ConfigError('--compile-mode applies only with --compile; add --compile or drop --compile-mode')
-    c.compile = (compile_mode or 'default') if compile else False
+    try:
+        c.compile = resolve_compile_mode(compile, compile_mode) or False
+    except ValueError as err:
+        raise ConfigError(str(err)) from None
     c.channels_last = channels_last
     if data_on_device not in ('auto', 'on', 'off'):
         raise ConfigError(f'--data-on-device={data_on_device} is not one of auto, on, off')

@@ -24,7 +24,7 @@ from torch_utils.inception import Detector, FIDInceptionV3
 from torch_utils.training_stats import StatsCollector
 from training.augment import AugmentPipe
 from training.config import AUGMENT_TRANSFORMS, LOSS_BY_PRECOND
-from training.training_loop import flatten_gradients, optimizer_step, update_ema
+from training.training_loop import flatten_gradients, make_optimizer, optimizer_step, update_ema
 from training.networks import ARCH_PRESETS
 from fdm.preconditioning import PRECOND_BY_OPTION
 
@@ -92,8 +92,7 @@ def bench_training(net, loss_fn, augment_pipe, batch, resolution, cond, device, 
     net = copy.deepcopy(net).train().requires_grad_(True)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     model = torch.compile(net, mode=compile_mode) if compile_mode else net
-    fused = device.type == 'cuda' and precision != 'fp32'  # as the training loop
-    optimizer = torch.optim.Adam(net.parameters(), lr=1e-4, betas=(0.9, 0.999), eps=1e-8, **(dict(fused=True) if fused else {}))
+    optimizer = make_optimizer(net.parameters(), device, precision, lr=1e-4, betas=(0.9, 0.999), eps=1e-8)
     images = torch.randint(0, 256, [batch, 3, resolution, resolution], dtype=torch.uint8, device=device)
     labels = torch.eye(10, device=device)[torch.randint(10, [batch], device=device)] if cond else torch.zeros([batch, 0], device=device)
     stats = StatsCollector(device)

@@ -115,6 +115,13 @@ def update_ema(ema_params, net_params, beta):
     torch._foreach_copy_(ema_params, torch._foreach_lerp(net_params, ema_params, beta))
 
 #----------------------------------------------------------------------------
+# Adam; the fused CUDA kernel is faster but not bit-identical to the reference's: fast modes only.
+
+def make_optimizer(params, device, precision, **adam_kwargs):
+    fused = torch.device(device).type == 'cuda' and precision != 'fp32'
+    return torch.optim.Adam(params, **adam_kwargs, **(dict(fused=True) if fused else {}))
+
+#----------------------------------------------------------------------------
 # One optimizer step: accumulation rounds (DDP syncs only on the last), the lr, non-finite
 # gradients replaced and counted, Adam. Everything stays on the device: no host synchronisation.
 
@@ -283,9 +290,7 @@ def training_loop(
     net = net.to(memory_format=memory_format)
     loss_fn = build_loss(**loss_kwargs)
     augment_pipe = AugmentPipe(**augment_kwargs) if augment_kwargs else None
-    # The fused CUDA kernel is faster but not bit-identical to the reference's Adam: fast modes only.
-    fused = device.type == 'cuda' and precision != 'fp32'
-    optimizer = torch.optim.Adam(net.parameters(), **optimizer_kwargs, **(dict(fused=True) if fused else {}))
+    optimizer = make_optimizer(net.parameters(), device, precision, **optimizer_kwargs)
     ema = copy.deepcopy(net).eval().requires_grad_(False)
     step = 0
     cur_tick = 0

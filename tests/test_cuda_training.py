@@ -85,10 +85,11 @@ def test_training_step_does_not_synchronise_with_the_host(tmp_path):
         torch.cuda.set_sync_debug_mode('default')
     assert stats.collect()['Loss/loss']['num'] == 4 * 16
 
-def test_data_on_device_refuses_a_dataset_larger_than_free_memory(tmp_path, tiny_zip, monkeypatch):
+def test_data_on_device_refuses_a_dataset_larger_than_free_memory(tmp_path, tiny_zip, monkeypatch, capsys):
     import training.training_loop as loop
     monkeypatch.setattr(loop, 'dataset_nbytes', lambda dataset: 1 << 50)
     with pytest.raises(ValueError, match='--data-on-device=on: the dataset takes'):
         training_loop(run_dir=str(tmp_path), **loop_config(tiny_zip, device='cuda', data_on_device=True))
+    capsys.readouterr()
     auto = training_loop(run_dir=str(tmp_path), **loop_config(tiny_zip, total_kimg=0.008, device='cuda', data_on_device=None))
-    assert auto['step'] == 1  # auto falls back to the data loader
+    assert auto['step'] == 1 and 'Keeping the dataset on the cuda' not in capsys.readouterr().out  # the loader, not the GPU

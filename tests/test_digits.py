@@ -1,7 +1,6 @@
 """The embedded default: digits dataset, FD-digits detector, demo pieces and the miniature reproduction."""
 
 import json
-import os
 
 import numpy as np
 import pytest

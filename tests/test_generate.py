@@ -1,7 +1,6 @@
 """generate.py end to end with tiny networks: files, seeds -> images, solvers, errors."""
 
 import json
-import math
 import os
 import subprocess
 import sys

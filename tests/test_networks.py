@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from training.networks import (ARCH_PRESETS, NETWORK_CLASSES, Conv2d, DhariwalUNet, FourierEmbedding, Linear,
+from training.networks import (ARCH_PRESETS, NETWORK_CLASSES, Conv2d, DhariwalUNet, FourierEmbedding,
                                PositionalEmbedding, SongUNet, UNetBlock, attention_op, weight_init)
 
 #----------------------------------------------------------------------------

@@ -5,7 +5,6 @@ import os
 
 import numpy as np
 import PIL.Image
-import pytest
 import torch
 import torch.multiprocessing as mp
 from click.testing import CliRunner

@@ -17,7 +17,6 @@ import torch
 
 from fdm.loss import build_loss
 from fdm.preconditioning import build_precond
-from fdm.samplers import edm_sampler
 from torch_utils import precision as precision_lib
 from torch_utils.compile_modes import COMPILE_MODES
 from torch_utils.inception import Detector, FIDInceptionV3

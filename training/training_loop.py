@@ -21,7 +21,6 @@ import numpy as np
 import psutil
 import torch
 
-import dnnlib
 from fdm.checkpoint import CheckpointError, atomic_save, load_network_file, nested_digest, save_snapshot
 from fdm.loss import build_loss
 from fdm.preconditioning import build_precond

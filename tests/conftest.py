@@ -1,6 +1,9 @@
-"""Shared fixtures: tiny datasets written inside the test."""
+"""Shared fixtures: tiny datasets written inside the test, tiny denoisers, the exact Gaussian
+denoiser, and the command-line helpers. Test modules use these through fixtures and never
+import one another."""
 
 import io
+import math
 import json
 import os
 import socket
@@ -64,3 +67,66 @@ def one_line_error(result):
     lines = [line for line in result.output.splitlines() if line.startswith('Error')]
     assert len(lines) == 1 and 'Traceback' not in result.output, result.output
     return lines[0]
+
+#----------------------------------------------------------------------------
+# Tiny denoisers: a real preconditioner around a U-Net of a few channels (8x8 images).
+
+def tiny_denoiser(name='FDM_EDMPrecond', img_resolution=8, img_channels=3, label_dim=4, model_channels=8,
+        channel_mult=(1, 2), num_blocks=1, attn_resolutions=(4,), dropout=0, wake=0.05, seed=0, **kwargs):
+    """A seeded tiny denoiser in eval mode. wake: noise added to every parameter, so that the
+    zero-initialised output layers are not zero and F (hence the sampler) matters; 0 leaves
+    the initialisation as it is. iDDPMPrecond gets the DhariwalUNet, as in the reference."""
+    import warnings
+    from fdm.preconditioning import IgnoredOptionWarning, build_precond
+    kwargs.setdefault('model_type', 'DhariwalUNet' if name == 'iDDPMPrecond' else 'SongUNet')
+    torch.manual_seed(seed)
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore', IgnoredOptionWarning)
+        net = build_precond(name, img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim,
+            model_channels=model_channels, channel_mult=list(channel_mult), num_blocks=num_blocks,
+            attn_resolutions=list(attn_resolutions), dropout=dropout, **kwargs)
+    if wake:
+        with torch.no_grad():
+            for p in net.parameters():
+                p.add_(torch.randn_like(p) * wake)
+    return net.eval()
+
+@pytest.fixture(scope='session')
+def make_tiny_net():
+    """The tiny_denoiser factory: make_tiny_net(label_dim=0, img_channels=1, ...)."""
+    return tiny_denoiser
+
+#----------------------------------------------------------------------------
+# Data ~ N(0, s_d^2) has the exact denoiser D(x; sigma) = x s_d^2 / (s_d^2 + sigma^2), and the
+# probability flow ODE maps x(sigma_a) to x(sigma_b) = x(sigma_a) sqrt(sigma_b^2 + s_d^2) / sqrt(sigma_a^2 + s_d^2).
+
+class GaussianDenoiser:
+    """The exact denoiser of N(0, s_d^2) data, recording the sigma of every call."""
+    sigma_min, sigma_max = 0.0, math.inf
+
+    def __init__(self, s_d=0.5, sigma_min=None, sigma_max=None):
+        self.s_d = s_d
+        self.sigmas = []
+        if sigma_min is not None:
+            self.sigma_min = sigma_min
+        if sigma_max is not None:
+            self.sigma_max = sigma_max
+
+    @property
+    def calls(self):
+        return len(self.sigmas)
+
+    def round_sigma(self, sigma):
+        return torch.as_tensor(sigma)
+
+    def exact_flow(self, x, sigma_a, sigma_b):
+        return x * math.sqrt(sigma_b ** 2 + self.s_d ** 2) / math.sqrt(sigma_a ** 2 + self.s_d ** 2)
+
+    def __call__(self, x, sigma, class_labels=None):
+        self.sigmas.append(float(torch.as_tensor(sigma).reshape(-1)[0]))
+        return x * self.s_d ** 2 / (self.s_d ** 2 + torch.as_tensor(sigma, dtype=x.dtype) ** 2)
+
+@pytest.fixture(scope='session')
+def gaussian_denoiser():
+    """The GaussianDenoiser class: gaussian_denoiser(s_d=0.5, sigma_min=..., sigma_max=...)."""
+    return GaussianDenoiser

@@ -1,4 +1,4 @@
-"""Non-leaking image augmentation with augmentation labels (EDM/FDM `AugmentPipe`, facts sheet section 6).
+"""Non-leaking image augmentation with augmentation labels (EDM/FDM `AugmentPipe`, as in NVlabs/edm).
 
 The transforms are those of Karras et al. 2020, "Training Generative Adversarial Networks
 with Limited Data" (ADA), Appendix B: pixel blitting, then one combined geometric warp

@@ -410,7 +410,7 @@ class DhariwalUNet(torch.nn.Module):
         return self.out_conv(F.silu(self.out_norm(x)))
 
 #----------------------------------------------------------------------------
-# The --arch presets of train.py (facts section 1); dropout, augment_dim and label_dim are added there.
+# The --arch presets of the reference train.py; dropout, augment_dim and label_dim are added by training/config.py.
 
 ARCH_PRESETS = {
     'ddpmpp': dict(model_type='SongUNet', embedding_type='positional', encoder_type='standard', decoder_type='standard',

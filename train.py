@@ -9,30 +9,24 @@ Without torchrun it trains in one process, on the GPU if there is one, else on t
 import contextlib
 import json
 import os
-import re
-import secrets
 import sys
 import warnings
 
 import click
-import torch
 
 import dnnlib
-from fdm.checkpoint import CheckpointError
 from torch_utils import distributed
 from torch_utils.compile_modes import COMPILE_MODES
-from training.config import ConfigError, next_run_dir, setup_training_config
-from training.dataset import DatasetError
+from torch_utils.errors import UserError, one_line
+from training.config import parse_cres, setup_training_config
+from training.run_dir import next_run_dir, prepare_run_dir, write_training_options
 
 #----------------------------------------------------------------------------
 
-MAX_LIST_ITEMS = 32
-
+# --cres as a click type: a bad list is a usage error naming the option.
 def parse_int_list(s):
-    """--cres: positive integers, at most MAX_LIST_ITEMS of them."""
     try:
-        return dnnlib.util.parse_int_list(s, minimum=1, max_items=MAX_LIST_ITEMS,
-            too_many='; give one channel multiplier per resolution')
+        return parse_cres(s)
     except ValueError as err:
         raise click.BadParameter(str(err)) from None
 
@@ -100,55 +94,32 @@ def _train(dry_run, opts, explicit):
         warnings.simplefilter('always')
         try:
             c, run = setup_training_config(**opts, world_size=world_size, explicit=explicit)
-        except (ConfigError, CheckpointError) as err:
-            raise click.ClickException(str(err)) from None
+        except UserError as err:
+            raise click.ClickException(one_line(err)) from None
     warning_lines = [f'Warning: {w.message}' for w in caught]
-
-    # Seed: the user's, the resumed run's, or a fresh random one shared by all ranks.
-    if c.seed is None:
-        c.seed = _resumed_seed(c.resume_state) if c.resume_state else _random_seed()
-
     if dry_run:
         click.echo('\n'.join(warning_lines + [json.dumps(c, indent=2), 'Dry run; exiting.']))
         return
 
-    run_dir = run['outdir'] if run['nosubdir'] else next_run_dir(run['outdir'], run['desc'])
-    if distributed.get_rank() == 0:
-        notes = _prepare_run_dir(run_dir, run['nosubdir'])
-        _write_json_atomic(os.path.join(run_dir, 'training_options.json'), c)
-        logger = dnnlib.util.Logger(os.path.join(run_dir, 'log.txt'))
-        print(f'Output directory: {run_dir}')
-        print('\n'.join(notes + warning_lines + [json.dumps(c, indent=2)]))  # in the log too: what resume skipped
-    from training.training_loop import training_loop  # noqa: heavy import after option checks
+    run_dir = run.outdir if run.nosubdir else next_run_dir(run.outdir, run.desc)
+    logger = None
     try:
-        training_loop(run_dir=run_dir, **c)
-    except DatasetError as err:
-        raise click.ClickException(_last_line(err)) from None
-    except (CheckpointError, ValueError) as err:
-        raise click.ClickException(' '.join(str(err).split())) from None
-    finally:
         if distributed.get_rank() == 0:
+            notes = prepare_run_dir(run_dir, run.nosubdir)
+            write_training_options(run_dir, c)
+            logger = dnnlib.util.Logger(os.path.join(run_dir, 'log.txt'))
+            print(f'Output directory: {run_dir}')
+            print('\n'.join(notes + warning_lines + [json.dumps(c, indent=2)]))  # in the log too: what resume skipped
+        from training.training_loop import training_loop  # noqa: heavy import after option checks
+        training_loop(run_dir=run_dir, dataset=run.dataset, resume=run.state, **c)
+    except UserError as err:
+        raise click.ClickException(one_line(err)) from None
+    finally:
+        if logger is not None:
             logger.close()
     distributed.shutdown()
 
 #----------------------------------------------------------------------------
-
-def _random_seed():
-    seed = torch.tensor([secrets.randbelow(2**31)], dtype=torch.int64)
-    if distributed.is_distributed():
-        seed = seed.to(distributed.device() if torch.distributed.get_backend() == 'nccl' else 'cpu')
-        torch.distributed.broadcast(seed, src=0)
-    return int(seed.item())
-
-def _resumed_seed(path):
-    from training.training_loop import load_training_state
-    return int(load_training_state(path)['seed'])
-
-# A DataLoader worker's error arrives with the worker's traceback in its message; its last line is ours.
-def _last_line(err):
-    lines = [line for line in str(err).strip().splitlines() if line.strip()]
-    last = lines[-1] if lines else type(err).__name__
-    return re.sub(r'^\w+(\.\w+)*(Error|Exception): ', '', last.strip())
 
 # A dead or hung process makes a collective fail (a closed connection, or --timeout): every
 # surviving process says so and exits at once, instead of holding the allocation. os._exit,
@@ -165,40 +136,6 @@ def _stop_on_lost_process(timeout):
         sys.stdout.flush()
         sys.stderr.flush()
         os._exit(1)
-
-def _prepare_run_dir(run_dir, nosubdir):
-    if not nosubdir and os.path.exists(run_dir):
-        raise click.ClickException(f'{run_dir} already exists; choose another --outdir')
-    try:
-        os.makedirs(run_dir, exist_ok=True)
-        probe = os.path.join(run_dir, '.write-test')
-        with open(probe, 'w') as f:
-            f.write('ok')
-        os.remove(probe)
-    except OSError as err:
-        raise click.ClickException(f'cannot write to {run_dir} ({err.strerror}); choose a writable --outdir') from None
-    return _tidy_interrupted_run(run_dir) if nosubdir else []
-
-# A run killed mid-write leaves temporary files (never a damaged result) and perhaps half a
-# stats.jsonl line; clear both before writing into the same folder again. Returns what it did.
-def _tidy_interrupted_run(run_dir):
-    leftovers = sorted(name for name in os.listdir(run_dir) if (name.startswith('.tmp-') or
-        name == 'training_options.json.tmp') and os.path.isfile(os.path.join(run_dir, name)))
-    for name in leftovers:
-        os.remove(os.path.join(run_dir, name))
-    stats = os.path.join(run_dir, 'stats.jsonl')
-    if os.path.isfile(stats):
-        with open(stats, 'rb+') as f:
-            data = f.read()
-            if data and not data.endswith(b'\n'):
-                f.truncate(data.rfind(b'\n') + 1)
-    return [f'Removed {len(leftovers)} temporary file(s) of an interrupted run: {", ".join(leftovers)}'] if leftovers else []
-
-def _write_json_atomic(path, obj):
-    tmp = path + '.tmp'
-    with open(tmp, 'w') as f:
-        json.dump(obj, f, indent=2)
-    os.replace(tmp, path)
 
 #----------------------------------------------------------------------------
 

@@ -101,6 +101,18 @@ def parse_int_list(s, minimum=0, max_items=None, too_many=''):
         out.extend(range(lo, hi + 1))
     return out
 
+# The inverse, [0, 1, 2, 7, 9, 10] -> '0-2,7,9-10': runs of consecutive integers become 'a-b'.
+def format_int_list(values):
+    parts, values = [], list(values)
+    i = 0
+    while i < len(values):
+        j = i
+        while j + 1 < len(values) and values[j + 1] == values[j] + 1:
+            j += 1
+        parts.append(str(values[i]) if i == j else f'{values[i]}-{values[j]}')
+        i = j + 1
+    return ','.join(parts)
+
 # Copy everything written to stdout/stderr into a log file (appending, line-buffered),
 # so log.txt holds what the user saw, tracebacks included.
 class Logger:

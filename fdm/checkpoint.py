@@ -14,128 +14,24 @@ example `os.system`) is refused with an error naming it. The denoiser is then re
 from our classes with the stored kwargs and its tensors loaded strictly by name.
 """
 
-import hashlib
 import json
 import math
 import os
-import tempfile
 import warnings
 
 import numpy as np
 import torch
 
 import dnnlib
+from torch_utils.fileio import FileError, atomic_save, check_digest, check_envelope, load_plain, tensors_digest
 from torch_utils.safe_pickle import PersistentRecord, PlainObject, UnsafePickleError, restricted_load
 from fdm.preconditioning import IgnoredOptionWarning, build_precond
 
 FORMAT_NAME = 'fdm-snapshot'
 FORMAT_VERSION = 1
 
-class CheckpointError(Exception):
+class CheckpointError(FileError):
     """A network or state file that cannot be used; the message says why and what to do."""
-
-#----------------------------------------------------------------------------
-# Atomic write: a temporary file in the destination folder, flushed, then renamed over
-# the destination, so a crash leaves either the old file or the complete new one.
-
-def _read_umask():
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
-
-_UMASK = _read_umask()
-
-def atomic_save(obj, path):
-    path = os.fspath(path)
-    folder = os.path.dirname(os.path.abspath(path))
-    # The temporary name says what it was for, so a leftover of a killed process is recognisable.
-    try:
-        fd, tmp = tempfile.mkstemp(dir=folder, prefix=f'.tmp-{os.path.basename(path)}-', suffix='.part')
-    except OSError as err:
-        raise CheckpointError(f'cannot write {path} ({err.strerror}); check that the folder exists and is writable') from None
-    writer = None
-    try:
-        with os.fdopen(fd, 'wb') as f:
-            os.fchmod(f.fileno(), 0o666 & ~_UMASK)  # mkstemp makes it private; make it like any other file
-            writer = _ErrorRecordingWriter(f)
-            torch.save(obj, writer)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(folder)
-    except (OSError, RuntimeError) as err:
-        # torch.save reports a failed write as a RuntimeError ("unexpected pos"); name the real cause.
-        cause = writer.error if writer is not None and writer.error is not None else err
-        if not isinstance(cause, OSError):
-            raise
-        raise CheckpointError(f'cannot write {path} ({cause.strerror or cause}); any previous version of it is '
-            'unchanged; free disk space or fix permissions, then resume') from None
-    finally:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-
-class _ErrorRecordingWriter:
-    """A file for torch.save that remembers the OSError of a failed write."""
-    def __init__(self, f):
-        self.f, self.error = f, None
-
-    def write(self, data):
-        try:
-            return self.f.write(data)
-        except OSError as err:
-            self.error = err
-            raise
-
-    def flush(self):
-        self.f.flush()
-
-# The rename itself reaches the disk only with the folder's entry; not every system can sync a folder.
-def _fsync_dir(folder):
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
-
-def tensors_digest(tensors):
-    """SHA-256 over names, dtypes, shapes and bytes of a flat {name: tensor} dict."""
-    h = hashlib.sha256()
-    for name in sorted(tensors):
-        t = tensors[name].detach().cpu().contiguous()
-        h.update(f'{name}:{t.dtype}:{tuple(t.shape)};'.encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b'')
-    return h.hexdigest()
-
-def nested_digest(obj):
-    """SHA-256 over nested dicts, lists and tuples of tensors and plain values (dict keys sorted)."""
-    h = hashlib.sha256()
-    _update_digest(h, obj)
-    return h.hexdigest()
-
-def _update_digest(h, obj):
-    if isinstance(obj, torch.Tensor):
-        t = obj.detach().cpu().contiguous()
-        h.update(f'T{t.dtype}{tuple(t.shape)};'.encode())
-        if t.numel():
-            h.update(t.reshape(-1).view(torch.uint8).numpy())
-    elif isinstance(obj, dict):
-        h.update(f'D{len(obj)};'.encode())
-        for key in sorted(obj, key=repr):
-            h.update(f'{key!r}='.encode())
-            _update_digest(h, obj[key])
-    elif isinstance(obj, (list, tuple)):
-        h.update(f'L{len(obj)};'.encode())
-        for value in obj:
-            _update_digest(h, value)
-    elif obj is None or isinstance(obj, (bool, int, float, str)):
-        h.update(f'{type(obj).__name__}:{obj!r};'.encode())
-    else:
-        raise TypeError(f'cannot digest {type(obj).__name__}')
 
 #----------------------------------------------------------------------------
 # Our snapshot format.
@@ -160,21 +56,14 @@ def save_snapshot(path, ema, loss_fn=None, augment_pipe=None, dataset_kwargs=Non
         ema=state, sha256=tensors_digest(state)), path)
 
 def _read_snapshot(f, name):
-    try:
-        data = torch.load(f, map_location='cpu', weights_only=True)
-    except Exception as err:
-        raise CheckpointError(f'{name}: cannot be read as a snapshot ({type(err).__name__}: {err}); '
-            'the file is damaged or truncated, use another snapshot') from None
-    if not isinstance(data, dict) or data.get('format') != FORMAT_NAME:
-        raise CheckpointError(f'{name}: not an FDM network snapshot; pass a network-snapshot file')
-    if data.get('version') != FORMAT_VERSION:
-        raise CheckpointError(f'{name}: snapshot format version {data.get("version")} is not supported '
-            f'(this code reads version {FORMAT_VERSION}); update the code')
+    remedy = 'use another snapshot'
+    data = load_plain(f, name, remedy, error=CheckpointError)
+    check_envelope(data, FORMAT_NAME, (FORMAT_VERSION,), name, 'an FDM network snapshot', 'pass a network-snapshot file',
+        error=CheckpointError)
     tensors = data.get('ema')
     if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()):
-        raise CheckpointError(f'{name}: the snapshot holds no network tensors; the file is damaged, use another snapshot')
-    if tensors_digest(tensors) != data.get('sha256'):
-        raise CheckpointError(f'{name}: checksum mismatch, the file is damaged; use another snapshot')
+        raise CheckpointError(f'{name}: the snapshot holds no network tensors; the file is damaged, {remedy}')
+    check_digest(data.get('sha256'), tensors_digest(tensors), name, remedy, error=CheckpointError)
     return data
 
 def load_snapshot(f, name='snapshot'):

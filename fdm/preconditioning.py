@@ -19,6 +19,7 @@ import torch
 
 from fdm.momentum import momentum_scale
 from fdm.schedules import iddpm_sigmas, nearest_index, vp_sigma, vp_sigma_inv, vp_sigma_range
+from training.networks import NETWORK_CLASSES  # F itself: the U-Nets are machinery, shared with EDM, not FDM's method
 
 #----------------------------------------------------------------------------
 # Raised (as a warning) for an option that the chosen preconditioner ignores.
@@ -36,7 +37,6 @@ class Precond(torch.nn.Module):
 
     def __init__(self, img_resolution, img_channels, label_dim=0, use_fp16=False, model_type=None, **kwargs):
         super().__init__()
-        from training.networks import NETWORK_CLASSES  # imported here: training/ imports fdm/ too
         model_type = model_type or self.default_model_type
         if model_type not in NETWORK_CLASSES:
             raise ValueError(f'unknown model_type {model_type!r}; expected one of {sorted(NETWORK_CLASSES)}')
@@ -196,13 +196,10 @@ class FDM_EDMPrecond(MomentumPrecond, EDMPrecond):
     default_model_type = 'SongUNet'
 
 #----------------------------------------------------------------------------
-# Name -> class, for checkpoints and --precond.
+# Name -> class, for checkpoints and the --precond table (fdm.methods).
 
 PRECOND_CLASSES = {cls.__name__: cls for cls in [VPPrecond, VEPrecond, iDDPMPrecond, EDMPrecond,
     FDM_VPPrecond, FDM_VEPrecond, FDM_EDMPrecond]}
-
-PRECOND_BY_OPTION = dict(vp='VPPrecond', ve='VEPrecond', iddpm='iDDPMPrecond', edm='EDMPrecond',
-    fdm_vp='FDM_VPPrecond', fdm_ve='FDM_VEPrecond', fdm_edm='FDM_EDMPrecond')
 
 def build_precond(class_name, **init_kwargs):
     """Construct a preconditioner (and its U-Net) from its class name and constructor kwargs."""

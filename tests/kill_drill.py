@@ -36,7 +36,7 @@ import torch  # noqa: E402
 
 from conftest import write_image_zip  # noqa: E402
 from fdm.checkpoint import CheckpointError, load_network_file  # noqa: E402
-from training.training_loop import STATE_NAME, load_training_state  # noqa: E402
+from training.training_state import STATE_NAME, load_training_state  # noqa: E402
 
 #----------------------------------------------------------------------------
 # One training process, watched line by line.

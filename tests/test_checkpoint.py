@@ -7,29 +7,20 @@ import os
 import pickle
 import threading
 
-import numpy as np
 import pytest
 import torch
 from click.testing import CliRunner
 
-import dnnlib
 import fdm
 from fdm.checkpoint import CheckpointError, load_network_file, save_snapshot
 from fdm.convert import main as convert_main
 from fdm.preconditioning import PRECOND_CLASSES
-from torch_utils import persistence
+from reference_pickle import MARKER_SOURCE, write_reference_pickle
 
-TINY = dict(img_resolution=8, img_channels=3, label_dim=4, augment_dim=9, model_channels=8, channel_mult=[1, 2],
-    num_blocks=1, attn_resolutions=[4], dropout=0.0)
-
-def tiny(name='FDM_EDMPrecond', **kwargs):
-    torch.manual_seed(0)
-    model_type = 'DhariwalUNet' if name == 'iDDPMPrecond' else 'SongUNet'
-    net = PRECOND_CLASSES[name](model_type=model_type, **{**TINY, **kwargs})
-    with torch.no_grad():  # make every tensor distinctive (zero-initialised layers included)
-        for p in net.parameters():
-            p.add_(torch.randn_like(p) * 0.01)
-    return net.eval()
+# The tiny denoiser with augmentation labels; wake makes every tensor distinctive (zero-initialised layers included).
+@pytest.fixture(scope='module')
+def tiny(make_tiny_net):
+    return functools.partial(make_tiny_net, augment_dim=9, wake=0.01)
 
 def outputs(net):
     g = torch.Generator().manual_seed(1)
@@ -39,48 +30,9 @@ def outputs(net):
     return net(x, torch.tensor([0.5, 20.0]), labels, augment_labels=aug)
 
 #----------------------------------------------------------------------------
-# A writer of the documented reference format (facts section 11): every module except the
-# torch containers reduces to _reconstruct_persistent_obj(meta) with its source and state.
-
-MARKER_SOURCE = "open({path!r}, 'w').write('pwned')\n"
-
-class ReferenceFormatPickler(pickle.Pickler):
-    def __init__(self, f, top, module_src='', top_class_name=None):
-        super().__init__(f, protocol=4)
-        self.top = top
-        self.module_src = module_src
-        self.top_class_name = top_class_name or type(top).__name__
-
-    def reducer_override(self, obj):
-        if isinstance(obj, torch.nn.Module) and type(obj).__module__ != 'torch.nn.modules.container':
-            state = dict(obj.__dict__)
-            state.pop('init_kwargs', None)  # ours, not the reference's
-            state['_init_args'] = ()
-            state['_init_kwargs'] = dict(obj.init_kwargs) if obj is self.top else {}
-            if obj is self.top:
-                state['sigma_data'] = np.float64(0.5)  # numpy scalars occur in real files
-            return self.record(self.top_class_name if obj is self.top else type(obj).__name__, state)
-        if isinstance(obj, FakeLoss):
-            return self.record('EDMLoss', dict(P_mean=-1.2, P_std=1.2, sigma_data=0.5, clamp_cur=np.float64(37.5),
-                _init_args=(), _init_kwargs=dict(warmup_ite=np.float64(100.0))))
-        return NotImplemented
-
-    def record(self, class_name, state):
-        meta = dict(type='class', version=6, module_src=self.module_src, class_name=class_name, state=state)
-        return persistence._reconstruct_persistent_obj, (meta,)
-
-class FakeLoss:
-    pass
-
-def write_reference_pickle(path, net, module_src='', class_name=None):
-    with open(path, 'wb') as f:
-        ReferenceFormatPickler(f, net, module_src, class_name).dump(dict(ema=net, loss_fn=FakeLoss(), augment_pipe=None,
-            dataset_kwargs=dnnlib.EasyDict(class_name='training.dataset.ImageFolderDataset', path='x.zip', resolution=8)))
-
-#----------------------------------------------------------------------------
 
 @pytest.mark.parametrize('name', sorted(PRECOND_CLASSES))
-def test_snapshot_round_trip_is_exact(tmp_path, name):
+def test_snapshot_round_trip_is_exact(tmp_path, name, tiny):
     net = tiny(name)
     save_snapshot(tmp_path / 'snap.pt', net)
     loaded = fdm.load_network(tmp_path / 'snap.pt')
@@ -92,7 +44,7 @@ def test_snapshot_round_trip_is_exact(tmp_path, name):
     torch.load(tmp_path / 'snap.pt', weights_only=True)
 
 @pytest.mark.parametrize('name', sorted(PRECOND_CLASSES))
-def test_reference_pickle_loads(tmp_path, name):
+def test_reference_pickle_loads(tmp_path, name, tiny):
     net = tiny(name)
     marker = tmp_path / 'marker'
     write_reference_pickle(tmp_path / 'ref.pkl', net, module_src=MARKER_SOURCE.format(path=str(marker)))
@@ -103,7 +55,7 @@ def test_reference_pickle_loads(tmp_path, name):
     assert data['dataset_kwargs']['resolution'] == 8
     assert not marker.exists()  # the embedded source was never executed
 
-def test_reference_pickle_never_runs_embedded_source_or_unknown_classes(tmp_path):
+def test_reference_pickle_never_runs_embedded_source_or_unknown_classes(tmp_path, tiny):
     marker = tmp_path / 'marker'
     write_reference_pickle(tmp_path / 'evil.pkl', tiny(), module_src=MARKER_SOURCE.format(path=str(marker)),
         class_name='Backdoor')
@@ -111,7 +63,7 @@ def test_reference_pickle_never_runs_embedded_source_or_unknown_classes(tmp_path
         fdm.load_network(tmp_path / 'evil.pkl')
     assert not marker.exists()
 
-def test_plain_unpickling_of_reference_file_refuses(tmp_path):
+def test_plain_unpickling_of_reference_file_refuses(tmp_path, tiny):
     write_reference_pickle(tmp_path / 'ref.pkl', tiny())
     with open(tmp_path / 'ref.pkl', 'rb') as f, pytest.raises(RuntimeError, match='fdm.load_network'):
         pickle.load(f)
@@ -150,7 +102,7 @@ def test_nested_storage_pickle_is_restricted_too(tmp_path):
 #----------------------------------------------------------------------------
 # Damaged files.
 
-def test_corrupted_and_truncated_snapshots(tmp_path):
+def test_corrupted_and_truncated_snapshots(tmp_path, tiny):
     save_snapshot(tmp_path / 'snap.pt', tiny())
     raw = (tmp_path / 'snap.pt').read_bytes()
     (tmp_path / 'trunc.pt').write_bytes(raw[: len(raw) // 2])
@@ -166,7 +118,7 @@ def test_corrupted_and_truncated_snapshots(tmp_path):
     with pytest.raises(CheckpointError, match='damaged'):
         fdm.load_network(tmp_path / 'bad.pt')
 
-def test_truncated_reference_pickle(tmp_path):
+def test_truncated_reference_pickle(tmp_path, tiny):
     write_reference_pickle(tmp_path / 'ref.pkl', tiny())
     raw = (tmp_path / 'ref.pkl').read_bytes()
     (tmp_path / 'trunc.pkl').write_bytes(raw[: len(raw) * 2 // 3])
@@ -183,7 +135,7 @@ def test_not_a_network_file(tmp_path):
 #----------------------------------------------------------------------------
 # URLs are downloaded once into the cache; the converter writes our format.
 
-def test_load_from_url_uses_cache(tmp_path, monkeypatch):
+def test_load_from_url_uses_cache(tmp_path, monkeypatch, tiny):
     save_snapshot(tmp_path / 'snap.pt', tiny())
     monkeypatch.setenv('FDM_CACHE_DIR', str(tmp_path / 'cache'))
     handler = functools.partial(http.server.SimpleHTTPRequestHandler, directory=str(tmp_path))
@@ -200,7 +152,7 @@ def test_load_from_url_uses_cache(tmp_path, monkeypatch):
     assert torch.equal(outputs(a), outputs(b))
     assert len(os.listdir(tmp_path / 'cache' / 'downloads')) == 1
 
-def test_convert_command(tmp_path):
+def test_convert_command(tmp_path, tiny):
     net = tiny('FDM_VEPrecond', fdm_multiplier=2.0)
     write_reference_pickle(tmp_path / 'ref.pkl', net)
     result = CliRunner().invoke(convert_main, [str(tmp_path / 'ref.pkl'), str(tmp_path / 'out.pt')])

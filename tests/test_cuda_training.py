@@ -7,12 +7,12 @@ import pytest
 import torch
 
 from conftest import write_image_zip
-from test_fast_training import reference_sanitize, small_net
-from test_train import assert_same_state, loop_config
+from train_helpers import assert_same_state, loop_config, reference_sanitize, small_net
 from training.dataset import DeviceBatches, ImageFolderDataset, InfiniteSampler
-from training.training_loop import flatten_gradients, gradient_buffers, sanitize_gradients, training_loop, update_ema
+from training.train_step import flatten_gradients, gradient_buffers, sanitize_gradients, update_ema
+from training.training_loop import training_loop
 
-pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')
+pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')]
 
 def test_multi_tensor_ema_equals_lerp_on_cuda():
     torch.manual_seed(0)
@@ -61,7 +61,7 @@ def test_training_step_does_not_synchronise_with_the_host(tmp_path):
     from torch_utils.training_stats import StatsCollector
     from training.augment import AugmentPipe
     from training.config import AUGMENT_TRANSFORMS
-    from training.training_loop import optimizer_step
+    from training.train_step import optimizer_step
     dataset = ImageFolderDataset(write_image_zip(tmp_path / 'd.zip', num_images=16, num_classes=4), use_labels=True, xflip=True)
     batches = DeviceBatches(dataset, InfiniteSampler(dataset, seed=0), 8, 'cuda')
     c = loop_config('unused')
@@ -88,7 +88,8 @@ def test_training_step_does_not_synchronise_with_the_host(tmp_path):
 def test_data_on_device_refuses_a_dataset_larger_than_free_memory(tmp_path, tiny_zip, monkeypatch, capsys):
     import training.training_loop as loop
     monkeypatch.setattr(loop, 'dataset_nbytes', lambda dataset: 1 << 50)
-    with pytest.raises(ValueError, match='--data-on-device=on: the dataset takes'):
+    from training.config import ConfigError
+    with pytest.raises(ConfigError, match='--data-on-device=on: the dataset takes'):
         training_loop(run_dir=str(tmp_path), **loop_config(tiny_zip, device='cuda', data_on_device=True))
     capsys.readouterr()
     auto = training_loop(run_dir=str(tmp_path), **loop_config(tiny_zip, total_kimg=0.008, device='cuda', data_on_device=None))

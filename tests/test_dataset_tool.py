@@ -1,5 +1,8 @@
-"""dataset_tool.py on tiny fake sources (CIFAR-10 tarball, MNIST idx, folders, zips) written
-inside each test; every result is read back with training/dataset.py's ImageFolderDataset."""
+"""Dataset conversion (training/dataset_sources.py, training/dataset_writer.py, and the
+dataset_tool.py command line) on tiny fake sources (CIFAR-10 tarball, MNIST idx, folders, zips)
+written inside each test; every result is read back with training/dataset.py's ImageFolderDataset."""
+
+import _codecs
 
 import gzip
 import io
@@ -16,7 +19,10 @@ import pytest
 from click.testing import CliRunner
 
 import dataset_tool
+from training import dataset_writer
 from training.dataset import ImageFolderDataset
+from training.dataset_sources import DatasetToolError, parse_resolution
+from training.dataset_writer import convert_dataset
 
 #----------------------------------------------------------------------------
 # Helpers.
@@ -62,6 +68,7 @@ def png_is_stored(png):
 #----------------------------------------------------------------------------
 # Fake CIFAR-10: the real batches are Python 2 pickles (protocol 2) whose strings, including the
 # array bytes, are 8-bit str opcodes and whose arrays name numpy.core.multiarray._reconstruct.
+# Python 3 at protocol 2 writes every bytes object as _codecs.encode(str, 'latin1') instead.
 
 class _Python2Pickler(pickle._Pickler):
     dispatch = pickle._Pickler.dispatch.copy()
@@ -79,7 +86,12 @@ def pickle_batch(obj, style):
         raw = buf.getvalue().replace(b'cnumpy._core.multiarray\n', b'cnumpy.core.multiarray\n')
         assert b'cnumpy.core.multiarray\n_reconstruct' in raw and b'_codecs' not in raw
         return raw
-    return pickle.dumps(obj, protocol=int(style[-1])) # 'py3-4' or 'py3-5' (numpy >= 2 names)
+    if style == 'py3-2-bytes-keys': # re-pickled after pickle.load(encoding='bytes'), as the CIFAR-10 page loads it
+        obj = {key.encode(): value.encode() if isinstance(value, str) else
+            [v.encode() for v in value] if key == 'filenames' else value for key, value in obj.items()}
+    raw = pickle.dumps(obj, protocol=int(style[4])) # 'py3-2', 'py3-4' or 'py3-5' (numpy >= 2 names)
+    assert (b'c_codecs\nencode' in raw) == style.startswith('py3-2')
+    return raw
 
 def write_tar(path, members):
     with tarfile.open(path, 'w:gz') as tar:
@@ -121,7 +133,7 @@ def make_mnist(folder, num=5, with_labels=True):
 #----------------------------------------------------------------------------
 # CIFAR-10.
 
-@pytest.mark.parametrize('style', ['py2', 'py3-4', 'py3-5'])
+@pytest.mark.parametrize('style', ['py2', 'py3-2', 'py3-2-bytes-keys', 'py3-4', 'py3-5'])
 def test_cifar10_to_zip(tmp_path, style):
     source, images, labels = make_cifar(tmp_path / 'downloads' / 'cifar10', style=style)
     dest = tmp_path / 'datasets' / 'cifar10-32x32.zip' # datasets/ does not exist yet
@@ -148,29 +160,48 @@ def test_cifar10_to_zip(tmp_path, style):
 
 def test_cifar10_max_images_spans_batches(tmp_path):
     source, images, labels = make_cifar(tmp_path)
-    assert dataset_tool.convert_dataset(source, tmp_path / 'out.zip', max_images=3) == 3
+    assert convert_dataset(source, tmp_path / 'out.zip', max_images=3) == 3
     names, decoded, meta, _ = read_zip(tmp_path / 'out.zip')
     assert names[:-1] == [f'00000/img{i:08d}.png' for i in range(3)]
     np.testing.assert_array_equal(pixels(decoded['00000/img00000002.png']), images[2]) # first image of batch 2
     assert [label for _, label in meta['labels']] == labels[:3]
 
-@pytest.mark.parametrize('attack', ['os.system', 'builtins.exec'])
-def test_cifar10_malicious_pickle_is_refused_without_running(tmp_path, attack):
+# Protocol 2 as well as 4: allowing _codecs.encode for protocol 2's bytes must not let anything else in.
+@pytest.mark.parametrize('protocol', [2, 4])
+@pytest.mark.parametrize('attack', ['os.system', 'builtins.exec', 'builtins.eval', '_codecs.decode'])
+def test_cifar10_malicious_pickle_is_refused_without_running(tmp_path, attack, protocol):
     marker = tmp_path / 'pwned'
     class Payload:
         def __reduce__(self):
             if attack == 'os.system':
                 return (os.system, (f'touch {marker}',))
-            return (exec, (f'open({str(marker)!r}, "w").close()',))
+            if attack == '_codecs.decode':
+                return (_codecs.decode, (b'x', 'latin1'))
+            code = f'open({str(marker)!r}, "w").close()'
+            return (exec, (code,)) if attack == 'builtins.exec' else (eval, (f'exec({code!r})',))
     good = {'labels': [0], 'data': np.zeros([1, 3072], np.uint8)}
     evil = {'labels': [0], 'data': Payload()}
-    members = {f'cifar-10-batches-py/data_batch_{b}': pickle.dumps(evil if b == 2 else good, protocol=4) for b in range(1, 6)}
+    members = {f'cifar-10-batches-py/data_batch_{b}': pickle.dumps(evil if b == 2 else good, protocol=protocol) for b in range(1, 6)}
     source = write_tar(tmp_path / 'cifar-10-python.tar.gz', members)
     dest = tmp_path / 'out' / 'cifar.zip'
     result = run('--source', source, '--dest', dest)
     assert_one_line_error(result, 'data_batch_2', 'refusing to unpickle')
-    assert ('posix.system' in result.stderr or 'os.system' in result.stderr) if attack == 'os.system' else 'builtins.exec' in result.stderr
+    # The error names the global as the pickle wrote it: os.system is posix.system on Linux, and
+    # protocol 2 writes builtins as __builtin__.
+    written = {'os.system': ['posix.system', 'os.system'], '_codecs.decode': ['_codecs.decode']}.get(attack,
+        [attack, attack.replace('builtins.', '__builtin__.')])
+    assert any(f'asks to load {name},' in result.stderr for name in written), result.stderr
     assert not marker.exists()
+    assert not (tmp_path / 'out').exists()
+
+# _codecs.encode is allowed only as protocol 2 uses it (a latin1 str to bytes), not as a general codec call.
+def test_cifar10_codecs_encode_with_another_codec_is_refused(tmp_path):
+    class Payload:
+        def __reduce__(self):
+            return (_codecs.encode, ('text', 'rot13'))
+    members = {f'cifar-10-batches-py/data_batch_{b}': pickle.dumps({'labels': [0], 'data': Payload()}, protocol=2) for b in range(1, 6)}
+    source = write_tar(tmp_path / 'cifar-10-python.tar.gz', members)
+    assert_one_line_error(run('--source', source, '--dest', tmp_path / 'out' / 'cifar.zip'), 'data_batch_1', 'latin1', 'refusing to unpickle')
     assert not (tmp_path / 'out').exists()
 
 def test_cifar10_bad_archives(tmp_path):
@@ -191,7 +222,7 @@ def test_cifar10_bad_archives(tmp_path):
 def test_mnist_padded_to_32(tmp_path, with_labels):
     source, images, labels = make_mnist(tmp_path / 'mnist', with_labels=with_labels)
     dest = tmp_path / 'mnist.zip'
-    assert dataset_tool.convert_dataset(source, dest) == 5
+    assert convert_dataset(source, dest) == 5
     _names, decoded, meta, _ = read_zip(dest)
     first = decoded['00000/img00000000.png']
     assert first.mode == 'L' and first.size == (32, 32)
@@ -238,7 +269,7 @@ def test_folder_without_class_labels(tmp_path, layout):
     write_png(src / ('only' if layout == 'one-subfolder' else 'second') / 'b.png', noise([8, 8], 2))
     if layout == 'root-image':
         write_png(src / 'c.png', noise([8, 8], 3)) # an image outside any class folder has no label
-    dataset_tool.convert_dataset(src, tmp_path / 'out.zip')
+    convert_dataset(src, tmp_path / 'out.zip')
     _names, decoded, meta, _ = read_zip(tmp_path / 'out.zip')
     assert meta == {'labels': None}
     assert {img.mode for img in decoded.values()} == {'L'}
@@ -248,7 +279,7 @@ def test_folder_labels_from_dataset_json(tmp_path):
     for i, name in enumerate(['x/1.png', 'x/2.png', 'y/3.png']):
         write_png(src / name, noise([4, 4, 3], i))
     (src / 'dataset.json').write_text(json.dumps({'labels': [['y/3.png', [0.5, 1.5]], ['x/1.png', [1, 2]], ['x/2.png', [3, 4]]]}))
-    dataset_tool.convert_dataset(src, tmp_path / 'out.zip')
+    convert_dataset(src, tmp_path / 'out.zip')
     _names, _decoded, meta, _ = read_zip(tmp_path / 'out.zip')
     assert [label for _, label in meta['labels']] == [[1, 2], [3, 4], [0.5, 1.5]]
     ds = ImageFolderDataset(tmp_path / 'out.zip', use_labels=True)
@@ -256,7 +287,7 @@ def test_folder_labels_from_dataset_json(tmp_path):
     ds.close()
     # One image without a label makes the whole dataset unlabelled.
     (src / 'dataset.json').write_text(json.dumps({'labels': [['x/1.png', 1], ['x/2.png', 2]]}))
-    dataset_tool.convert_dataset(src, tmp_path / 'out2.zip')
+    convert_dataset(src, tmp_path / 'out2.zip')
     assert read_zip(tmp_path / 'out2.zip')[2] == {'labels': None}
 
 def test_zip_source_with_labels(tmp_path):
@@ -268,7 +299,7 @@ def test_zip_source_with_labels(tmp_path):
             z.writestr(name, buf.getvalue())
         z.writestr('dataset.json', json.dumps({'labels': [['a/z.png', 5], ['b/img.png', 6], ['a/img.jpg.png', 7]]}))
         z.writestr('readme.txt', 'ignored')
-    dataset_tool.convert_dataset(src, tmp_path / 'out.zip', resolution='8,8')
+    convert_dataset(src, tmp_path / 'out.zip', resolution='8,8')
     names, decoded, meta, _ = read_zip(tmp_path / 'out.zip')
     assert names == [f'00000/img{i:08d}.png' for i in range(3)] + ['dataset.json']
     assert [label for _, label in meta['labels']] == [7, 5, 6] # sorted: a/img.jpg.png, a/z.png, b/img.png
@@ -281,7 +312,7 @@ def test_names_after_one_thousand(tmp_path):
     src = tmp_path / 'src'
     for i in range(1002):
         write_png(src / f'{i:04d}.png', np.full([1, 1], i % 256, np.uint8))
-    dataset_tool.convert_dataset(src, tmp_path / 'out.zip')
+    convert_dataset(src, tmp_path / 'out.zip')
     names = read_zip(tmp_path / 'out.zip')[0]
     assert names[999:1003] == ['00000/img00000999.png', '00001/img00001000.png', '00001/img00001001.png', 'dataset.json']
 
@@ -305,7 +336,7 @@ def test_center_crop(tmp_path):
     tall = noise([20, 10, 3], 6)
     write_png(src / 'a.png', wide)
     write_png(src / 'b.png', tall)
-    dataset_tool.convert_dataset(src, tmp_path / 'out.zip', transform='center-crop', resolution=(8, 8))
+    convert_dataset(src, tmp_path / 'out.zip', transform='center-crop', resolution=(8, 8))
     decoded = read_zip(tmp_path / 'out.zip')[1]
     first, second = decoded['00000/img00000000.png'], decoded['00000/img00000001.png']
     assert first.mode == second.mode == 'RGB' and first.size == second.size == (8, 8)
@@ -344,11 +375,11 @@ def test_max_images_on_folder(tmp_path):
     np.testing.assert_array_equal(pixels(decoded['00000/img00000001.png']), noise([4, 4, 3], 1))
 
 def test_resolution_parsing():
-    assert dataset_tool.parse_resolution('64x32') == (64, 32)
-    assert dataset_tool.parse_resolution('64,32') == (64, 32)
+    assert parse_resolution('64x32') == (64, 32)
+    assert parse_resolution('64,32') == (64, 32)
     for bad in ['64', '64x', 'x64', '0x8', '8x-8', 'abc']:
-        with pytest.raises(dataset_tool.DatasetToolError):
-            dataset_tool.parse_resolution(bad)
+        with pytest.raises(DatasetToolError):
+            parse_resolution(bad)
 
 #----------------------------------------------------------------------------
 # Errors: one line, and nothing left behind (the destination lives in tmp_path/out, which the
@@ -445,15 +476,15 @@ def test_interrupt_midway_leaves_nothing_behind(tmp_path, monkeypatch, dest_name
     for i in range(3):
         write_png(src / f'{i}.png', noise([4, 4, 3], i))
     calls = []
-    real = dataset_tool._png_bytes
+    real = dataset_writer._png_bytes
     def crash_on_third(image):
         calls.append(1)
         if len(calls) == 3:
             raise KeyboardInterrupt
         return real(image)
-    monkeypatch.setattr(dataset_tool, '_png_bytes', crash_on_third)
+    monkeypatch.setattr(dataset_writer, '_png_bytes', crash_on_third)
     with pytest.raises(KeyboardInterrupt):
-        dataset_tool.convert_dataset(src, tmp_path / 'out' / dest_name)
+        convert_dataset(src, tmp_path / 'out' / dest_name)
     assert len(calls) == 3 and not (tmp_path / 'out').exists()
 
 #----------------------------------------------------------------------------

@@ -10,10 +10,11 @@ from click.testing import CliRunner
 pytest.importorskip('sklearn')
 
 import fid
-from dataset_tool import convert_dataset
 from torch_utils import digits
+from torch_utils.feature_stats import load_stats
 from training import mini_repro
 from training.dataset import ImageFolderDataset
+from training.dataset_writer import convert_dataset
 
 @pytest.mark.parametrize('resolution', [16, 32])
 def test_digits_source(tmp_path, resolution):
@@ -36,13 +37,14 @@ def test_fd_digits_via_fid_py(tmp_path):
     r = runner.invoke(fid.main, ['ref', '--data', str(tmp_path / 'd.zip'), '--dest', str(tmp_path / 'ref.npz'),
         '--detector=digits', '--workers=0'])
     assert r.exit_code == 0, r.output
-    mu, sigma = fid.load_stats(str(tmp_path / 'ref.npz'))
+    mu, sigma = load_stats(str(tmp_path / 'ref.npz'))
     assert mu.shape == (64,) and sigma.shape == (64, 64)
     r = runner.invoke(fid.main, ['calc', '--images', str(tmp_path / 'd.zip'), '--ref', str(tmp_path / 'ref.npz'),
         '--detector=digits', '--num=1797', '--workers=0'])
     assert r.exit_code == 0, r.output
     assert abs(float(r.output.split('FID ')[1].split()[0])) < 1e-6  # the set against itself
 
+@pytest.mark.slow
 def test_mini_repro_smoke(tmp_path):
     r = CliRunner().invoke(mini_repro.main, ['--outdir', str(tmp_path), '--smoke', '--methods', 'edm,fdm_edm'])
     assert r.exit_code == 0, r.output

@@ -7,28 +7,10 @@ import pytest
 import torch
 
 from conftest import write_image_zip
-from test_train import assert_same_state, loop_config
+from train_helpers import assert_same_state, backward, loop_config, reference_sanitize, small_net
 from training.dataset import DeviceBatches, ImageFolderDataset, InfiniteSampler
-from training.training_loop import flatten_gradients, gradient_buffers, sanitize_gradients, training_loop, update_ema
-
-def small_net(channels_last=False):
-    torch.manual_seed(0)
-    net = torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, padding=1), torch.nn.SiLU(), torch.nn.Conv2d(8, 8, 1),
-        torch.nn.Flatten(), torch.nn.Linear(8 * 4 * 4, 5), torch.nn.Linear(5, 2))
-    net[5].requires_grad_(True)
-    if channels_last:
-        net = net.to(memory_format=torch.channels_last)
-    return net
-
-def backward(net, seed):
-    torch.manual_seed(seed)
-    x = torch.randn(3, 3, 4, 4)
-    net[:5](x).square().sum().backward()  # the last Linear gets no gradient: it must stay None
-
-# The reference's per-tensor replacement, written out independently.
-def reference_sanitize(grads):
-    count = sum(int((~torch.isfinite(g)).sum()) for g in grads)
-    return [torch.nan_to_num(g, nan=0, posinf=1e5, neginf=-1e5) for g in grads], count
+from training.train_step import flatten_gradients, gradient_buffers, sanitize_gradients, update_ema
+from training.training_loop import training_loop
 
 @pytest.mark.parametrize('channels_last', [False, True])
 def test_flattened_gradients_keep_values_and_sanitise_as_the_reference(channels_last):
@@ -105,16 +87,22 @@ def test_training_with_the_dataset_on_the_device_is_identical(tmp_path, tiny_zip
     assert_same_state(loader['net'].state_dict(), device['net'].state_dict())
     assert_same_state(loader['ema'].state_dict(), device['ema'].state_dict())
 
-def test_second_opening_reuses_the_header_scan(tmp_path, monkeypatch):
-    path = write_image_zip(tmp_path / 'd.zip', num_images=6)
-    calls = []
-    original = ImageFolderDataset._header_shape
-    monkeypatch.setattr(ImageFolderDataset, '_header_shape', lambda self, f: calls.append(f) or original(self, f))
-    ImageFolderDataset(path)
-    ImageFolderDataset(path, max_size=6)  # what train.py's loop opens after the option check
-    assert len(calls) == 6
-    write_image_zip(tmp_path / 'd.zip', num_images=7)  # a changed file is scanned again
-    assert len(ImageFolderDataset(path)) == 7 and len(calls) == 13
+def test_train_py_opens_the_dataset_and_reads_the_resume_state_once(tmp_path, tiny_zip, monkeypatch):
+    # The option check opens the dataset and reads the state; the loop is handed both.
+    import training.config
+    import training.training_state
+    from conftest import run_train_cli
+    opened, loads = [], []
+    original_init, original_load = ImageFolderDataset.__init__, training.training_state.load_plain
+    monkeypatch.setattr(ImageFolderDataset, '__init__', lambda self, *a, **k: opened.append(a) or original_init(self, *a, **k))
+    monkeypatch.setattr(training.training_state, 'load_plain', lambda *a, **k: loads.append(a) or original_load(*a, **k))
+    args = ['--outdir', tmp_path / 'run', '--nosubdir', '--data', tiny_zip, '--cond=1', '--cbase=8', '--cres=1',
+        '--batch=8', '--tick=0.008', '--workers=0', '--grid-images=0', '--seed=3']
+    assert run_train_cli(*args, '--duration=0.000008').exit_code == 0
+    assert len(opened) == 1 and loads == []
+    result = run_train_cli(*args, '--duration=0.000016', '--resume', tmp_path / 'run')
+    assert result.exit_code == 0, result.output
+    assert len(opened) == 2 and len(loads) == 1
 
 def test_compile_and_data_options_reach_the_loop(tiny_zip):
     from training.config import ConfigError, setup_training_config

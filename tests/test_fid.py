@@ -21,8 +21,11 @@ import fid
 import torch_utils.inception as inception_module
 import torch_utils.persistence
 from conftest import ROOT, write_image_zip
+from torch_utils import feature_stats
+from torch_utils.errors import one_line
 from torch_utils.inception import DetectorError, FIDInceptionV3, load_detector
-from training.dataset import DatasetError
+from training import evaluation, generation
+from training.dataset import DatasetError, ImageFolderDataset
 
 #----------------------------------------------------------------------------
 # Helpers: image folders and a tiny TorchScript detector with the reference calling convention
@@ -91,7 +94,7 @@ def assert_user_error(result, *fragments):
 def test_stats_from_sums_match_numpy():
     rng = np.random.RandomState(0)
     x = rng.randn(500, 6) @ rng.randn(6, 6) + rng.randn(6) * 3
-    mu, sigma = fid.stats_from_sums(len(x), x.sum(axis=0), x.T @ x)
+    mu, sigma = feature_stats.stats_from_sums(len(x), x.sum(axis=0), x.T @ x)
     np.testing.assert_allclose(mu, x.mean(axis=0), rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(sigma, np.cov(x, rowvar=False, ddof=1), rtol=1e-10, atol=1e-10)
     assert mu.dtype == np.float64 and sigma.dtype == np.float64
@@ -103,7 +106,7 @@ def test_fid_of_identical_statistics_is_zero():
     mu = rng.randn(32)
     with warnings.catch_warnings():
         warnings.simplefilter('error')  # no DeprecationWarning from sqrtm's old `disp` API
-        assert abs(fid.frechet_distance(mu, sigma, mu, sigma)) < 1e-6
+        assert abs(feature_stats.frechet_distance(mu, sigma, mu, sigma)) < 1e-6
 
 @pytest.mark.parametrize('rotate', [False, True])
 def test_fid_matches_closed_form_for_commuting_covariances(rotate):
@@ -117,7 +120,7 @@ def test_fid_matches_closed_form_for_commuting_covariances(rotate):
     expected = np.square(mu1 - mu2).sum() + np.square(np.sqrt(a) - np.sqrt(b)).sum()
     with warnings.catch_warnings():
         warnings.simplefilter('error')
-        assert fid.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-9, abs=1e-9)
+        assert feature_stats.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-9, abs=1e-9)
 
 def test_sqrtm_old_scipy_api(monkeypatch):
     # SciPy < 1.16: sqrtm(a, disp=False) returns (root, error estimate) and prints nothing.
@@ -125,13 +128,13 @@ def test_sqrtm_old_scipy_api(monkeypatch):
     def old_sqrtm(a, disp=True):
         calls.append(disp)
         return (np.sqrt(a), 0.0) if disp is False else np.sqrt(a)
-    monkeypatch.setattr(fid, '_scipy_version', lambda: (1, 15))
-    monkeypatch.setattr(fid.scipy.linalg, 'sqrtm', old_sqrtm)
-    np.testing.assert_allclose(fid.sqrtm_real(np.diag([4.0, 9.0])), np.diag([2.0, 3.0]))
+    monkeypatch.setattr(feature_stats, '_scipy_version', lambda: (1, 15))
+    monkeypatch.setattr(feature_stats.scipy.linalg, 'sqrtm', old_sqrtm)
+    np.testing.assert_allclose(feature_stats.sqrtm_real(np.diag([4.0, 9.0])), np.diag([2.0, 3.0]))
     assert calls == [False]
 
 def test_summarize_min_mean_sample_std():
-    assert fid.summarize([3.0, 1.0, 2.0]) == pytest.approx((1.0, 2.0, 1.0))
+    assert feature_stats.summarize([3.0, 1.0, 2.0]) == pytest.approx((1.0, 2.0, 1.0))
 
 #----------------------------------------------------------------------------
 # fid.py end to end with the tiny detector.
@@ -159,20 +162,20 @@ def test_ref_and_calc_end_to_end(tmp_path, detector_file):
     result = invoke('calc', '--images', other, '--ref', dest, '--num', 16, '--detector', detector_file, '--workers', 0)
     assert result.exit_code == 0, result.output
     last = fid_line(result)
-    expected = fid.frechet_distance(*numpy_stats(numpy_features(other)), ref_mu, ref_sigma)
+    expected = feature_stats.frechet_distance(*numpy_stats(numpy_features(other)), ref_mu, ref_sigma)
     assert float(last.split()[1]) == pytest.approx(expected, rel=1e-5)
     assert last == f"FID {float(last.split()[1]):g} from 16 images in '{other}' against '{dest}'"
 
 def test_calc_takes_seeded_subset(tmp_path, detector_file):
-    # More images than --num: the subset is RandomState(seed).shuffle(arange(n))[:num] (facts section 7).
+    # More images than --num: the subset is RandomState(seed).shuffle(arange(n))[:num].
     data = write_folder(tmp_path / 'data', 20, seed=3)
     dest = tmp_path / 'ref.npz'
     ref_mu, ref_sigma = numpy_stats(write_and_features(tmp_path / 'refimgs', 24))
-    fid.save_stats(dest, ref_mu, ref_sigma)
+    feature_stats.save_stats(dest, ref_mu, ref_sigma)
     order = np.arange(20)
     np.random.RandomState(7).shuffle(order)
     subset = numpy_features(data)[np.sort(order[:13])]
-    expected = fid.frechet_distance(*numpy_stats(subset), ref_mu, ref_sigma)
+    expected = feature_stats.frechet_distance(*numpy_stats(subset), ref_mu, ref_sigma)
     result = invoke('calc', '--images', data, '--ref', dest, '--num', 13, '--seed', 7, '--detector', detector_file, '--workers', 0)
     assert result.exit_code == 0, result.output
     last = fid_line(result)
@@ -185,8 +188,8 @@ def test_protocol_prints_min_mean_std(tmp_path, detector_file):
     dirs = [write_folder(tmp_path / f'seeds{i}', 14, seed=20 + i) for i in range(3)]
     ref_mu, ref_sigma = numpy_stats(write_and_features(tmp_path / 'refimgs', 24))
     dest = tmp_path / 'ref.npz'
-    fid.save_stats(dest, ref_mu, ref_sigma)
-    fids = [fid.frechet_distance(*numpy_stats(numpy_features(d)), ref_mu, ref_sigma) for d in dirs]
+    feature_stats.save_stats(dest, ref_mu, ref_sigma)
+    fids = [feature_stats.frechet_distance(*numpy_stats(numpy_features(d)), ref_mu, ref_sigma) for d in dirs]
     result = invoke('protocol', '--images', *dirs, '--ref', dest, '--num', 14, '--detector', detector_file, '--workers', 0)
     assert result.exit_code == 0, result.output
     words = fid_line(result).split()
@@ -204,7 +207,7 @@ def test_grayscale_zip_is_repeated_to_rgb(tmp_path, detector_file):
         os.makedirs(folder)
         for name in sorted(n for n in z.namelist() if n.endswith('.png')):
             (folder / os.path.basename(name)).write_bytes(z.read(name))
-    mu, sigma = fid.load_stats(str(dest))
+    mu, sigma = feature_stats.load_stats(str(dest))
     ref_mu, ref_sigma = numpy_stats(numpy_features(folder))
     np.testing.assert_allclose(mu, ref_mu, atol=1e-7)
     np.testing.assert_allclose(sigma, ref_sigma, atol=1e-7)
@@ -222,8 +225,8 @@ def test_two_processes_give_the_same_statistics(tmp_path, detector_file):
             break
     assert proc.returncode == 0, proc.stdout + proc.stderr
     assert proc.stdout.count('Saved the statistics of 13 images') == 1  # rank 0 only
-    mu1, sigma1 = fid.load_stats(str(one))
-    mu2, sigma2 = fid.load_stats(str(two))
+    mu1, sigma1 = feature_stats.load_stats(str(one))
+    mu2, sigma2 = feature_stats.load_stats(str(two))
     np.testing.assert_allclose(mu2, mu1, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(sigma2, sigma1, rtol=1e-10, atol=1e-12)
 
@@ -233,7 +236,7 @@ def test_two_processes_give_the_same_statistics(tmp_path, detector_file):
 def test_fewer_images_than_num(tmp_path, detector_file):
     data = write_folder(tmp_path / 'data', 5)
     dest = tmp_path / 'ref.npz'
-    fid.save_stats(dest, np.zeros(12), np.eye(12))
+    feature_stats.save_stats(dest, np.zeros(12), np.eye(12))
     assert_user_error(invoke('calc', '--images', data, '--ref', dest, '--num', 6, '--detector', detector_file),
         'found 5 images', '--num=6')
 
@@ -257,12 +260,12 @@ def test_undecodable_image(tmp_path, detector_file):
     # From a worker process the same error arrives wrapped in a traceback (PyTorch's ExceptionWrapper).
     wrapped = DatasetError("Caught DatasetError in DataLoader worker process 0.\nOriginal Traceback (most recent call last):\n"
         '  File "dataset.py", line 1, in f\ntraining.dataset.DatasetError: Cannot decode image \'000002.png\'; replace it.\n')
-    assert fid.user_message(wrapped) == "Cannot decode image '000002.png'; replace it."
+    assert one_line(wrapped) == "Cannot decode image '000002.png'; replace it."
 
 def test_reference_of_another_dimension(tmp_path, detector_file):
     data = write_folder(tmp_path / 'data', 4)
     dest = tmp_path / 'ref2048.npz'
-    fid.save_stats(dest, np.zeros(2048), np.eye(2048))
+    feature_stats.save_stats(dest, np.zeros(2048), np.eye(2048))
     assert_user_error(invoke('calc', '--images', data, '--ref', dest, '--num', 4, '--detector', detector_file),
         '2048-dimensional', 'gives 12 features')
 
@@ -441,14 +444,14 @@ def test_pickle_calling_os_system_is_refused_without_running(tmp_path):
 # Images straight from the sampler: fid.py gen and protocol --network. A tiny denoiser (8x8,
 # 8 channels, 2 sampling steps) stands in for a trained network.
 
-def tiny_network(path, img_channels=3, label_dim=0):
-    from fdm.checkpoint import save_snapshot
-    from fdm.preconditioning import build_precond
-    torch.manual_seed(0)
-    net = build_precond('FDM_EDMPrecond', img_resolution=8, img_channels=img_channels, label_dim=label_dim,
-        model_type='SongUNet', model_channels=8, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], dropout=0)
-    save_snapshot(path, net)
-    return str(path)
+@pytest.fixture(scope='module')
+def tiny_network(make_tiny_net):
+    """tiny_network(path, img_channels=3, label_dim=0): an untrained tiny snapshot at path."""
+    def save(path, img_channels=3, label_dim=0):
+        from fdm.checkpoint import save_snapshot
+        save_snapshot(path, make_tiny_net(img_channels=img_channels, label_dim=label_dim, wake=0))
+        return str(path)
+    return save
 
 def read_png(path):
     """uint8 [C, H, W] of a PNG, grayscale as one channel."""
@@ -460,40 +463,45 @@ def png_names(folder):
         for f in files if f.endswith('.png'))
 
 @pytest.mark.parametrize('img_channels', [1, 3])
-def test_in_memory_images_and_features_equal_those_of_the_pngs(tmp_path, img_channels):
-    import generate
-    from training.dataset import ImageFolderDataset
+def test_in_memory_images_and_features_equal_those_of_the_pngs(tmp_path, img_channels, tiny_network):
     network = tiny_network(tmp_path / 'net.pt', img_channels)
     seeds = list(range(7))
-    generate.generate(network, tmp_path / 'pngs', seeds=seeds, max_batch_size=3, num_steps=2, device='cpu', verbose=False)
-    net, sampler_name, sampler_kwargs = fid.open_generator(network, 'cpu', num_steps=2)
-    # Batches of 4, not generate.py's 3: per-seed generators make the images independent of the batching.
-    got = {}
-    for batch_seeds, images in fid.generated_batches(net, sampler_name, sampler_kwargs, seeds, 'cpu', batch=4, progress=False):
-        assert images.dtype == torch.uint8 and images.shape[1:] == (img_channels, 8, 8)
-        got.update(zip(batch_seeds, images))
-    assert sorted(got) == seeds
-    for seed in seeds:
-        assert torch.equal(got[seed], read_png(tmp_path / 'pngs' / f'{seed:06d}.png')), seed
+    generation.generate(network, tmp_path / 'pngs', seeds=seeds, max_batch_size=4, num_steps=2, device='cpu', verbose=False)
+    net, sampler_name, sampler_kwargs = evaluation.open_generator(network, 'cpu', num_steps=2)
+    def in_memory(batch):
+        got = {}
+        for batch_seeds, images in evaluation.generated_batches(net, sampler_name, sampler_kwargs, seeds, 'cpu', batch=batch,
+                progress=False):
+            assert images.dtype == torch.uint8 and images.shape[1:] == (img_channels, 8, 8)
+            got.update(zip(batch_seeds, images))
+        assert sorted(got) == seeds
+        return torch.stack([got[seed] for seed in seeds]).to(torch.int16)
+    pngs = torch.stack([read_png(tmp_path / 'pngs' / f'{seed:06d}.png') for seed in seeds]).to(torch.int16)
+    # The same batches as generate.py (4 and 3): the same arithmetic, the very PNGs.
+    assert torch.equal(in_memory(4), pngs)
+    # Batches of 3: per-seed generators make the images independent of the batching, up to the CPU
+    # kernels' rounding (measured: float images within 4.8e-7, PNGs identical; allowed one level).
+    assert (in_memory(3) - pngs).abs().max() <= 1
     # Hence the same statistics through a real convolutional detector. Both paths split the 7 images
     # into batches of 4 and 3 and add in the same order, so the float64 sums agree bit for bit.
     detector = load_detector('digits')
-    from_pngs = fid.compute_stats(ImageFolderDataset(tmp_path / 'pngs'), detector, batch=4, workers=0, progress=False)
-    in_memory = fid.generated_stats(net, sampler_name, sampler_kwargs, seeds, detector, batch=4, progress=False)
+    from_pngs = feature_stats.compute_stats(ImageFolderDataset(tmp_path / 'pngs'), detector, batch=4, workers=0, progress=False)
+    in_memory = evaluation.generated_stats(net, sampler_name, sampler_kwargs, seeds, detector, batch=4, progress=False)
     for a, b in zip(from_pngs, in_memory):
         np.testing.assert_array_equal(a, b)
 
 @pytest.fixture
-def tiny_setup(tmp_path, detector_file):
+def tiny_setup(tmp_path, detector_file, tiny_network):
     """(network, reference npz) with the reference made from random images by numpy."""
     ref_mu, ref_sigma = numpy_stats(write_and_features(tmp_path / 'refimgs', 24))
-    fid.save_stats(tmp_path / 'ref.npz', ref_mu, ref_sigma)
+    feature_stats.save_stats(tmp_path / 'ref.npz', ref_mu, ref_sigma)
     return tiny_network(tmp_path / 'net.pt'), tmp_path / 'ref.npz'
 
 def test_gen_end_to_end_equals_generate_then_calc(tmp_path, detector_file, tiny_setup):
-    import generate
+    # generate.py with gen's --batch 4 (two batches of 3): the same arithmetic, so the same images.
     network, ref = tiny_setup
-    generate.generate(network, tmp_path / 'pngs', seeds=range(6), subdirs=True, num_steps=2, device='cpu', verbose=False)
+    generation.generate(network, tmp_path / 'pngs', seeds=range(6), subdirs=True, num_steps=2, max_batch_size=4,
+        device='cpu', verbose=False)
     out = tmp_path / 'saved'
     result = invoke('gen', '--network', network, '--ref', ref, '--seeds', '0-5', '--steps', 2, '--batch', 4,
         '--detector', detector_file, '--outdir', out)
@@ -502,7 +510,7 @@ def test_gen_end_to_end_equals_generate_then_calc(tmp_path, detector_file, tiny_
     value = float(line.split()[1])
     assert np.isfinite(value) and line == f"FID {value:g} from 6 images generated by '{network}' against '{ref}'"
     # The FID of generate.py's PNGs, computed by numpy; then by fid.py calc (other batches: float64 rounding only).
-    expected = fid.frechet_distance(*numpy_stats(numpy_features(tmp_path / 'pngs' / '000000')), *fid.load_stats(str(ref)))
+    expected = feature_stats.frechet_distance(*numpy_stats(numpy_features(tmp_path / 'pngs' / '000000')), *feature_stats.load_stats(str(ref)))
     assert value == pytest.approx(expected, rel=1e-5)
     calc = invoke('calc', '--images', tmp_path / 'pngs', '--ref', ref, '--num', 6, '--detector', detector_file, '--workers', 0)
     assert float(fid_line(calc).split()[1]) == pytest.approx(value, rel=1e-9)
@@ -533,7 +541,7 @@ def test_gen_user_errors(tmp_path, detector_file, tiny_setup):
     args = ['--steps', 2, '--detector', detector_file]
     assert_user_error(invoke('gen', '--network', network, '--seeds', '0-5', *args), "Missing option '--ref'")
     assert_user_error(invoke('gen', '--network', tmp_path / 'nope.pt', '--ref', ref, '--seeds', '0-5', *args), 'no such file')
-    fid.save_stats(tmp_path / 'ref2048.npz', np.zeros(2048), np.eye(2048))
+    feature_stats.save_stats(tmp_path / 'ref2048.npz', np.zeros(2048), np.eye(2048))
     assert_user_error(invoke('gen', '--network', network, '--ref', tmp_path / 'ref2048.npz', '--seeds', '0-5', *args),
         '2048-dimensional', 'gives 12 features')
     assert_user_error(invoke('gen', '--network', network, '--ref', ref, '--seeds', '3', *args), 'at least 2')

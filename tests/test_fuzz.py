@@ -31,16 +31,18 @@ from click.testing import CliRunner
 from hypothesis import HealthCheck, Phase, given, settings
 from hypothesis import strategies as st
 
-import fid
-import generate
 import train
 from conftest import write_image_zip
-from fdm.checkpoint import FORMAT_NAME, CheckpointError, load_network_file, save_snapshot, tensors_digest
+from fdm.checkpoint import FORMAT_NAME, CheckpointError, load_network_file, save_snapshot
 from fdm.preconditioning import PRECOND_CLASSES
-from test_checkpoint import tiny, write_reference_pickle
+from reference_pickle import write_reference_pickle
 from torch_utils import persistence
+from torch_utils.feature_stats import FIDError, load_stats, save_stats
+from torch_utils.fileio import tensors_digest
+from training.config import MAX_LIST_ITEMS, parse_cres
 from training.dataset import DatasetError, ImageFolderDataset
-from training.training_loop import find_resume_state, load_training_state, save_training_state
+from training.generation import parse_seeds
+from training.training_state import find_resume_state, load_training_state, save_training_state
 
 EXAMPLES = int(os.environ.get('FDM_FUZZ_EXAMPLES', '100'))
 fuzz = settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize='FDM_FUZZ_EXAMPLES' not in os.environ,
@@ -87,6 +89,11 @@ def damaged(draw, raw):
 @pytest.fixture(scope='module')
 def work(tmp_path_factory):
     return tmp_path_factory.mktemp('fuzz')
+
+# The tiny denoiser of the snapshot tests (augmentation labels; every tensor made distinctive).
+@pytest.fixture(scope='module')
+def tiny(make_tiny_net):
+    return functools.partial(make_tiny_net, augment_dim=9, wake=0.01)
 
 def write(path, data):
     with open(path, 'wb') as f:
@@ -235,7 +242,7 @@ def marker(work):
     return str(work / 'MARKER')
 
 @pytest.fixture(scope='module')
-def valid_reference_pickle(work, marker):
+def valid_reference_pickle(work, marker, tiny):
     # The embedded source would create the marker if it were ever executed.
     path = work / 'ref.pkl'
     write_reference_pickle(path, tiny(), module_src=f'open({marker!r}, "w").write("pwned")\n')
@@ -380,7 +387,7 @@ def test_fuzz_reference_pickle_record_trees(work, marker, ema, extra):
 # Our snapshots and training states: damaged bytes, and well-formed files with hostile fields.
 
 @pytest.fixture(scope='module')
-def valid_snapshot(work):
+def valid_snapshot(work, tiny):
     save_snapshot(work / 'snap.pt', tiny())
     return (work / 'snap.pt').read_bytes()
 
@@ -391,20 +398,18 @@ def test_fuzz_snapshot_damaged(work, valid_snapshot, marker, data):
     path = write(work / 'damaged.pt', data.draw(damaged(valid_snapshot)))
     assert_only_checkpoint_error(path, marker)
 
-TINY_NETS = {}
-
-def tiny_net(name):
-    if name not in TINY_NETS:
-        TINY_NETS[name] = tiny(name, **(dict(fdm_multiplier=2.0) if name.startswith('FDM_V') else {}))
-    return TINY_NETS[name]
+# One tiny network of each class, built once (the strategy below draws among them).
+@pytest.fixture(scope='module')
+def tiny_nets(tiny):
+    return {name: tiny(name, **(dict(fdm_multiplier=2.0) if name.startswith('FDM_V') else {})) for name in sorted(PRECOND_CLASSES)}
 
 kwarg_values = st.one_of(st.integers(-3, 40), st.integers(-2**40, 2**40), st.floats(), st.booleans(), st.none(),
     st.text(max_size=4), st.lists(st.integers(-2, 9), max_size=6), st.dictionaries(st.text(max_size=3), st.integers(), max_size=2))
 
 @st.composite
-def hostile_snapshot(draw):
-    name = draw(st.sampled_from(sorted(PRECOND_CLASSES)))
-    net = tiny_net(name)
+def hostile_snapshot(draw, nets):
+    name = draw(st.sampled_from(sorted(nets)))
+    net = nets[name]
     kwargs = dict(net.init_kwargs)
     for key in draw(st.lists(st.sampled_from(sorted(kwargs) + ['num_blocks', 'bogus', 'attn_resolutions']), max_size=3)):
         kwargs[key] = draw(kwarg_values)
@@ -433,9 +438,10 @@ def hostile_snapshot(draw):
     return obj
 
 @fuzz
-@given(obj=hostile_snapshot())
+@given(data=st.data())
 @no_hang
-def test_fuzz_snapshot_fields(work, obj):
+def test_fuzz_snapshot_fields(work, tiny_nets, data):
+    obj = data.draw(hostile_snapshot(tiny_nets))
     torch.save(obj, work / 'hostile.pt')
     try:
         net = load_network_file(work / 'hostile.pt')['ema']
@@ -446,7 +452,7 @@ def test_fuzz_snapshot_fields(work, obj):
         assert torch.equal(value, obj['ema'][key].to(value.dtype))
 
 @pytest.fixture(scope='module')
-def valid_state(work):
+def valid_state(work, tiny):
     net = tiny()
     optimizer = torch.optim.Adam(net.parameters())
     net(torch.zeros(1, 3, 8, 8), torch.ones(1), torch.zeros(1, 4), augment_labels=torch.zeros(1, 9)).sum().backward()
@@ -471,7 +477,7 @@ def test_fuzz_training_state_damaged(work, valid_state, data):
         damaged_is_valid = False
     # A run directory resumes from the damaged file only if it passed every check, else the intact one.
     with pytest.warns(UserWarning, match='skipping training-state-000001.pt') if not damaged_is_valid else _no_warning():
-        chosen = find_resume_state(str(run_dir))
+        chosen, _state = find_resume_state(str(run_dir))
     assert os.path.basename(chosen) == ('training-state-000001.pt' if damaged_is_valid else 'training-state-000000.pt')
 
 class _no_warning:
@@ -482,14 +488,14 @@ class _no_warning:
         return False
 
 #----------------------------------------------------------------------------
-# FID reference statistics (fid.load_stats, read-only here).
+# FID reference statistics (torch_utils.feature_stats.load_stats, read-only here).
 
 @pytest.fixture(scope='module')
 def valid_npz(work):
-    fid.save_stats(work / 'ref.npz', np.arange(4.0), np.eye(4))
+    save_stats(work / 'ref.npz', np.arange(4.0), np.eye(4))
     return (work / 'ref.npz').read_bytes()
 
-# fid.load_stats lets zipfile's NotImplementedError (an unsupported compression method or
+# load_stats lets zipfile's NotImplementedError (an unsupported compression method or
 # "encrypted" flag in a damaged member header) and RuntimeError (encrypted member) escape; see
 # test_known_npz_escapes. Any other escape fails this test.
 @fuzz
@@ -498,8 +504,8 @@ def valid_npz(work):
 def test_fuzz_fid_npz_damaged(work, valid_npz, data):
     path = write(work / 'damaged.npz', data.draw(damaged(valid_npz)))
     try:
-        mu, sigma = fid.load_stats(path)
-    except fid.FIDError:
+        mu, sigma = load_stats(path)
+    except FIDError:
         return
     assert mu.ndim == 1 and sigma.shape == (mu.size, mu.size) and np.isfinite(sigma).all()
 
@@ -518,8 +524,8 @@ def test_fuzz_fid_npz_arrays(work, arrays):
     np.savez(buf, **arrays)
     path = write(work / 'arrays.npz', buf.getvalue())
     try:
-        mu, sigma = fid.load_stats(path)
-    except fid.FIDError:
+        mu, sigma = load_stats(path)
+    except FIDError:
         return
     assert mu.dtype == np.float64 and mu.ndim == 1 and sigma.shape == (mu.size, mu.size)
 
@@ -527,8 +533,8 @@ def test_known_npz_escape_structured_dtype(work):
     buf = io.BytesIO()
     np.savez(buf, mu=np.zeros(2), sigma=np.zeros(2, dtype=[('a', 'f8'), ('b', 'i4')]))
     path = write(work / 'structured.npz', buf.getvalue())
-    with pytest.raises(fid.FIDError):
-        fid.load_stats(path)
+    with pytest.raises(FIDError):
+        load_stats(path)
 
 def npz_with_flags(valid_npz, flag_bits=0, method=None):
     """The valid npz with its first member's central directory entry changed (flags, compression method)."""
@@ -543,11 +549,11 @@ def npz_with_flags(valid_npz, flag_bits=0, method=None):
     ids=['strong-encryption-flag', 'patched-data-flag', 'compression-99', 'encrypted-member'])
 def test_known_npz_escapes(work, valid_npz, flags, method):
     path = write(work / 'flags.npz', npz_with_flags(valid_npz, flags, method))
-    with pytest.raises(fid.FIDError):
-        fid.load_stats(path)
+    with pytest.raises(FIDError):
+        load_stats(path)
 
 #----------------------------------------------------------------------------
-# The --seeds (generate.py) and --cres (train.py) list syntax: a list, or click.BadParameter.
+# The --seeds (generate.py) and --cres (train.py) list syntax: a list, or an error (then train.py refuses it too).
 
 def reference_int_list(text):
     out = []
@@ -568,7 +574,7 @@ list_syntax = st.one_of(
 @no_hang
 def test_fuzz_seeds_syntax(text):
     try:
-        seeds = generate.parse_int_list(text)
+        seeds = parse_seeds(text)
     except click.BadParameter:
         return
     assert seeds == reference_int_list(text)
@@ -578,11 +584,11 @@ def test_fuzz_seeds_syntax(text):
 @no_hang
 def test_fuzz_cres_syntax(work, valid_zip, text):
     try:
-        cres = train.parse_int_list(text)
-    except click.BadParameter:
+        cres = parse_cres(text)
+    except ValueError:
         cres = None
     else:
-        assert cres == reference_int_list(text) and 1 <= len(cres) <= train.MAX_LIST_ITEMS and min(cres) >= 1
+        assert cres == reference_int_list(text) and 1 <= len(cres) <= MAX_LIST_ITEMS and min(cres) >= 1
     path = work / 'valid.zip'
     if not path.exists():
         write(path, valid_zip)

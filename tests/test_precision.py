@@ -8,22 +8,17 @@ import pytest
 import torch
 from PIL import Image
 
-import generate
 from fdm.checkpoint import save_snapshot
-from fdm.preconditioning import build_precond
 from torch_utils import precision
+from training.generation import generate
 
-def tiny_net():
-    torch.manual_seed(0)
-    net = build_precond('FDM_EDMPrecond', img_resolution=8, img_channels=3, label_dim=4, model_type='SongUNet',
-        model_channels=16, channel_mult=[1, 2], num_blocks=1, attn_resolutions=[4], dropout=0)
-    with torch.no_grad():  # weights of a trained scale, so the network's output matters
-        for p in net.parameters():
-            p.add_(torch.randn_like(p) * 0.05)
-    return net.eval()
+# 16 channels: the tiny net with weights of a trained scale (wake 0.05), so the network's output matters.
+@pytest.fixture(scope='module')
+def tiny_net(make_tiny_net):
+    return make_tiny_net(model_channels=16)
 
-def test_bf16_denoiser_close_to_fp32():
-    net = tiny_net()
+def test_bf16_denoiser_close_to_fp32(tiny_net):
+    net = tiny_net
     x = torch.randn(4, 3, 8, 8) * 5
     sigma = torch.tensor([0.01, 0.5, 5.0, 60.0])
     labels = torch.eye(4)
@@ -35,10 +30,10 @@ def test_bf16_denoiser_close_to_fp32():
     assert ((fast - exact).abs().max() / exact.std()).item() < 5e-2
     assert not torch.equal(fast, exact)  # the fast path really ran in bf16
 
-def test_bf16_images_close_to_exact(tmp_path):
-    save_snapshot(tmp_path / 'net.pt', tiny_net())
+def test_bf16_images_close_to_exact(tmp_path, tiny_net):
+    save_snapshot(tmp_path / 'net.pt', tiny_net)
     for p in ('fp32', 'bf16'):
-        generate.generate(str(tmp_path / 'net.pt'), str(tmp_path / p), seeds=range(8), device='cpu', precision=p,
+        generate(str(tmp_path / 'net.pt'), str(tmp_path / p), seeds=range(8), device='cpu', precision=p,
             verbose=False, num_steps=10)
     diffs = [np.abs(np.asarray(Image.open(tmp_path / 'fp32' / f'{s:06d}.png'), dtype=np.int16)
         - np.asarray(Image.open(tmp_path / 'bf16' / f'{s:06d}.png'), dtype=np.int16)) for s in range(8)]
@@ -50,6 +45,7 @@ def test_unknown_precision():
     with pytest.raises(ValueError, match='precision must be one of'):
         precision.autocast('fp8', 'cpu')
 
+@pytest.mark.slow
 def test_benchmark_runs_small_on_cpu():
     from click.testing import CliRunner
     from training import benchmark

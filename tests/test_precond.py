@@ -1,5 +1,6 @@
 """Preconditioners and the momentum scaling against independently computed values."""
 
+import functools
 import math
 import warnings
 
@@ -11,21 +12,20 @@ import fdm
 from fdm.momentum import momentum_scale
 from fdm.preconditioning import PRECOND_CLASSES
 
+# The tiny denoiser's options, for the tests that construct a class directly (to see its warnings).
 TINY = dict(img_resolution=8, img_channels=3, model_channels=8, channel_mult=[1, 2], num_blocks=1,
     attn_resolutions=[4], dropout=0.0)
 
-def tiny(name, **kwargs):
-    model_type = 'DhariwalUNet' if name == 'iDDPMPrecond' else 'SongUNet'
-    with warnings.catch_warnings():
-        warnings.simplefilter('ignore', fdm.IgnoredOptionWarning)
-        torch.manual_seed(0)
-        return PRECOND_CLASSES[name](model_type=model_type, **{**TINY, **kwargs})
+# The tiny denoiser as initialised (no wake), unconditional unless a test gives label_dim.
+@pytest.fixture(scope='module')
+def tiny(make_tiny_net):
+    return functools.partial(make_tiny_net, label_dim=0, wake=0)
 
 #----------------------------------------------------------------------------
 # s(sigma): the sample values of the facts sheet (measured on the reference).
 
 @pytest.mark.parametrize('sigma, expected', [(10, 0.9548), (20, 0.6291), (40, 0.03798), (80, 3.935e-8)])
-def test_fdm_edm_scale_m2(sigma, expected):
+def test_fdm_edm_scale_m2(sigma, expected, tiny):
     net = tiny('FDM_EDMPrecond', fdm_multiplier=2.0)
     _, _, c_in, _ = net.coefficients(torch.tensor(float(sigma)).reshape(1, 1, 1, 1))
     assert c_in.item() == pytest.approx(expected, rel=1e-3)
@@ -75,14 +75,14 @@ def expected_coefficients(name, s, net):
     return base
 
 @pytest.mark.parametrize('name', ['VPPrecond', 'VEPrecond', 'EDMPrecond', 'FDM_VPPrecond', 'FDM_VEPrecond', 'FDM_EDMPrecond'])
-def test_coefficients(name):
+def test_coefficients(name, tiny):
     net = tiny(name, **({'fdm_multiplier': 2.0} if name in ('FDM_EDMPrecond', 'FDM_VPPrecond') else {}))
     s = np.array([0.002, 0.05, 0.7, 4.0, 30.0, 79.0])
     got = net.coefficients(torch.tensor(s, dtype=torch.float32).reshape(-1, 1, 1, 1))
     for g, e in zip(got, expected_coefficients(name, s, net)):
         np.testing.assert_allclose(g.flatten().double().numpy(), e, rtol=2e-5, atol=1e-6)
 
-def test_sigma_ranges():
+def test_sigma_ranges(tiny):
     assert tiny('VPPrecond').sigma_min == 0.0009765625  # float32 quirk of the reference, kept
     assert tiny('VPPrecond').sigma_max == pytest.approx(152.16698, rel=1e-6)
     assert (tiny('VEPrecond').sigma_min, tiny('VEPrecond').sigma_max) == (0.02, 100)
@@ -94,7 +94,7 @@ def test_sigma_ranges():
     assert net.sigma_max == pytest.approx(20291.17, rel=1e-6)
     assert net.u.shape == (1001,) and 'u' in net.state_dict()
 
-def test_iddpm_round_sigma_and_c_noise():
+def test_iddpm_round_sigma_and_c_noise(tiny):
     net = tiny('iDDPMPrecond')
     u = net.u.double().numpy()
     s = np.array([0.01, 0.3, 2.0, 150.0])
@@ -107,7 +107,7 @@ def test_iddpm_round_sigma_and_c_noise():
 # Forward: D = c_skip x + c_out F(c_in x; c_noise), labels, dtypes.
 
 @pytest.mark.parametrize('name', sorted(PRECOND_CLASSES))
-def test_forward_composition(name):
+def test_forward_composition(name, tiny):
     net = tiny(name, label_dim=4).eval()
     x = torch.randn(2, 3, 8, 8)
     sigma = torch.tensor([0.3, 7.0])
@@ -118,12 +118,12 @@ def test_forward_composition(name):
     torch.testing.assert_close(D, c_skip * x + c_out * F, rtol=1e-6, atol=1e-6)
     assert D.dtype == torch.float32 and D.shape == x.shape
 
-def test_missing_labels_mean_zero_label():
+def test_missing_labels_mean_zero_label(tiny):
     net = tiny('FDM_EDMPrecond', label_dim=4).eval()
     x = torch.randn(2, 3, 8, 8)
     torch.testing.assert_close(net(x, 1.0), net(x, torch.full([2], 1.0), torch.zeros(2, 4)))
 
-def test_interface_attributes():
+def test_interface_attributes(tiny):
     net = tiny('FDM_EDMPrecond', label_dim=10)
     assert (net.img_resolution, net.img_channels, net.label_dim) == (8, 3, 10)
     assert isinstance(net.round_sigma(0.5), torch.Tensor)

@@ -14,11 +14,13 @@ import pytest
 import torch
 
 import fdm.checkpoint
+import torch_utils.fileio
 import training.training_loop
 from conftest import ROOT, free_port, one_line_error, run_train_cli
-from fdm.checkpoint import CheckpointError, atomic_save, nested_digest
+from fdm.checkpoint import CheckpointError
 from kill_drill import run_drill
-from training.training_loop import find_resume_state, load_training_state
+from torch_utils.fileio import FileError, atomic_save, nested_digest
+from training.training_state import find_resume_state, load_training_state
 
 def tiny_args(out, data, *extra, duration_steps=2):
     return ['--outdir', str(out), '--data', data, '--cond=1', '--cbase=8', '--cres=1', '--batch=8',
@@ -29,6 +31,7 @@ def tiny_args(out, data, *extra, duration_steps=2):
 # 1. SIGKILL at random moments, resume, and end with the weights of an uninterrupted run
 #    (the short version of `python tests/kill_drill.py --kills 20`).
 
+@pytest.mark.slow
 def test_kill_drill_short(tmp_path):
     aims = {'step': 1, 'snapshot write': 1, 'state dump': 1}
     summary = run_drill(str(tmp_path), kills=3, steps=12, max_delay=0.2, aims=aims, rng_seed=1, echo=lambda _: None)
@@ -133,6 +136,7 @@ import train
 train.main(sys.argv[3:])
 '''
 
+@pytest.mark.slow
 @pytest.mark.parametrize('fault, timeout', [('die', 120), ('hang', 5)])
 def test_survivor_stops_when_its_peer_dies_or_hangs(tmp_path, tiny_zip, fault, timeout):
     port, mark = free_port(), str(tmp_path / 'fault-time')
@@ -216,8 +220,8 @@ def test_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
             return self.f.__exit__(*exc)
 
     real_fdopen = os.fdopen
-    monkeypatch.setattr(fdm.checkpoint.os, 'fdopen', lambda *a, **k: FullDisk(real_fdopen(*a, **k)))
-    with pytest.raises(CheckpointError, match=r'cannot write .*state.pt \(No space left on device\); any previous version'):
+    monkeypatch.setattr(torch_utils.fileio.os, 'fdopen', lambda *a, **k: FullDisk(real_fdopen(*a, **k)))
+    with pytest.raises(FileError, match=r'cannot write .*state.pt \(No space left on device\); any previous version'):
         atomic_save(dict(x=torch.zeros(10000)), tmp_path / 'state.pt')
     assert (tmp_path / 'state.pt').read_bytes() == before
     assert os.listdir(tmp_path) == ['state.pt']

@@ -5,6 +5,7 @@ import os
 
 import numpy as np
 import PIL.Image
+import pytest
 import torch
 import torch.multiprocessing as mp
 from click.testing import CliRunner
@@ -12,28 +13,8 @@ from click.testing import CliRunner
 import fdm
 import train
 from conftest import free_port, one_line_error, run_train_cli, write_image_zip
+from train_helpers import assert_same_state, loop_config
 from training.training_loop import training_loop
-
-# A tiny network and schedule for the loop; augmentation, dropout, warmup and gradient
-# accumulation are all on, so that every source of randomness and state is exercised.
-def loop_config(data, total_kimg=0.048, **overrides):
-    c = dict(
-        dataset_kwargs=dict(path=data, use_labels=True, xflip=True, cache=True),
-        data_loader_kwargs=dict(num_workers=0),
-        network_kwargs=dict(class_name='FDM_EDMPrecond', model_type='SongUNet', model_channels=8, channel_mult=[1, 2],
-            num_blocks=1, attn_resolutions=[4], dropout=0.1, augment_dim=9, fdm_multiplier=2.0),
-        loss_kwargs=dict(class_name='EDMLoss', warmup_ite=5),
-        optimizer_kwargs=dict(lr=2e-3, betas=[0.9, 0.999], eps=1e-8),
-        augment_kwargs=dict(p=0.5, xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1),
-        seed=7, batch_size=8, batch_gpu=4, total_kimg=total_kimg, ema_halflife_kimg=0.02, lr_rampup_kimg=0.016,
-        kimg_per_tick=0.016, snapshot_ticks=2, state_dump_ticks=1, grid_images=0, device='cpu',
-    )
-    c.update(overrides)
-    return c
-
-def assert_same_state(a, b):
-    for (ka, va), (kb, vb) in zip(a.items(), b.items()):
-        assert ka == kb and torch.equal(va, vb), ka
 
 #----------------------------------------------------------------------------
 
@@ -82,6 +63,7 @@ def _gloo_worker(rank, world, port, data, run_dir, out):
     torch.save(result['net'].state_dict(), os.path.join(out, f'rank{rank}.pt'))
     torch.distributed.destroy_process_group()
 
+@pytest.mark.slow
 def test_two_gloo_processes_hold_identical_weights(tmp_path, tiny_zip):
     os.makedirs(tmp_path / 'run')
     mp.start_processes(_gloo_worker, args=(2, free_port(), tiny_zip, str(tmp_path / 'run'), str(tmp_path)),
@@ -132,7 +114,7 @@ def test_dry_run_options_and_warnings(tiny_zip, tmp_path):
 #----------------------------------------------------------------------------
 
 def test_nonfinite_gradients_are_replaced_and_counted():
-    from training.training_loop import sanitize_gradients
+    from training.train_step import sanitize_gradients
     a = torch.nn.Parameter(torch.zeros(4))
     b = torch.nn.Parameter(torch.zeros(2, 2))
     c = torch.nn.Parameter(torch.zeros(3))  # no gradient: skipped

@@ -18,6 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from torch_utils.fileio import atomic_write
+
 WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'digits_classifier.pt')
 RESOLUTION = 16     # every input is resized to this before classification
 FEATURE_DIM = 64
@@ -47,15 +49,20 @@ class DigitsNet(nn.Module):
         return features if return_features else self.fc1(features)
 
 #----------------------------------------------------------------------------
-# The digits as uint8 [N, 1, 16, 16], upscaled with Lanczos exactly as dataset_tool.py does.
+# The UCI handwritten digits that ship inside scikit-learn (1,797 grayscale 8x8 images, values
+# 0..16, 10 classes): uint8 [N, 8, 8] scaled to 0..255 and a list of N int labels. Nothing is
+# downloaded; raises ImportError without scikit-learn (an optional extra).
 
+def load_sklearn_digits():
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    images = np.rint(digits.images * (255 / 16)).clip(0, 255).astype(np.uint8)  # [N, 8, 8]
+    return images, digits.target.astype(int).tolist()
+
+# The digits as uint8 [N, 1, 16, 16], upscaled with Lanczos exactly as dataset_tool.py --resolution does.
 def digits_images(resolution=RESOLUTION):
-    from dataset_tool import open_sklearn_digits  # needs scikit-learn (an optional extra)
-    _, items = open_sklearn_digits()
-    images, labels = [], []
-    for _, image, label in items:
-        images.append(np.asarray(PIL.Image.fromarray(image).resize((resolution, resolution), PIL.Image.LANCZOS)))
-        labels.append(label)
+    images, labels = load_sklearn_digits()
+    images = [np.asarray(PIL.Image.fromarray(image).resize((resolution, resolution), PIL.Image.LANCZOS)) for image in images]
     return torch.from_numpy(np.stack(images))[:, None], torch.tensor(labels)
 
 def train_classifier(seed=0, epochs=40, holdout=0.2):
@@ -110,10 +117,7 @@ def main(do_train, seed):
         net, accuracy = train_classifier(seed)
         buf = io.BytesIO()
         torch.save(net.state_dict(), buf)
-        tmp = WEIGHTS + '.tmp'
-        with open(tmp, 'wb') as f:
-            f.write(buf.getvalue())
-        os.replace(tmp, WEIGHTS)
+        atomic_write(WEIGHTS, lambda f: f.write(buf.getvalue()))
         click.echo(f'Wrote {WEIGHTS} ({len(buf.getvalue()) / 1024:.0f} kB); held-out accuracy {accuracy:.4f}')
     else:
         images, labels = digits_images()

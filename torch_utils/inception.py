@@ -31,13 +31,14 @@ import torch.nn.functional as F
 from torch import nn
 
 import dnnlib
+from torch_utils.errors import UserError
 from torch_utils.safe_pickle import PersistentRecord, PlainObject, UnsafePickleError, restricted_load
 
 NVIDIA_INCEPTION_URL = 'https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/inception-2015-12-05.pkl'
 PYTORCH_FID_URL = 'https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth'
 ALIASES = {'nvidia': NVIDIA_INCEPTION_URL, 'pytorch-fid': PYTORCH_FID_URL}
 
-class DetectorError(Exception):
+class DetectorError(UserError):
     """A detector file that cannot be used; the message says why and what to do."""
 
 #----------------------------------------------------------------------------

@@ -1,14 +1,16 @@
-"""Unpickling of files made by the reference codebases (network and detector pickles) without
-running anything they contain.
+"""Unpickling of files made by others (the reference codebases' network and detector pickles,
+the CIFAR-10 python batches) without running anything they contain.
 
 Such pickles store every object as a call to
 `torch_utils.persistence._reconstruct_persistent_obj(meta)`, whose meta holds the object's
 *source code*, class name and state. `restricted_load` maps that call to a plain
 `PersistentRecord` (the source is never executed), allows tensors and a handful of harmless
-containers and numpy values, and refuses every other global with an error naming it.
+containers and numpy values, and refuses every other global with an error naming it. `restricted_load(f, ARRAY_GLOBALS)`
+reads plain numpy data (dicts, lists, strings, bytes and arrays) and nothing else.
 """
 
 import collections
+import importlib
 import io
 import pickle
 
@@ -19,6 +21,12 @@ import dnnlib
 
 class UnsafePickleError(Exception):
     """A pickle that needs something outside the allow-list, or is malformed."""
+
+class ForbiddenGlobalError(UnsafePickleError):
+    """A pickle that names a global outside the allow-list; `global_name` says which."""
+    def __init__(self, message, global_name):
+        super().__init__(message)
+        self.global_name = global_name
 
 #----------------------------------------------------------------------------
 # What the reference's records and containers become.
@@ -74,7 +82,43 @@ def _codecs_encode(text, encoding='latin1'):
         raise UnsafePickleError('refusing _codecs.encode with anything but a latin1 string')
     return text.encode('latin1')
 
-ALLOWED_GLOBALS = {
+# numpy's private array rebuilders live in numpy._core from numpy 2 on, in numpy.core before.
+def _numpy_private(module, name):
+    try:
+        return getattr(importlib.import_module(f'numpy._core.{module}'), name)
+    except ImportError:
+        return getattr(importlib.import_module(f'numpy.core.{module}'), name)
+
+# Protocols <= 4 rebuild an array as _reconstruct(ndarray, shape, dtype) and then set its state;
+# only a plain ndarray may be the class made.
+def _numpy_reconstruct(subtype, *args):
+    if subtype is not np.ndarray:
+        raise UnsafePickleError('refusing a numpy array of a class other than numpy.ndarray')
+    return _numpy_private('multiarray', '_reconstruct')(subtype, *args)
+
+# Protocol 5 rebuilds an array from its buffer; the dtype came through _numpy_dtype.
+def _numpy_frombuffer(*args):
+    return _numpy_private('numeric', '_frombuffer')(*args)
+
+# Plain values that both kinds of file may hold: bytes as protocol 2 writes them, numpy dtypes
+# and scalars.
+_PLAIN_GLOBALS = {
+    ('_codecs', 'encode'): _codecs_encode,
+    ('numpy', 'dtype'): _numpy_dtype,
+}
+for _module in ['numpy.core.multiarray', 'numpy._core.multiarray']:
+    _PLAIN_GLOBALS[(_module, 'scalar')] = _numpy_scalar
+
+# Plain data with numpy arrays (the CIFAR-10 batches, as written by Python 2 and 3, numpy 1 and 2).
+ARRAY_GLOBALS = dict(_PLAIN_GLOBALS)
+ARRAY_GLOBALS[('numpy', 'ndarray')] = np.ndarray
+for _module in ['numpy.core', 'numpy._core']:
+    ARRAY_GLOBALS[(f'{_module}.multiarray', '_reconstruct')] = _numpy_reconstruct
+    ARRAY_GLOBALS[(f'{_module}.numeric', '_frombuffer')] = _numpy_frombuffer
+
+# The reference's network and detector pickles: persistence records, tensors and containers.
+ALLOWED_GLOBALS = dict(_PLAIN_GLOBALS)
+ALLOWED_GLOBALS.update({
     ('torch_utils.persistence', '_reconstruct_persistent_obj'): _reconstruct_persistent_obj,
     ('torch._utils', '_rebuild_tensor_v2'): torch._utils._rebuild_tensor_v2,
     ('torch._utils', '_rebuild_parameter'): torch._utils._rebuild_parameter,
@@ -83,31 +127,33 @@ ALLOWED_GLOBALS = {
     ('dnnlib.util', 'EasyDict'): dnnlib.EasyDict,
     ('builtins', 'set'): set,
     ('builtins', 'frozenset'): frozenset,
-    ('_codecs', 'encode'): _codecs_encode,
-    ('numpy', 'dtype'): _numpy_dtype,
     ('torch', 'device'): torch.device,
-}
-for _module in ['numpy.core.multiarray', 'numpy._core.multiarray']:
-    ALLOWED_GLOBALS[(_module, 'scalar')] = _numpy_scalar
+})
 for _name in ['ModuleDict', 'ModuleList', 'Sequential']:
     ALLOWED_GLOBALS[('torch.nn.modules.container', _name)] = PlainObject
 for _name in ['float16', 'float32', 'float64', 'bfloat16', 'int64', 'int32', 'uint8', 'bool']:
     ALLOWED_GLOBALS[('torch', _name)] = getattr(torch, _name)
 
 class _RestrictedUnpickler(pickle.Unpickler):
+    def __init__(self, f, allowed, encoding):
+        super().__init__(f, encoding=encoding)
+        self.allowed = allowed
+
     def find_class(self, module, name):
-        target = ALLOWED_GLOBALS.get((module, name))
+        target = self.allowed.get((module, name))
         if target is None:
-            raise UnsafePickleError(f'refusing to load: the pickle references {module}.{name}, which such a file '
-                'never needs (it could run code)')
+            raise ForbiddenGlobalError(f'refusing to load: the pickle references {module}.{name}, which such a file '
+                'never needs (it could run code)', f'{module}.{name}')
         return target
 
     def persistent_load(self, pid):
         raise UnsafePickleError('refusing to load: the pickle uses persistent ids, which these files do not')
 
-def restricted_load(f):
-    """Unpickle with the allow-list. Raises UnsafePickleError for a refused global or a bad
-    record, and lets other exceptions (damaged or truncated data) through for the caller to word."""
-    return _RestrictedUnpickler(f).load()
+def restricted_load(f, allowed=ALLOWED_GLOBALS, encoding='ASCII'):
+    """Unpickle with an allow-list (ALLOWED_GLOBALS or ARRAY_GLOBALS). Raises UnsafePickleError
+    (ForbiddenGlobalError for a refused global) for anything outside it or a bad record, and lets
+    other exceptions (damaged or truncated data) through for the caller to word. encoding:
+    how Python 2 8-bit strings are decoded ('latin1' keeps numpy array bytes intact)."""
+    return _RestrictedUnpickler(f, allowed, encoding).load()
 
 #----------------------------------------------------------------------------

@@ -16,16 +16,18 @@ import psutil
 import torch
 
 from fdm.loss import build_loss
+from fdm.methods import METHODS, method_kwargs
 from fdm.preconditioning import build_precond
 from torch_utils import precision as precision_lib
 from torch_utils.compile_modes import COMPILE_MODES
+from torch_utils.feature_stats import FeatureSums
 from torch_utils.inception import Detector, FIDInceptionV3
 from torch_utils.training_stats import StatsCollector
+from training import generation
 from training.augment import AugmentPipe
-from training.config import AUGMENT_TRANSFORMS, LOSS_BY_PRECOND
-from training.training_loop import flatten_gradients, make_optimizer, optimizer_step, update_ema
+from training.config import AUGMENT_TRANSFORMS
 from training.networks import ARCH_PRESETS
-from fdm.preconditioning import PRECOND_BY_OPTION
+from training.train_step import flatten_gradients, make_optimizer, optimizer_step, update_ema
 
 #----------------------------------------------------------------------------
 
@@ -78,7 +80,8 @@ def build(arch, precond, resolution, cond, cbase, cres, device, channels_last):
         kwargs['model_channels'] = cbase
     if cres:
         kwargs['channel_mult'] = cres
-    net = build_precond(PRECOND_BY_OPTION[precond], img_resolution=resolution, img_channels=3,
+    network_kwargs, _ = method_kwargs(precond)
+    net = build_precond(**network_kwargs, img_resolution=resolution, img_channels=3,
         label_dim=10 if cond else 0, **kwargs).to(device)
     if channels_last:
         net = net.to(memory_format=torch.channels_last)
@@ -117,8 +120,8 @@ def bench_training(net, loss_fn, augment_pipe, batch, resolution, cond, device, 
     return batch / seconds, first_step, launches
 
 def bench_sampling(net, batch, device, precision, compile_mode, num_steps, iters):
-    """img/s of generate.py's own batch function: per-seed latents and noise, EDM Heun, float64 state."""
-    import generate  # noqa: the top-level script; measured as users run it
+    """img/s of generate.py's own batch function (training.generation): per-seed latents and noise, EDM Heun, float64 state."""
+    from training import generation as generate  # generate.py's own functions, measured as users run them
     net = copy.deepcopy(net).eval().requires_grad_(False)
     if compile_mode:
         net = generate.compile_net(net, compile_mode)
@@ -126,7 +129,7 @@ def bench_sampling(net, batch, device, precision, compile_mode, num_steps, iters
     seeds = iter(range(10**9))
 
     def run():
-        generate.generate_batch(net, sampler_name, sampler_kwargs, [next(seeds) for _ in range(batch)], device,
+        generation.generate_batch(net, sampler_name, sampler_kwargs, [next(seeds) for _ in range(batch)], device,
             precision=precision)
 
     seconds = timed(run, device, warmup=1, iters=iters)
@@ -134,9 +137,9 @@ def bench_sampling(net, batch, device, precision, compile_mode, num_steps, iters
 
 @torch.no_grad()
 def bench_features(batch, resolution, device, iters):
-    """img/s of fid.py's own feature accumulation (Inception-v3 at fid.py's fixed numerics, float64
+    """img/s of fid.py's own feature accumulation (torch_utils.feature_stats) (Inception-v3 at fid.py's fixed numerics, float64
     sums), on uint8 images already on the device: the detector side of `fid.py calc/gen`."""
-    import fid  # noqa: the top-level script; measured as users run it
+    from torch_utils import feature_stats as fid  # fid.py's own feature sums, measured as users run them
     net = FIDInceptionV3()  # the pytorch-fid network; random weights take the same time
     sums = fid.FeatureSums(Detector(net, 'pytorch-fid Inception-v3 (random weights)', device, feature_dim=2048))
     images = torch.randint(0, 256, [batch, 3, resolution, resolution], dtype=torch.uint8, device=device)
@@ -147,7 +150,7 @@ def bench_features(batch, resolution, device, iters):
 
 @click.command()
 @click.option('--arch', type=click.Choice(sorted(ARCH_PRESETS)), default='ddpmpp', show_default=True)
-@click.option('--precond', type=click.Choice(sorted(PRECOND_BY_OPTION)), default='fdm_edm', show_default=True)
+@click.option('--precond', type=click.Choice(sorted(METHODS)), default='fdm_edm', show_default=True)
 @click.option('--resolution', type=int, default=32, show_default=True)
 @click.option('--cond', type=bool, default=True, show_default=True)
 @click.option('--cbase', type=int, default=None)
@@ -163,7 +166,7 @@ def bench_features(batch, resolution, device, iters):
     show_default=True, help='torch.compile mode; reduce-overhead uses CUDA graphs')
 @click.option('--channels-last', is_flag=True)
 @click.option('--iters', type=int, default=20, show_default=True)
-@click.option('--peak-tflops', type=float, default=None, help='Peak FLOP/s of the device for MFU  [default: 790 on CUDA (H100 bf16 dense, as the issue), none on CPU]')
+@click.option('--peak-tflops', type=float, default=None, help='Peak FLOP/s of the device for MFU  [default: 790 on CUDA (H100 bf16 dense), none on CPU]')
 @click.option('--small', is_flag=True, help='A tiny configuration that runs in seconds on a CPU')
 @click.option('--device', type=str, default=None)
 def main(arch, precond, resolution, cond, cbase, cres, augment, batch, sample_batch, feature_batch, sample_steps, precision,
@@ -182,7 +185,7 @@ def main(arch, precond, resolution, cond, cbase, cres, augment, batch, sample_ba
     x = torch.randn([1, 3, resolution, resolution], device=device)
     labels = torch.eye(10, device=device)[:1] if cond else None
     flops = count_forward_flops(net, x, torch.ones(1, device=device), labels, torch.zeros(1, 9, device=device))
-    loss_fn = build_loss(LOSS_BY_PRECOND[precond], **({'warmup_ite': 200} if precond.startswith('fdm') else {}))
+    loss_fn = build_loss(**method_kwargs(precond, warmup_ite=200)[1])
     augment_pipe = AugmentPipe(p=augment, **AUGMENT_TRANSFORMS) if augment > 0 else None
 
     if device.type == 'cuda':

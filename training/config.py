@@ -1,33 +1,34 @@
 """From train.py options to the arguments of `training_loop`: a plain function tests can call.
 
 The presets reproduce the reference train.py (EDM, and FDM's additions): the same options,
-defaults and derived values, so the paper's commands mean what they meant there.
+defaults and derived values, so the paper's commands mean what they meant there. Every option
+is checked here, once, before anything starts; the dataset and the resume state are read
+here, once, and handed to the training loop.
 """
 
-import os
-import re
+import secrets
 import warnings
 import zipfile
 import zlib
 
+import torch
+
 import dnnlib
-from fdm.preconditioning import PRECOND_BY_OPTION
+from fdm.methods import METHOD_SPECIFIC_OPTIONS, METHODS, method_kwargs
+from torch_utils import distributed
 from torch_utils.compile_modes import resolve_compile_mode
+from torch_utils.errors import UserError
 from training.dataset import DatasetError, ImageFolderDataset
 from training.networks import ARCH_PRESETS
+from training.training_state import find_resume_state
 
-class ConfigError(Exception):
+class ConfigError(UserError):
     """An option combination that cannot work; the message says what to change."""
 
-# Options that only some preconditioners use: option -> the --precond values that use it.
-PRECOND_SPECIFIC = dict(warmup_ite={'fdm_vp', 'fdm_ve', 'fdm_edm'}, fdm_multiplier={'fdm_vp', 'fdm_edm'})
+MAX_LIST_ITEMS = 32  # --cres: more channel multipliers than any network has resolutions is a typo
 
 # The reference's augmentation for --augment=p: every ADA transform but colour, x-flips always.
 AUGMENT_TRANSFORMS = dict(xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1)
-
-# Loss of each --precond (iDDPM is trained like VP but on its discrete sigma table).
-LOSS_BY_PRECOND = dict(vp='VPLoss', fdm_vp='VPLoss', ve='VELoss', fdm_ve='VELoss', edm='EDMLoss', fdm_edm='EDMLoss',
-    iddpm='iDDPMLoss')
 
 #----------------------------------------------------------------------------
 
@@ -36,7 +37,9 @@ def setup_training_config(data, outdir='training-runs', cond=False, arch='ddpmpp
         fp16=False, ls=1, bench=True, cache=True, workers=8, desc=None, nosubdir=False, tick=50, snap=200, dump=500,
         seed=None, transfer=None, resume=None, lr_rampup=10, warmup_ite=None, fdm_multiplier=2.0,
         grid_images=64, precision='fp32', compile=False, compile_mode=None, channels_last=False, data_on_device='auto', world_size=1, explicit=()):
-    """Returns (config for training_loop, run description). `explicit`: options the user set."""
+    """Returns (config for training_loop, run). run: outdir, desc and nosubdir of the run directory,
+    and what the config read, for the loop: the opened `dataset` and the verified resume `state`
+    (None for a fresh start). `explicit`: the options the user set."""
     c = dnnlib.EasyDict()
 
     # Dataset: opened here so that a bad path or format fails before anything starts.
@@ -60,9 +63,10 @@ def setup_training_config(data, outdir='training-runs', cond=False, arch='ddpmpp
     # Network: architecture preset, then the options that override it.
     if arch not in ARCH_PRESETS:
         raise ConfigError(f'--arch={arch} is not one of {sorted(ARCH_PRESETS)}')
-    if precond not in PRECOND_BY_OPTION:
-        raise ConfigError(f'--precond={precond} is not one of {sorted(PRECOND_BY_OPTION)}')
-    c.network_kwargs = dnnlib.EasyDict(class_name=PRECOND_BY_OPTION[precond], **ARCH_PRESETS[arch])
+    if precond not in METHODS:
+        raise ConfigError(f'--precond={precond} is not one of {sorted(METHODS)}')
+    method_network_kwargs, method_loss_kwargs = method_kwargs(precond, warmup_ite, fdm_multiplier)
+    c.network_kwargs = dnnlib.EasyDict(class_name=method_network_kwargs.pop('class_name'), **ARCH_PRESETS[arch])
     if cbase is not None:
         c.network_kwargs.model_channels = cbase
     if cres is not None:
@@ -71,13 +75,10 @@ def setup_training_config(data, outdir='training-runs', cond=False, arch='ddpmpp
     if augment > 0:
         c.network_kwargs.augment_dim = 9
 
-    # Loss, with FDM's warmup for the FDM preconditioners only (as the reference).
-    c.loss_kwargs = dnnlib.EasyDict(class_name=LOSS_BY_PRECOND[precond])
-    if precond.startswith('fdm_'):
-        c.loss_kwargs.warmup_ite = warmup_ite
-        if precond != 'fdm_ve':  # FDM-VE ignores the multiplier (warned below if given)
-            c.network_kwargs.fdm_multiplier = fdm_multiplier
-    for option, users in PRECOND_SPECIFIC.items():
+    # Loss, with FDM's warmup for the FDM methods only, and the multiplier for FDM-VP/EDM (as the reference).
+    c.loss_kwargs = dnnlib.EasyDict(method_loss_kwargs)
+    c.network_kwargs.update(method_network_kwargs)  # after the options above: the reference's key order
+    for option, users in METHOD_SPECIFIC_OPTIONS.items():
         if option in explicit and precond not in users:
             warnings.warn(f'--{option} has no effect with --precond={precond}', UserWarning)
 
@@ -114,37 +115,48 @@ def setup_training_config(data, outdir='training-runs', cond=False, arch='ddpmpp
     c.state_dump_ticks = dump
     c.grid_images = grid_images
     c.seed = seed
-
-    bg = batch // world_size
-    if batch % world_size != 0 or (batch_gpu is not None and batch_gpu < bg and bg % batch_gpu != 0):
-        raise ConfigError(f'--batch={batch} is not divisible by {world_size} GPU(s) x --batch-gpu={batch_gpu}; '
-            'choose a batch that is a multiple of their product')
+    batch_split(batch, batch_gpu, world_size)
 
     # Starting point.
     if transfer is not None and resume is not None:
         raise ConfigError('--transfer and --resume cannot be combined; --resume continues a run, --transfer starts a new one')
     c.transfer = transfer
-    c.resume_state = None
-    if resume is not None:
-        from training.training_loop import find_resume_state  # noqa: keeps train.py --help fast
-        c.resume_state = find_resume_state(resume)
+    c.resume_state, state = find_resume_state(resume) if resume is not None else (None, None)
+    # Seed: the user's, the resumed run's, or a fresh random one shared by all ranks.
+    if c.seed is None:
+        c.seed = int(state['seed']) if state is not None else random_seed()
 
     # Run directory name, as the reference: {id}-{dataset}-{cond}-{arch}-{precond}-gpus{W}-batch{B}-{dtype}[-{desc}].
     desc_str = f'{dataset.name}-{"cond" if cond else "uncond"}-{arch}-{precond}-gpus{world_size}-batch{batch}-{"fp16" if fp16 else "fp32"}'
     if desc is not None:
         desc_str += f'-{desc}'
-    return c, dict(outdir=outdir, desc=desc_str, nosubdir=nosubdir)
+    return c, dnnlib.EasyDict(outdir=outdir, desc=desc_str, nosubdir=nosubdir, dataset=dataset, state=state)
 
 #----------------------------------------------------------------------------
-# Next free run directory: 1 + the largest leading number among existing subdirectories.
+# --cres: positive integers, at most MAX_LIST_ITEMS of them (ValueError otherwise).
 
-def next_run_dir(outdir, desc):
-    ids = []
-    if os.path.isdir(outdir):
-        for name in os.listdir(outdir):
-            m = re.match(r'^\d+', name)
-            if m and os.path.isdir(os.path.join(outdir, name)):
-                ids.append(int(m.group()))
-    return os.path.join(outdir, f'{max(ids, default=-1) + 1:05d}-{desc}')
+def parse_cres(s):
+    return dnnlib.util.parse_int_list(s, minimum=1, max_items=MAX_LIST_ITEMS,
+        too_many='; give one channel multiplier per resolution')
+
+#----------------------------------------------------------------------------
+# Batch split: batch = batch_gpu * rounds * world. Returns (images per step and process, rounds).
+
+def batch_split(batch, batch_gpu, world_size):
+    per_process = batch // world_size
+    used = per_process if batch_gpu is None or batch_gpu > per_process else batch_gpu
+    rounds = per_process // max(used, 1)
+    if batch != used * rounds * world_size:
+        raise ConfigError(f'--batch={batch} is not divisible by {world_size} GPU(s) x --batch-gpu={batch_gpu}; '
+            'choose a batch that is a multiple of their product')
+    return used, rounds
+
+# A fresh seed, drawn on rank 0 and broadcast, so that every rank initialises the same network.
+def random_seed():
+    seed = torch.tensor([secrets.randbelow(2**31)], dtype=torch.int64)
+    if distributed.is_distributed():
+        seed = seed.to(distributed.device() if torch.distributed.get_backend() == 'nccl' else 'cpu')
+        torch.distributed.broadcast(seed, src=0)
+    return int(seed.item())
 
 #----------------------------------------------------------------------------

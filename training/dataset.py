@@ -1,10 +1,13 @@
 """Training images read from a folder or a zip, and the endless, resumable index sampler that feeds them.
 
 The dataset returns (uint8 image [C, H, W], float32 label) pairs exactly as the EDM/FDM
-`ImageFolderDataset` does (facts sheet section 7); anything wrong with the user's files is
-reported as a one-line `DatasetError` that says what to do.
+`ImageFolderDataset` does (NVlabs/edm training/dataset.py); anything wrong with the user's files
+is reported as a one-line `DatasetError` that says what to do. The file conventions (which names
+are images, how one is opened, what dataset.json holds) are shared with the converter
+(training/dataset_sources.py), so both accept the same files.
 """
 
+import functools
 import json
 import os
 import types
@@ -14,28 +17,57 @@ import numpy as np
 import PIL.Image
 import torch
 
+from torch_utils.errors import UserError, describe_exception
+
 #----------------------------------------------------------------------------
 # A problem with the user's data; the message is one sentence that ends with what to do.
 
 MAX_CLASSES = 100_000  # one-hot labels beyond this are a broken dataset.json, not a dataset
 
-class DatasetError(Exception):
+class DatasetError(UserError):
     pass
 
 #----------------------------------------------------------------------------
+# The file conventions shared with the converter.
+
 # File names Pillow can decode: extensions registered to a format that has an *opener*
 # (PIL.Image.EXTENSION also lists save-only formats such as .pdf).
-
-def _readable_extensions():
+@functools.lru_cache(maxsize=None)
+def image_extensions():
     PIL.Image.init()
     return frozenset(ext for ext, fmt in PIL.Image.EXTENSION.items() if fmt in PIL.Image.OPEN)
+
+def is_image_name(name):
+    return os.path.splitext(name)[1].lower() in image_extensions()
+
+# Open one image with Pillow and return use(image); a failure in either becomes one line,
+# "{what} (Type: message); replace or delete that file.", raised as `error`.
+def read_image(open_file, use, what, error=DatasetError):
+    try:
+        with open_file() as f, PIL.Image.open(f) as img:
+            return use(img)
+    except Exception as err:
+        raise error(f'{what} ({describe_exception(err)}); replace or delete that file.') from None
+
+# dataset.json -> {relative path: label}, or None for "labels": null. `remedy` ends the message
+# for a file that is not JSON at all.
+def parse_labels_json(f, where, remedy, error=DatasetError):
+    try:
+        data = json.load(f)
+    except (ValueError, UnicodeDecodeError) as err:
+        raise error(f'{where} is not valid JSON ({describe_exception(err)}); {remedy}.') from None
+    if not isinstance(data, dict) or 'labels' not in data:
+        raise error(f'{where} must be an object with a "labels" key; write {{"labels": [[relative path, label], ...]}}.')
+    labels = data['labels']
+    if labels is None:
+        return None
+    if not isinstance(labels, list) or not all(isinstance(e, list) and len(e) == 2 and isinstance(e[0], str) for e in labels):
+        raise error(f'"labels" in {where} must be a list of [relative path, label] pairs; fix the file.')
+    return {name.replace('\\', '/'): label for name, label in labels}
 
 # Pillow modes that decode to uint8 arrays, and their channel counts. Palette ('P'), 1-bit,
 # 16-bit and float images are refused rather than silently fed to training as raw numbers.
 _MODE_CHANNELS = {'L': 1, 'LA': 2, 'RGB': 3, 'RGBA': 4}
-
-def _one_line(err):
-    return ' '.join(f'{type(err).__name__}: {err}'.split())
 
 #----------------------------------------------------------------------------
 # A folder (walked recursively) or a .zip of images, with optional labels from dataset.json.
@@ -69,8 +101,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             raise DatasetError(f"Dataset path '{self._path}' does not exist; pass a folder of images or a .zip made by dataset_tool.py.")
         else:
             raise DatasetError(f"Dataset path '{self._path}' is neither a folder nor a .zip file; pass a folder of images or a .zip made by dataset_tool.py.")
-        extensions = _readable_extensions()
-        self._image_fnames = sorted(name for name in self._all_fnames if os.path.splitext(name)[1].lower() in extensions)
+        self._image_fnames = sorted(name for name in self._all_fnames if is_image_name(name))
         if len(self._image_fnames) == 0:
             raise DatasetError(f"No image files found in '{self._path}'; it must contain images Pillow can read (e.g. .png, .jpg), for example as written by dataset_tool.py.")
 
@@ -86,7 +117,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         # Validate shapes from the file headers only: Image.open() parses the header without
         # decoding pixels (about 30 us per PNG inside a zip, i.e. ~2 s for 50k images, vs. a full
         # decode that grows with the resolution). Pixels are checked again when each image is loaded.
-        self._raw_shape = [len(self._image_fnames)] + self._checked_shape()
+        self._raw_shape = [len(self._image_fnames)] + list(self._check_headers(self._raw_idx))
         if resolution is not None and self._raw_shape[2:] != [resolution, resolution]:
             raise DatasetError(f"Images in '{self._path}' are {self._raw_shape[3]}x{self._raw_shape[2]} but resolution {resolution} was requested; "
                 f'drop the resolution option or rebuild the dataset with dataset_tool.py --resolution={resolution}x{resolution}.')
@@ -111,7 +142,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             try:
                 self._zipfile = zipfile.ZipFile(self._path)
             except (zipfile.BadZipFile, OSError, NotImplementedError, UnicodeDecodeError, RuntimeError) as err:
-                raise DatasetError(f"Cannot read '{self._path}' as a zip file ({_one_line(err)}); recreate it with dataset_tool.py.") from None
+                raise DatasetError(f"Cannot read '{self._path}' as a zip file ({describe_exception(err)}); recreate it with dataset_tool.py.") from None
             self._zip_pid = os.getpid()
         return self._zipfile
 
@@ -122,11 +153,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
 
     # [C, H, W] of one image from its header, without decoding the pixels.
     def _header_shape(self, fname):
-        try:
-            with self._open_file(fname) as f, PIL.Image.open(f) as img:
-                mode, (width, height) = img.mode, img.size
-        except Exception as err:
-            raise DatasetError(f"Cannot read image '{fname}' in '{self._path}' ({_one_line(err)}); replace or delete that file.") from None
+        mode, (width, height) = read_image(lambda: self._open_file(fname), lambda img: (img.mode, img.size),
+            f"Cannot read image '{fname}' in '{self._path}'")
         if mode not in _MODE_CHANNELS:
             raise DatasetError(f"Image '{fname}' in '{self._path}' has Pillow mode '{mode}', not 8-bit L/LA/RGB/RGBA; convert it to 8-bit grayscale or RGB.")
         return [_MODE_CHANNELS[mode], height, width]
@@ -147,26 +175,10 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                     'all images must share one size and channel count, convert them with dataset_tool.py.')
         return first_shape
 
-    # train.py opens the dataset twice in one process (the option check, then the training loop):
-    # the second opening reuses the header scan (~1.6 s per 50k PNGs) when nothing changed.
-    _shape_cache = {}
-
-    def _checked_shape(self):
-        stat = os.stat(self._path)
-        key = (os.path.realpath(self._path), stat.st_mtime_ns, stat.st_size, hash(tuple(self._image_fnames)),
-            self._raw_idx.tobytes())
-        if key not in ImageFolderDataset._shape_cache:
-            ImageFolderDataset._shape_cache = {key: self._check_headers(self._raw_idx)}  # keep one entry
-        return list(ImageFolderDataset._shape_cache[key])
-
     # Decoded pixels of one raw image as uint8 [C, H, W].
     def _load_raw_image(self, raw_idx):
         fname = self._image_fnames[raw_idx]
-        try:
-            with self._open_file(fname) as f, PIL.Image.open(f) as img:
-                image = np.array(img)
-        except Exception as err:
-            raise DatasetError(f"Cannot decode image '{fname}' in '{self._path}' ({_one_line(err)}); replace or delete that file.") from None
+        image = read_image(lambda: self._open_file(fname), np.array, f"Cannot decode image '{fname}' in '{self._path}'")
         if image.ndim == 2:
             image = image[:, :, np.newaxis] # HW => HWC
         image = image.transpose(2, 0, 1) # HWC => CHW
@@ -183,20 +195,12 @@ class ImageFolderDataset(torch.utils.data.Dataset):
                 '{"labels": [[relative path, label], ...]} or train unconditionally (--cond=0).')
         try:
             with self._open_file('dataset.json') as f:
-                data = json.load(f)
+                by_name = parse_labels_json(f, where, 'fix it or regenerate the dataset with dataset_tool.py')
         except (zipfile.BadZipFile, OSError, NotImplementedError, RuntimeError) as err:
-            raise DatasetError(f'Cannot read {where} ({_one_line(err)}); the zip is damaged, recreate it with dataset_tool.py.') from None
-        except (ValueError, UnicodeDecodeError) as err:
-            raise DatasetError(f'{where} is not valid JSON ({_one_line(err)}); fix it or regenerate the dataset with dataset_tool.py.') from None
-        if not isinstance(data, dict) or 'labels' not in data:
-            raise DatasetError(f'{where} must be an object with a "labels" key; write {{"labels": [[relative path, label], ...]}}.')
-        labels = data['labels']
-        if labels is None:
+            raise DatasetError(f'Cannot read {where} ({describe_exception(err)}); the zip is damaged, recreate it with dataset_tool.py.') from None
+        if by_name is None:
             raise DatasetError(f'Labels were requested but {where} says "labels": null (the dataset has no labels); '
                 'add labels or train unconditionally (--cond=0).')
-        if not isinstance(labels, list) or not all(isinstance(e, list) and len(e) == 2 and isinstance(e[0], str) for e in labels):
-            raise DatasetError(f'"labels" in {where} must be a list of [relative path, label] pairs; fix the file.')
-        by_name = {name.replace('\\', '/'): label for name, label in labels}
         missing = [fname for fname in self._image_fnames if fname not in by_name]
         if missing:
             raise DatasetError(f"{where} has no label for {len(missing)} of {len(self._image_fnames)} images (first: '{missing[0]}'); "

@@ -7,13 +7,13 @@ EDM-FDM, samples a grid (one column per class) and prints FD-digits and class ac
     python -m training.demo --outdir=demo-run --smoke    # ~1 minute, for CI
 """
 
-import json
 import os
 import time
 
 import click
 import torch
 
+from torch_utils.fileio import write_json
 from training import digits_pipeline as dp
 
 #----------------------------------------------------------------------------
@@ -21,7 +21,7 @@ from training import digits_pipeline as dp
 @click.command()
 @click.option('--outdir', help='Where to put dataset, run and results', metavar='DIR', type=str, default='demo-run', show_default=True)
 @click.option('--kimg', help='Training images (thousands)', metavar='KIMG', type=click.FloatRange(min=0, min_open=True), default=60, show_default=True)
-@click.option('--precond', help='Preconditioner', type=click.Choice(sorted(dp.PRECOND_CLASS)), default='fdm_edm', show_default=True)
+@click.option('--precond', help='Preconditioner', type=click.Choice(sorted(dp.PRECONDS)), default='fdm_edm', show_default=True)
 @click.option('--per-class', help='Samples per class to score', metavar='INT', type=click.IntRange(min=2), default=50, show_default=True)
 @click.option('--seed', help='Training seed', metavar='INT', type=int, default=0, show_default=True)
 @click.option('--smoke', help='A short run (2 kimg, 10 samples per class) that checks the pipeline', is_flag=True)
@@ -41,8 +41,7 @@ def main(outdir, kimg, precond, per_class, seed, smoke):
     dp.save_grid(images, grid)
     results = dict(precond=precond, kimg=kimg, seed=seed, device=str(device), fd_digits=fd, class_accuracy=accuracy,
         num_samples=len(images), snapshot=snapshot, grid=grid, seconds=round(time.time() - start, 1))
-    with open(os.path.join(outdir, 'results.json'), 'w') as f:
-        json.dump(results, f, indent=2)
+    write_json(os.path.join(outdir, 'results.json'), results)
     click.echo(f'\nFD-digits {fd:.3f} and class accuracy {accuracy:.3f} from {len(images)} samples '
         f'({precond}, {kimg:g} kimg, {results["seconds"]:.0f} s on {device}).')
     click.echo(f'Sample grid (one column per class): {grid}\nNetwork: {snapshot}\nScores: {os.path.join(outdir, "results.json")}')

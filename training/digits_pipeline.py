@@ -5,21 +5,25 @@ Shared by the quick-start demo (`python -m training.demo`) and the miniature rep
 the paper's claim (`python -m training.mini_repro`).
 """
 
-import json
 import math
 import os
 
 import numpy as np
 import torch
 
-import fid as fid_tool
-from dataset_tool import DIGITS_SOURCE, convert_dataset
+from torch_utils import feature_stats
+from training.dataset_sources import DIGITS_SOURCE
+from training.dataset_writer import convert_dataset
 from fdm.checkpoint import load_network
+from fdm.methods import METHODS, method_kwargs
 from fdm.samplers import PerSeedGenerator, edm_sampler
-from torch_utils import digits
+from torch_utils import digits, feature_stats
+from torch_utils.fileio import write_json
 from torch_utils.inception import load_detector
 from training.dataset import ImageFolderDataset
-from training.snapshot_grid import images_to_grid, save_png_atomic
+from training.dataset_sources import DIGITS_SOURCE
+from training.dataset_writer import convert_dataset
+from training.generation import make_grid, save_png, to_uint8
 from training.training_loop import training_loop
 
 RESOLUTION = 16
@@ -29,9 +33,8 @@ NETWORK = dict(model_type='SongUNet', embedding_type='positional', encoder_type=
     channel_mult_noise=1, resample_filter=[1, 1], model_channels=32, channel_mult=[1, 2, 2], num_blocks=2,
     attn_resolutions=[8], dropout=0.1)
 
-LOSS_BY_PRECOND = dict(edm='EDMLoss', fdm_edm='EDMLoss', vp='VPLoss', fdm_vp='VPLoss', ve='VELoss', fdm_ve='VELoss')
-PRECOND_CLASS = dict(edm='EDMPrecond', fdm_edm='FDM_EDMPrecond', vp='VPPrecond', fdm_vp='FDM_VPPrecond',
-    ve='VEPrecond', fdm_ve='FDM_VEPrecond')
+# The methods the digits pipeline trains: the three baseline/FDM pairs (iDDPM has no FDM version).
+PRECONDS = [m for m in METHODS if m != 'iddpm']
 
 #----------------------------------------------------------------------------
 
@@ -44,8 +47,8 @@ def prepare_data(outdir, device):
     if not os.path.isfile(ref):
         os.makedirs(os.path.dirname(ref), exist_ok=True)
         detector = load_detector('digits', device=device)
-        mu, sigma = fid_tool.compute_stats(ImageFolderDataset(data), detector, workers=0, progress=False)
-        fid_tool.save_stats(ref, mu, sigma)
+        mu, sigma = feature_stats.compute_stats(ImageFolderDataset(data), detector, workers=0, progress=False)
+        feature_stats.save_stats(ref, mu, sigma)
     return data, ref
 
 def train(data, run_dir, precond='fdm_edm', total_kimg=100, seed=0, batch=64, lr=1e-3, warmup_ite=200,
@@ -55,20 +58,15 @@ def train(data, run_dir, precond='fdm_edm', total_kimg=100, seed=0, batch=64, lr
     if ticks % snapshots:
         raise ValueError(f'ticks={ticks} must be a multiple of snapshots={snapshots}')
     os.makedirs(run_dir, exist_ok=True)
-    network_kwargs = dict(class_name=PRECOND_CLASS[precond], **NETWORK)
-    loss_kwargs = dict(class_name=LOSS_BY_PRECOND[precond])
-    if precond.startswith('fdm_'):
-        loss_kwargs['warmup_ite'] = warmup_ite
-        if precond != 'fdm_ve':
-            network_kwargs['fdm_multiplier'] = fdm_multiplier
+    network_kwargs, loss_kwargs = method_kwargs(precond, warmup_ite, fdm_multiplier)
+    network_kwargs = dict(class_name=network_kwargs.pop('class_name'), **NETWORK, **network_kwargs)
     config = dict(
         dataset_kwargs=dict(path=data, use_labels=True, xflip=False, cache=True, resolution=RESOLUTION),
         data_loader_kwargs=dict(num_workers=0), network_kwargs=network_kwargs, loss_kwargs=loss_kwargs,
         optimizer_kwargs=dict(lr=lr, betas=[0.9, 0.999], eps=1e-8), augment_kwargs=None, seed=seed,
         batch_size=batch, total_kimg=total_kimg, ema_halflife_kimg=total_kimg / 20, lr_rampup_kimg=total_kimg / 50,
         kimg_per_tick=total_kimg / ticks, snapshot_ticks=ticks // snapshots, state_dump_ticks=None, grid_images=0, device=device)
-    with open(os.path.join(run_dir, 'training_options.json'), 'w') as f:
-        json.dump(config, f, indent=2, default=str)
+    write_json(os.path.join(run_dir, 'training_options.json'), dict(config, device=None if device is None else str(device)))
     return training_loop(run_dir=run_dir, **config)
 
 @torch.no_grad()
@@ -90,15 +88,15 @@ def evaluate(images, classes, ref, device='cpu'):
     detector = load_detector('digits', device=device)
     features = torch.cat([detector(b).to(torch.float64) for b in images.split(256)])
     f = features.cpu().numpy()
-    mu, sigma = fid_tool.stats_from_sums(len(f), f.sum(0), f.T @ f)
-    fd = fid_tool.frechet_distance(mu, sigma, *fid_tool.load_stats(ref))
+    mu, sigma = feature_stats.stats_from_sums(len(f), f.sum(0), f.T @ f)
+    fd = feature_stats.frechet_distance(mu, sigma, *feature_stats.load_stats(ref))
     return float(fd), digits.class_accuracy(images, classes, device=device)
 
 def save_grid(images, path):
     """Grid PNG of `sample`'s images: one column per class, up to 10 rows."""
     rows = min(len(images) // 10, 10)
     order = [c + 10 * r for r in range(rows) for c in range(10)]  # seed = class + 10 * row
-    save_png_atomic(images_to_grid(images[order].to(torch.float32) / 127.5 - 1, 10), path)
+    save_png(make_grid(to_uint8(images[order].to(torch.float32) / 127.5 - 1), 10), path)
 
 def evaluate_snapshot(path, ref, per_class, device, num_steps=18):
     net = load_network(path, device=device)

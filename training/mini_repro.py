@@ -19,10 +19,11 @@ import PIL.Image
 import PIL.ImageDraw
 import torch
 
+from fdm.methods import TITLES
+from torch_utils.fileio import atomic_write, write_json
 from training import digits_pipeline as dp
 
 METHODS = ['edm', 'fdm_edm', 'vp', 'fdm_vp', 've', 'fdm_ve']
-TITLES = dict(edm='EDM', fdm_edm='EDM-FDM', vp='VP', fdm_vp='VP-FDM', ve='VE', fdm_ve='VE-FDM')
 COLOURS = dict(edm=(31, 119, 180), fdm_edm=(174, 199, 232), vp=(214, 39, 40), fdm_vp=(255, 152, 150),
     ve=(44, 160, 44), fdm_ve=(152, 223, 138))
 
@@ -45,7 +46,7 @@ def plot_curves(results, methods, path, size=(640, 420)):
     draw = PIL.ImageDraw.Draw(img)
     points = [(k, v) for m in methods for k, v in results[m].items() if v > 0 and math.isfinite(v)]
     if not points:
-        img.save(path)
+        atomic_write(path, lambda f: img.save(f, format='PNG'))
         return
     x0, x1 = 0, max(k for k, _ in points)
     y0, y1 = math.log10(min(v for _, v in points)), math.log10(max(v for _, v in points))
@@ -76,7 +77,7 @@ def plot_curves(results, methods, path, size=(640, 420)):
             draw.ellipse([x - 3, y - 3, x + 3, y + 3], fill=COLOURS[m])
         draw.line([w - right + 10, top + 12 + 18 * i, w - right + 30, top + 12 + 18 * i], fill=COLOURS[m], width=3)
         draw.text((w - right + 36, top + 6 + 18 * i), TITLES[m], fill='black')
-    img.save(path)
+    atomic_write(path, lambda f: img.save(f, format='PNG'))
 
 #----------------------------------------------------------------------------
 
@@ -117,10 +118,8 @@ def main(outdir, kimg, evals, per_class, methods, seed, batch, smoke):
     header = (f'FD-digits (lower is better) of class-conditional models on the digits, {per_class * 10} samples each, '
         f'EDM Heun sampler with 18 steps; budget {kimg:g} kimg, batch {batch}, seed {seed}, {device}, '
         f'{time.time() - start:.0f} s in all.\n\n')
-    with open(os.path.join(outdir, 'results.md'), 'w') as f:
-        f.write(header + table)
-    with open(os.path.join(outdir, 'results.json'), 'w') as f:
-        json.dump({m: {str(k): v for k, v in r.items()} for m, r in results.items()}, f, indent=2)
+    atomic_write(os.path.join(outdir, 'results.md'), lambda f: f.write((header + table).encode('utf-8')))
+    write_json(os.path.join(outdir, 'results.json'), {m: {str(k): v for k, v in r.items()} for m, r in results.items()})
     plot_curves(results, methods, os.path.join(outdir, 'results.png'))
     click.echo('\n' + header + table)
     click.echo(f'Wrote {os.path.join(outdir, "results.md")}, results.json and results.png')

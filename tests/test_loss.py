@@ -1,4 +1,5 @@
-"""Losses, the FDM warmup, and the EDM Heun sampler."""
+"""Losses and the FDM warmup: the clamp schedule against the reference's stateful loop, the
+loss weights and sigma distributions, and the draw order."""
 
 import math
 
@@ -7,8 +8,6 @@ import pytest
 import torch
 
 from fdm.loss import EDMLoss, VELoss, VPLoss, warmup_clamp
-from fdm.samplers import edm_sampler
-from fdm.schedules import edm_sigma_steps
 
 #----------------------------------------------------------------------------
 # Warmup: the reference's stateful loop, re-implemented here as the oracle.
@@ -89,79 +88,5 @@ def test_loss_draw_order_is_sigma_then_noise():
         torch.manual_seed(3)
         b = loss_cls()(ConstantNet(0.0), images)
         assert torch.equal(a, b)
-
-#----------------------------------------------------------------------------
-# Sampler on Gaussian data, where the exact denoiser and the ODE solution are known:
-# data ~ N(0, s_d^2) gives D(x; sigma) = x s_d^2 / (s_d^2 + sigma^2), and the probability
-# flow ODE maps x(sigma_max) to x(0) = x(sigma_max) s_d / sqrt(sigma_max^2 + s_d^2).
-
-class GaussianDenoiser:
-    sigma_min, sigma_max = 0.0, math.inf
-
-    def __init__(self, s_d=0.5):
-        self.s_d = s_d
-        self.calls = 0
-
-    def round_sigma(self, sigma):
-        return torch.as_tensor(sigma)
-
-    def __call__(self, x, sigma, class_labels=None):
-        self.calls += 1
-        return x * self.s_d ** 2 / (self.s_d ** 2 + torch.as_tensor(sigma, dtype=x.dtype) ** 2)
-
-def test_heun_solves_gaussian_ode():
-    latents = torch.randn(8, 1, 4, 4, generator=torch.Generator().manual_seed(0))
-    exact = latents.double() * 80 * 0.5 / math.sqrt(80 ** 2 + 0.25)
-    net = GaussianDenoiser()
-    x0 = edm_sampler(net, latents, num_steps=18)
-    assert net.calls == 2 * 18 - 1 and x0.dtype == torch.float64
-    errors = [((edm_sampler(GaussianDenoiser(), latents, num_steps=n) - exact) / exact).abs().max().item() for n in (40, 80)]
-    assert errors[1] < 3e-3  # measured 2.3e-3 relative at 80 steps
-    assert 3.0 < errors[0] / errors[1] < 5.5  # Heun is second order: halving the step quarters the error
-
-def test_time_steps():
-    t = edm_sigma_steps(18, 0.002, 80, 7)
-    i = np.arange(18)
-    expected = (80 ** (1 / 7) + i / 17 * (0.002 ** (1 / 7) - 80 ** (1 / 7))) ** 7
-    np.testing.assert_allclose(t[:-1].numpy(), expected, rtol=1e-14)
-    assert t[-1] == 0 and t.dtype == torch.float64
-    assert edm_sigma_steps(1, 0.002, 80).tolist() == [80.0, 0.0]  # the reference divides by zero here
-    with pytest.raises(ValueError):
-        edm_sigma_steps(0)
-
-def test_noise_drawn_every_step_and_churn():
-    latents = torch.randn(2, 1, 4, 4, generator=torch.Generator().manual_seed(0))
-    draws = []
-
-    def counting_randn_like(x):
-        draws.append(x.shape)
-        return torch.randn_like(x)
-
-    edm_sampler(GaussianDenoiser(), latents, randn_like=counting_randn_like, num_steps=5)
-    assert len(draws) == 0  # S_churn = 0: every draw would be multiplied by 0, so none is made
-    edm_sampler(GaussianDenoiser(), latents, randn_like=counting_randn_like, num_steps=5, S_churn=1)
-    assert len(draws) == 5  # with churn, one draw per step as the reference
-
-    def run(seed, **kw):
-        g = torch.Generator().manual_seed(seed)
-        return edm_sampler(GaussianDenoiser(), latents, randn_like=lambda x: torch.randn(x.shape, dtype=x.dtype, generator=g), num_steps=10, **kw)
-
-    det = run(0)
-    assert torch.equal(det, run(1))  # without churn the noise is multiplied by zero
-    a, b = run(0, S_churn=40), run(0, S_churn=40)
-    assert torch.equal(a, b) and not torch.allclose(a, det)
-
-def test_sigma_range_clamped_to_network():
-    class Narrow(GaussianDenoiser):
-        sigma_min, sigma_max = 0.02, 10.0
-        seen = []
-
-        def __call__(self, x, sigma, class_labels=None):
-            self.seen.append(float(sigma))
-            return super().__call__(x, sigma, class_labels)
-
-    net = Narrow()
-    edm_sampler(net, torch.zeros(1, 1, 2, 2), num_steps=4, sigma_min=0.002, sigma_max=80)
-    assert max(net.seen) == pytest.approx(10.0) and min(s for s in net.seen if s > 0) == pytest.approx(0.02)
 
 #----------------------------------------------------------------------------

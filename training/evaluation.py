@@ -1,0 +1,201 @@
+"""FID of image folders and of networks: fid.py's commands as functions.
+
+`fid_of_network` (and `protocol_of_network`) score images straight from the sampler, quantised
+to uint8 exactly as generate.py saves them, so they give the FID of the PNGs without writing
+them. The statistics themselves live in torch_utils/feature_stats.py.
+"""
+
+import os
+import time
+
+import torch
+import tqdm
+
+from torch_utils import distributed as dist, precision as precision_lib
+from torch_utils.feature_stats import (FeatureSums, FIDError, check_dims, compute_stats, frechet_distance, load_stats,
+    rate, save_stats, summarize)
+from torch_utils.inception import load_detector
+from training import generation
+from training.dataset import DatasetError, ImageFolderDataset
+
+#----------------------------------------------------------------------------
+# Inputs: images, the detector, the generating network.
+
+def open_images(path, num=None, seed=0):
+    """The images to score: all of them, or a seeded random subset of `num` (an error if fewer)."""
+    try:
+        dataset = ImageFolderDataset(path, max_size=num, random_seed=seed)
+    except DatasetError as err:
+        raise FIDError(str(err)) from None
+    if num is not None and len(dataset) < num:
+        raise FIDError(f"found {len(dataset)} images in '{path}' but --num={num}; generate more images or lower --num")
+    if dataset.num_channels not in (1, 3):
+        raise FIDError(f"images in '{path}' have {dataset.num_channels} channels; FID needs grayscale or RGB images")
+    return dataset
+
+def open_detector(spec, device=None):
+    """The detector, downloaded by rank 0 first so that the ranks do not race for the cache."""
+    if dist.get_rank() != 0:
+        dist.barrier()
+    try:
+        detector = load_detector(spec, device=device or dist.device(), verbose=(dist.get_rank() == 0))
+    finally:
+        if dist.get_rank() == 0:
+            dist.barrier()
+    return detector
+
+def open_generator(network, device, precision='fp32', class_idx=None, compile_mode=None, **sampler_options):
+    """(net, sampler name, sampler kwargs) chosen as generate.py chooses them; its errors become FIDErrors.
+    compile_mode: the net's U-Net compiled as generate.py --compile does."""
+    try:
+        sampler_name, sampler_kwargs, _ignored = generation.select_sampler(**sampler_options)
+        net, _name = generation.load_net(network, device, dist.get_rank(), log=dist.print0)
+    except generation.GenerateError as err:
+        raise FIDError(str(err)) from None
+    if net.img_channels not in (1, 3):
+        raise FIDError(f"--network {network} makes {net.img_channels}-channel images; FID needs grayscale or RGB images")
+    if class_idx is not None and not 0 <= class_idx < net.label_dim:
+        raise FIDError(f'--class {class_idx} does not exist: the network has {net.label_dim} classes'
+            + ('; drop --class' if not net.label_dim else f', 0..{net.label_dim - 1}'))
+    precision_lib.configure(precision, device)  # the TF32 switches generate.py would set
+    if compile_mode is not None:
+        net = generation.compile_net(net, compile_mode)
+    return net, sampler_name, sampler_kwargs
+
+def make_outdir(path):
+    try:
+        os.makedirs(path, exist_ok=True)
+    except OSError as err:
+        raise FIDError(f"cannot create --outdir '{path}' ({err.strerror}); choose a writable folder") from None
+
+#----------------------------------------------------------------------------
+# Images straight from the sampler. generation.to_uint8 is the very quantisation generate.py
+# applies before writing its (lossless) PNGs, so these images, and hence their features, are
+# those of the PNGs. Its copy to the host waits for the batch, but a batch costs tens of
+# network evaluations, against which one synchronisation is nothing.
+
+def generated_batches(net, sampler_name, sampler_kwargs, seeds, device, batch=64, class_idx=None, precision='fp32',
+        progress=True, fixed_shape=False):
+    """(seeds, uint8 images [N, C, H, W] on the CPU) for this rank's share of the seeds;
+    fixed_shape (a compiled net): short batches are padded as generate.py pads them."""
+    rank, world = dist.get_rank(), dist.get_world_size()
+    batches = [b for b in generation.rank_batches(seeds, batch, rank, world) if b]
+    pad_to = max((len(b) for b in batches), default=0) if fixed_shape else None
+    for batch_seeds in tqdm.tqdm(batches, unit='batch', disable=(rank != 0 or not progress)):
+        images = generation.generate_batch(net, sampler_name, sampler_kwargs, batch_seeds, device, class_idx, precision,
+            pad_to=pad_to)
+        yield batch_seeds, torch.from_numpy(generation.to_uint8(images)).permute(0, 3, 1, 2)  # [N, H, W, C] -> [N, C, H, W]
+
+def generated_stats(net, sampler_name, sampler_kwargs, seeds, detector, batch=64, class_idx=None, precision='fp32',
+        outdir=None, progress=True, fixed_shape=False):
+    """(mu, sigma) of the features of the images of `seeds`, shared among torchrun's ranks as
+    generate.py shares them; with `outdir` the PNGs are written too (as generate.py --subdirs)."""
+    sums = FeatureSums(detector)
+    for batch_seeds, images in generated_batches(net, sampler_name, sampler_kwargs, seeds, detector.device, batch,
+            class_idx, precision, progress, fixed_shape):
+        if outdir is not None:
+            make_outdir(outdir)  # once per batch is cheap, and reports an unwritable folder before any work is lost
+            generation.save_images(images.permute(0, 2, 3, 1).numpy(), batch_seeds, outdir, subdirs=True)
+        sums.add(images.to(detector.device))
+    return sums.stats()
+
+def calc_fid(dataset, ref_stats, detector, batch=64, workers=3, progress=True):
+    """FID of the images of a dataset (see open_images) against reference (mu, sigma)."""
+    mu, sigma = compute_stats(dataset, detector, batch=batch, workers=workers, progress=progress)
+    return frechet_distance(mu, sigma, *ref_stats)
+
+#----------------------------------------------------------------------------
+# fid.py's commands: each prints what it does on rank 0 and returns its result.
+
+def make_reference(data, dest, detector=None, batch=64, workers=3):
+    """fid.py ref: write the statistics (mu, sigma) of every image of a dataset to `dest`."""
+    if os.path.isdir(dest):
+        raise FIDError(f"--dest '{dest}' is a folder; give the path of the .npz file to write")
+    dataset = open_images(data)
+    det = open_detector(detector)
+    dist.print0(f"Calculating statistics of {len(dataset)} images in '{data}' with '{det.name}'...")
+    start = time.perf_counter()
+    mu, sigma = compute_stats(dataset, det, batch=batch, workers=workers)
+    dist.print0(f'Features of {rate(len(dataset), start)}')
+    if dist.get_rank() == 0:
+        save_stats(dest, mu, sigma)
+    dist.print0(f"Saved the statistics of {len(dataset)} images to '{dest}'")
+    return mu, sigma
+
+def fid_of_images(images, ref_path, num=50000, seed=0, batch=64, workers=3, detector=None):
+    """fid.py calc: the FID of `num` images of a folder or zip (a seeded subset if it has more)."""
+    ref_stats = load_stats(ref_path)
+    dataset = open_images(images, num=num, seed=seed)  # checked before the detector is fetched
+    det = open_detector(detector)
+    check_dims(det, ref_stats[0], ref_path)
+    dist.print0(f"Calculating features of {len(dataset)} images in '{images}' with '{det.name}'...")
+    start = time.perf_counter()
+    fid = calc_fid(dataset, ref_stats, det, batch=batch, workers=workers)
+    dist.print0(f'Features of {rate(len(dataset), start)}')
+    dist.print0(f"FID {fid:g} from {len(dataset)} images in '{images}' against '{ref_path}'")
+    return fid
+
+def fid_of_network(network, ref_path, seeds, class_idx=None, solver='edm', steps=18, precision='fp32', outdir=None,
+        batch=64, detector=None, compile_mode=None):
+    """fid.py gen: the FID of the images of `seeds`, generated in memory (and saved to `outdir` if given)."""
+    if len(seeds) < 2:
+        raise FIDError(f'--seeds gives {len(seeds)} image; a covariance needs at least 2, e.g. --seeds=0-49999')
+    ref_stats = load_stats(ref_path)
+    det = open_detector(detector)
+    check_dims(det, ref_stats[0], ref_path)
+    if outdir is not None:
+        make_outdir(outdir)
+    net, sampler_name, sampler_kwargs = open_generator(network, det.device, precision, class_idx, compile_mode,
+        solver=solver, num_steps=steps)
+    dist.print0(f"Generating {len(seeds)} images and their features with '{det.name}'...")
+    start = time.perf_counter()
+    mu, sigma = generated_stats(net, sampler_name, sampler_kwargs, seeds, det, batch=batch, class_idx=class_idx,
+        precision=precision, outdir=outdir, fixed_shape=compile_mode is not None)
+    dist.print0(f'Generated and scored {rate(len(seeds), start)}')
+    fid = frechet_distance(mu, sigma, *ref_stats)
+    dist.print0(f"FID {fid:g} from {len(seeds)} images generated by '{network}' against '{ref_path}'")
+    return fid
+
+# The three-seed-range protocol: min, mean and std of the FIDs of seeds 0..num-1, num..2num-1, 2num..3num-1.
+
+def _print_summary(fids, ref_path):
+    lo, mean, std = summarize(fids)
+    dist.print0(f"FID min {lo:g}  mean {mean:g}  std {std:g}  over {len(fids)} seed ranges against '{ref_path}'")
+    return lo, mean, std
+
+def protocol_of_network(network, ref_path, num=50000, solver='edm', steps=18, precision='fp32', outdir=None, batch=64,
+        detector=None, compile_mode=None):
+    """fid.py protocol --network: the three seed ranges generated in memory (saved to OUTDIR/seeds-A-B
+    if `outdir`); returns the three FIDs."""
+    ref_stats = load_stats(ref_path)
+    det = open_detector(detector)
+    check_dims(det, ref_stats[0], ref_path)
+    if outdir is not None:
+        make_outdir(outdir)
+    net, sampler_name, sampler_kwargs = open_generator(network, det.device, precision, compile_mode=compile_mode,
+        solver=solver, num_steps=steps)
+    fids = []
+    for seeds in [range(k * num, (k + 1) * num) for k in range(3)]:
+        name = f'seeds-{seeds[0]}-{seeds[-1]}'
+        folder = os.path.join(outdir, name) if outdir is not None else None
+        mu, sigma = generated_stats(net, sampler_name, sampler_kwargs, seeds, det, batch=batch,
+            precision=precision, outdir=folder, fixed_shape=compile_mode is not None)
+        fids.append(frechet_distance(mu, sigma, *ref_stats))
+        dist.print0(f"FID {fids[-1]:g} from {num} images " + (f"in '{folder}'" if folder else f"of {name}"))
+    _print_summary(fids, ref_path)
+    return fids
+
+def protocol_of_images(images, ref_path, num=50000, seed=0, batch=64, workers=3, detector=None):
+    """fid.py protocol --images: the FIDs of three folders made by generate.py."""
+    ref_stats = load_stats(ref_path)
+    datasets = [open_images(path, num=num, seed=seed) for path in images]
+    det = open_detector(detector)
+    check_dims(det, ref_stats[0], ref_path)
+    fids = []
+    for path, dataset in zip(images, datasets):
+        fids.append(calc_fid(dataset, ref_stats, det, batch=batch, workers=workers))
+        dist.print0(f"FID {fids[-1]:g} from {len(dataset)} images in '{path}'")
+    _print_summary(fids, ref_path)
+    return fids
+
+#----------------------------------------------------------------------------

@@ -1,0 +1,326 @@
+"""Generating images with a trained denoiser: generate.py's work as functions, shared with fid.py
+(which scores the images in memory) and the snapshot grids of the training loop.
+
+Each image depends only on its seed and the network: per-seed random generators make it the same
+whatever the batching or the number of processes (in exact arithmetic; a CPU's float kernels may
+differ in the last bits between batch shapes). Seeds are split among torchrun's ranks as the
+reference splits them.
+"""
+
+import concurrent.futures
+import copy
+import math
+import os
+import time
+
+import click
+import numpy as np
+import PIL.Image
+import torch
+import tqdm
+
+import dnnlib
+from fdm.checkpoint import CheckpointError, load_network
+from fdm.samplers import SAMPLERS, PerSeedGenerator, sampler_nfe, sampler_settings, sampler_sigma_range
+from torch_utils import distributed, precision as precision_lib
+from torch_utils.compile_modes import resolve_compile_mode
+from torch_utils.errors import UserError
+from torch_utils.fileio import atomic_write, jsonable, write_json
+
+class GenerateError(UserError):
+    """A problem with generate.py's options or inputs; the message says what to do."""
+
+#----------------------------------------------------------------------------
+# --seeds of generate.py and fid.py: '1,2,5-10' -> [1, 2, 5, 6, 7, 8, 9, 10].
+
+MAX_SEEDS = 10_000_000  # a typo like 0-999999999 would otherwise exhaust memory before anything runs
+
+def parse_seeds(s):
+    """Non-negative integers, at most MAX_SEEDS of them; a click option type (BadParameter otherwise)."""
+    try:
+        return dnnlib.util.parse_int_list(s, minimum=0, max_items=MAX_SEEDS, too_many='; split the job into several seed ranges')
+    except ValueError as err:
+        raise click.BadParameter(str(err)) from None
+
+#----------------------------------------------------------------------------
+# Which sampler the options select, and its keyword arguments.
+# --solver dpm: DPM-Solver++; --solver euler|heun or any of --disc/--schedule/--scaling:
+# EDM's ablation sampler; otherwise (--solver edm or nothing) EDM's Heun sampler.
+
+DPM_IGNORED_DEFAULTS = dict(rho=7, S_churn=0, S_min=0, S_max=float('inf'), S_noise=1)
+
+def select_sampler(solver=None, disc=None, schedule=None, scaling=None, dpm_order=None, dpm_method=None,
+        dpm_skip=None, num_steps=18, sigma_min=None, sigma_max=None, rho=7, S_churn=0, S_min=0,
+        S_max=float('inf'), S_noise=1):
+    """-> (sampler name in SAMPLERS, its kwargs, list of options it ignores)."""
+    range_kwargs = {k: v for k, v in dict(sigma_min=sigma_min, sigma_max=sigma_max).items() if v is not None}
+    common = dict(num_steps=num_steps, **range_kwargs, rho=rho, S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise)
+    ablation = {k: v for k, v in dict(discretization=disc, schedule=schedule, scaling=scaling).items() if v is not None}
+    dpm = {k: v for k, v in dict(order=dpm_order, method=dpm_method, skip_type=dpm_skip).items() if v is not None}
+    if solver not in (None, 'edm', 'dpm', 'euler', 'heun'):
+        raise GenerateError(f"unknown --solver {solver!r}; expected edm, dpm, euler or heun")
+
+    if solver == 'dpm':
+        if ablation:
+            raise GenerateError('--disc/--schedule/--scaling select the EDM ablation sampler and do not combine with '
+                '--solver dpm; drop them, or use --solver euler or heun')
+        given = dict(rho=rho, S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise)
+        ignored = [f'--{k}' for k, v in given.items() if v != DPM_IGNORED_DEFAULTS[k]]
+        return 'dpm', dict(num_steps=num_steps, **range_kwargs, **dpm), ignored
+    if dpm:
+        raise GenerateError('--dpm-order/--dpm-method/--dpm-skip apply only to --solver dpm')
+    if solver in ('euler', 'heun') or ablation:
+        if solver == 'edm':
+            raise GenerateError('--disc/--schedule/--scaling select the EDM ablation sampler; use them with '
+                '--solver euler or heun (or without --solver), not --solver edm')
+        return 'ablation', dict(common, solver=solver or 'heun', **ablation), []
+    return 'edm', common, []
+
+#----------------------------------------------------------------------------
+# Batches as the reference splits them: ceil(n / (batch W)) W near-equal parts of the seed
+# list, and rank r takes parts r, r + W, ... (some may be empty).
+
+def rank_batches(seeds, max_batch_size, rank=0, world_size=1):
+    num_batches = math.ceil(len(seeds) / (max_batch_size * world_size)) * world_size
+    parts = torch.as_tensor(seeds, dtype=torch.int64).tensor_split(num_batches)
+    return [part.tolist() for part in parts[rank::world_size]]
+
+#----------------------------------------------------------------------------
+# Image files: the one quantisation, grid tiler and PNG writer of generate.py, fid.py and the
+# training loop's snapshot grids.
+
+def image_path(outdir, seed, subdirs=False):
+    """outdir/[{seed - seed % 1000:06d}/]{seed:06d}.png"""
+    folder = os.path.join(outdir, f'{seed - seed % 1000:06d}') if subdirs else outdir
+    return os.path.join(folder, f'{seed:06d}.png')
+
+# Float images [N, C, H, W] in [-1, 1] -> uint8 [N, H, W, C], as the reference rounds them.
+def to_uint8(images):
+    return (images * 127.5 + 128).clip(0, 255).to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+def save_png(array, path):
+    """uint8 [H, W, C] -> PNG; one channel is saved as grayscale (mode L). Not fsynced: a PNG lost
+    to a power cut is made again from its seed, and the rename still hides half-written files."""
+    array = np.ascontiguousarray(array[:, :, 0] if array.shape[2] == 1 else array)
+    atomic_write(path, lambda f: PIL.Image.fromarray(array).save(f, format='PNG'), durable=False)
+
+def make_grid(images, gw=None):
+    """uint8 images [N, H, W, C] -> one grid [gh H, gw W, C], row by row; gw columns (default:
+    a roughly square grid, ceil(sqrt(N)))."""
+    n, h, w, c = images.shape
+    gw = gw or math.ceil(math.sqrt(n))
+    gh = math.ceil(n / gw)
+    grid = np.zeros([gh * h, gw * w, c], dtype=np.uint8)
+    for i, image in enumerate(images):
+        y, x = divmod(i, gw)
+        grid[y * h:(y + 1) * h, x * w:(x + 1) * w] = image
+    return grid
+
+def save_images(images, batch_seeds, outdir, subdirs):
+    """uint8 images [N, H, W, C] -> one PNG per seed."""
+    for seed, image in zip(batch_seeds, images):
+        path = image_path(outdir, seed, subdirs)
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        save_png(image, path)
+
+# Read the saved images back (any rank may have written them) and tile them into one PNG.
+def save_grid(outdir, seeds, subdirs, path):
+    images = np.stack([np.asarray(PIL.Image.open(image_path(outdir, s, subdirs))) for s in seeds])
+    images = images[..., None] if images.ndim == 3 else images  # grayscale -> [N, H, W, 1]
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    save_png(make_grid(images), path)
+
+#----------------------------------------------------------------------------
+# Latents, labels and the per-step noise for one batch, in the reference's order: each
+# seed's generator draws its latents [C, H, W], then (conditional nets) its class index,
+# then the sampler's noise. --class overrides the label but the index is still drawn.
+# pad_to: sample that many images (copies of the last seed fill the batch) and return the
+# first len(batch_seeds), so that a compiled network always sees one batch shape. Per-seed
+# generators keep the returned images independent of the padding (up to the CPU kernels'
+# rounding, which may depend on the batch shape).
+
+@torch.no_grad()
+def generate_batch(net, sampler_name, sampler_kwargs, batch_seeds, device, class_idx=None, precision='fp32',
+        pad_to=None):
+    batch_seeds = list(batch_seeds)
+    seeds = batch_seeds + batch_seeds[-1:] * ((pad_to or 0) - len(batch_seeds))
+    rnd = PerSeedGenerator(device, seeds)
+    latents = rnd.randn([len(seeds), net.img_channels, net.img_resolution, net.img_resolution], device=device)
+    class_labels = None
+    if net.label_dim:
+        index = rnd.randint(net.label_dim, size=[len(seeds)], device=device)
+        class_labels = torch.eye(net.label_dim, device=device)[index]
+        if class_idx is not None:
+            class_labels[:, :] = 0
+            class_labels[:, class_idx] = 1
+    sampler = SAMPLERS[sampler_name]
+    # Autocast touches only the network's matmuls/convolutions; the sampler state stays float64.
+    with precision_lib.autocast(precision, device):
+        images = sampler(net, latents, class_labels, randn_like=rnd.randn_like, **sampler_kwargs)
+    return images[:len(batch_seeds)]
+
+#----------------------------------------------------------------------------
+# Speed: torch.compile of the network, the automatic batch size.
+
+def compile_net(net, mode='default'):
+    """The denoiser with its U-Net F (net.model) compiled for fixed shapes. The preconditioner
+    around F (a few scalar operations per call) stays eager. A shallow copy: the parameters are
+    shared, and `net` itself is left uncompiled."""
+    compiled = copy.copy(net)
+    compiled._modules = dict(net._modules)  # copy.copy shares this table; assigning .model would edit net's
+    # F's output needs no clone under CUDA graphs (which overwrite it on the next replay):
+    # the preconditioner turns it into a new tensor, c_skip x + c_out F, before the next call.
+    compiled.model = torch.compile(net.model, mode=mode, dynamic=False)
+    return compiled
+
+def auto_batch_size(device, img_resolution):
+    """--batch default: 64 on a CPU (the reference's); on a GPU, 512 images of 32x32 or the
+    same number of pixels at higher resolutions, at least 64."""
+    if torch.device(device).type != 'cuda':
+        return 64
+    return max(64, 512 * 32 ** 2 // img_resolution ** 2)
+
+def _out_of_memory(err):
+    # torch.compile may wrap the CUDA error in its own exception; look along the chain.
+    while err is not None:
+        if isinstance(err, torch.cuda.OutOfMemoryError):
+            return True
+        err = err.__cause__ or err.__context__
+    return False
+
+#----------------------------------------------------------------------------
+# Load the denoiser, rank 0 first (it may download into the cache that the others then read).
+
+def load_net(network, device, rank=0, log=print):
+    """-> (net, name). `network` is a path, a URL, or an already loaded denoiser."""
+    if isinstance(network, torch.nn.Module):
+        return network.eval().requires_grad_(False).to(device), type(network).__name__
+    name = str(network)
+    if not dnnlib.util.is_url(name) and not name.startswith('file://') and not os.path.isfile(name):
+        raise GenerateError(f'--network {name}: no such file; give a network snapshot (.pt/.pkl) or a URL')
+    if rank != 0:
+        distributed.barrier()
+    log(f'Loading network from "{name}"...')
+    try:
+        net = load_network(name, device)
+    except (CheckpointError, OSError) as err:
+        raise GenerateError(f'--network: {err}') from None
+    if rank == 0:
+        distributed.barrier()
+    return net, name
+
+# Everything that decides the images, as written to generate_options.json.
+def describe_run(net, network_name, sampler_name, sampler_kwargs, ignored, seeds, class_idx, **extra):
+    try:
+        sigma_min, sigma_max = (float(v) for v in sampler_sigma_range(sampler_name, net, **sampler_kwargs))
+        nfe = sampler_nfe(sampler_name, **sampler_kwargs)
+    except ValueError as err:
+        raise GenerateError(str(err)) from None
+    if not 0 < sigma_min < sigma_max:
+        raise GenerateError(f'the noise range is empty: sigma {sigma_min:g}..{sigma_max:g} (after clamping to '
+            f'the network\'s {net.sigma_min:g}..{net.sigma_max:g}); give --sigma_min below --sigma_max')
+    return jsonable(dict(
+        network=network_name,
+        solver=sampler_kwargs['solver'] if sampler_name == 'ablation' else sampler_name,
+        sampler=sampler_name, sampler_function=SAMPLERS[sampler_name].__name__,
+        sampler_kwargs=sampler_settings(sampler_name, **sampler_kwargs), ignored_options=ignored,
+        num_steps=sampler_kwargs['num_steps'], nfe=nfe, sigma_min=sigma_min, sigma_max=sigma_max,
+        num_seeds=len(seeds), seeds=dnnlib.util.format_int_list(seeds), class_idx=class_idx, label_dim=net.label_dim,
+        img_resolution=net.img_resolution, img_channels=net.img_channels, **extra, torch_version=torch.__version__))
+
+#----------------------------------------------------------------------------
+# The sampling loop of one rank. A thread writes one batch's PNGs while the device samples the
+# next (the main thread waits in to_uint8's copy, which releases the GIL).
+
+def _sample_to_pngs(net, sampler_name, sampler_kwargs, batches, outdir, subdirs, device, class_idx, precision,
+        pad_to, max_batch_size, compile_mode, log, progress):
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as writer:
+        written = None
+        for k, batch_seeds in enumerate(tqdm.tqdm(batches, unit='batch', disable=not progress)):
+            start = time.perf_counter()
+            try:
+                images = to_uint8(generate_batch(net, sampler_name, sampler_kwargs, batch_seeds, device, class_idx,
+                    precision, pad_to=pad_to))
+            except RuntimeError as err:
+                if _out_of_memory(err):
+                    raise GenerateError(f'out of memory on {device} at --batch {max_batch_size}; lower --batch '
+                        f'(e.g. --batch {max(max_batch_size // 2, 1)})') from None
+                if compile_mode and isinstance(err, torch._dynamo.exc.BackendCompilerFailed):
+                    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                    raise GenerateError(f'--compile failed ({first_line}); run without --compile') from None
+                raise
+            if k == 0 and compile_mode:
+                log(f'First batch, including compilation: {time.perf_counter() - start:.1f} s')
+            if written is not None:
+                written.result()  # a write error surfaces here; at most one batch waits in memory
+            written = writer.submit(save_images, images, batch_seeds, outdir, subdirs)
+        if written is not None:
+            written.result()
+
+#----------------------------------------------------------------------------
+# The whole of generate.py as a function (tests call it). Returns the settings it wrote to
+# outdir/generate_options.json.
+
+def generate(network, outdir, seeds=range(64), subdirs=False, class_idx=None, max_batch_size=None, device=None,
+        grid=None, precision='fp32', verbose=True, compile=False, compile_mode=None, **sampler_options):
+    seeds = list(seeds)
+    if not seeds:
+        raise GenerateError('--seeds is empty; give seeds like 0-63')
+    try:
+        compile_mode = resolve_compile_mode(compile, compile_mode)
+    except ValueError as err:
+        raise GenerateError(str(err)) from None
+    if grid is not None and os.path.commonpath([os.path.abspath(grid), os.path.abspath(outdir)]) == os.path.abspath(outdir):
+        raise GenerateError(f'--grid {grid} lies inside --outdir, where fid.py would count it as a sample; '
+            'put the grid somewhere else')
+    sampler_name, sampler_kwargs, ignored = select_sampler(**sampler_options)
+    try:
+        device = torch.device(device) if device is not None else distributed.device()
+    except RuntimeError as err:
+        raise GenerateError(f'--device {device!r} is not a device ({err}); use e.g. cpu, cuda or cuda:1') from None
+    precision_lib.configure(precision, device)
+    rank, world_size = distributed.get_rank(), distributed.get_world_size()
+    log = (lambda *args: print(*args, flush=True)) if (verbose and rank == 0) else (lambda *args: None)
+
+    net, network_name = load_net(network, device, rank, log)
+    if class_idx is not None and not net.label_dim:
+        raise GenerateError(f'--class {class_idx} given, but the network is unconditional (label_dim 0); drop --class')
+    if class_idx is not None and not 0 <= class_idx < net.label_dim:
+        raise GenerateError(f'--class {class_idx} is out of range; this network has classes 0..{net.label_dim - 1}')
+    if ignored:
+        log(f'Warning: {", ".join(ignored)} do not apply to --solver dpm and are ignored')
+    batch_auto = max_batch_size is None
+    if batch_auto:
+        max_batch_size = auto_batch_size(device, net.img_resolution)
+    settings = describe_run(net, network_name, sampler_name, sampler_kwargs, ignored, seeds, class_idx,
+        max_batch_size=max_batch_size, batch_auto=batch_auto, world_size=world_size, subdirs=subdirs, grid=grid,
+        device=device.type, precision=precision, compile=compile_mode is not None, compile_mode=compile_mode)
+    if rank == 0:
+        try:
+            os.makedirs(outdir, exist_ok=True)
+        except OSError as err:
+            raise GenerateError(f'cannot write to --outdir {outdir} ({err.strerror}); choose a writable folder') from None
+        write_json(os.path.join(outdir, 'generate_options.json'), settings)
+    distributed.barrier()
+    log(f'Sampler: {settings["solver"]} ({settings["sampler_function"]}), {settings["num_steps"]} steps, '
+        f'{settings["nfe"]} network evaluations per image, sigma {settings["sigma_min"]:g}..{settings["sigma_max"]:g}')
+    log(f'Generating {len(seeds)} images to "{outdir}"...')
+
+    # Every batch goes through the same sampler (the FDM reference used DPM only for the first).
+    # Compiled, every batch is padded to this rank's largest one: one shape, one compilation.
+    batches = [b for b in rank_batches(seeds, max_batch_size, rank, world_size) if b]
+    pad_to = max((len(b) for b in batches), default=0) if compile_mode else None
+    if compile_mode:
+        net = compile_net(net, compile_mode)
+        log(f'Compiling the network (torch.compile mode {compile_mode}, batch {pad_to}) on the first batch...')
+    _sample_to_pngs(net, sampler_name, sampler_kwargs, batches, outdir, subdirs, device, class_idx, precision, pad_to,
+        max_batch_size, compile_mode, log, progress=(rank == 0 and verbose))
+
+    distributed.barrier()
+    if grid is not None and rank == 0:
+        save_grid(outdir, seeds, subdirs, grid)
+        log(f'Grid of {len(seeds)} images saved to "{grid}"')
+    log('Done.')
+    return settings
+
+#----------------------------------------------------------------------------

@@ -7,7 +7,8 @@ import os
 
 import click
 
-from fdm.checkpoint import CheckpointError, convert_reference_pickle
+from fdm.checkpoint import convert_reference_pickle
+from torch_utils.errors import UserError, one_line
 
 #----------------------------------------------------------------------------
 
@@ -20,8 +21,8 @@ def main(src, dst):
         raise click.ClickException(f'{dst} exists; choose another output path or remove it first')
     try:
         data = convert_reference_pickle(src, dst)
-    except CheckpointError as err:
-        raise click.ClickException(str(err)) from None
+    except UserError as err:  # a bad source, or a failed write of DST
+        raise click.ClickException(one_line(err)) from None
     net = data['ema']
     n = sum(p.numel() for p in net.parameters())
     click.echo(f'Wrote {dst}: {type(net).__name__} ({type(net.model).__name__}, {n:,} parameters)')

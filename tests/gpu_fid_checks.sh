@@ -51,7 +51,8 @@ done
 # 2. Host synchronisations per batch in compute_stats: 8 batches should add none (the final
 #    copies of the statistics are the only expected ones).
 python - "$data" "$det" "$n" <<'PY' 2>&1 | tee -a "$summary"
-import sys, warnings, torch, fid
+import sys, warnings, torch
+from training import evaluation as fid
 from training.dataset import ImageFolderDataset
 data, det_path, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 device = 'cuda' if torch.cuda.is_available() else 'cpu'

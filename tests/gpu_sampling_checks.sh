@@ -21,7 +21,7 @@ python -m pytest -q -o addopts="" -p no:warnings tests/test_fast_sampling.py tes
 python - "${SMALL:-}" <<'PY' 2>&1 | tee -a "$summary"
 import sys, time
 import numpy as np, torch
-import generate
+from training import generation as generate
 from fdm.preconditioning import build_precond
 from training.networks import ARCH_PRESETS
 small = bool(sys.argv[1])

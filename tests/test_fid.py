@@ -212,6 +212,7 @@ def test_grayscale_zip_is_repeated_to_rgb(tmp_path, detector_file):
     np.testing.assert_allclose(mu, ref_mu, atol=1e-7)
     np.testing.assert_allclose(sigma, ref_sigma, atol=1e-7)
 
+@pytest.mark.slow
 def test_two_processes_give_the_same_statistics(tmp_path, detector_file):
     data = write_folder(tmp_path / 'data', 13, seed=4)  # odd: the ranks get 7 and 6 images
     one, two = tmp_path / 'one.npz', tmp_path / 'two.npz'
@@ -227,8 +228,11 @@ def test_two_processes_give_the_same_statistics(tmp_path, detector_file):
     assert proc.stdout.count('Saved the statistics of 13 images') == 1  # rank 0 only
     mu1, sigma1 = feature_stats.load_stats(str(one))
     mu2, sigma2 = feature_stats.load_stats(str(two))
-    np.testing.assert_allclose(mu2, mu1, rtol=1e-12, atol=1e-12)
-    np.testing.assert_allclose(sigma2, sigma1, rtol=1e-10, atol=1e-12)
+    # The ranks batch other images together, so a feature may round differently in float32 (features
+    # in [0, 1]: one rounding is < 6e-8); measured difference 0. One image too many or too few would
+    # move mu by ~0.02.
+    np.testing.assert_allclose(mu2, mu1, rtol=0, atol=1e-7)
+    np.testing.assert_allclose(sigma2, sigma1, rtol=0, atol=1e-7)
 
 #----------------------------------------------------------------------------
 # User errors: one line each, naming what is wrong.
@@ -512,15 +516,20 @@ def test_gen_end_to_end_equals_generate_then_calc(tmp_path, detector_file, tiny_
     # The FID of generate.py's PNGs, computed by numpy; then by fid.py calc (other batches: float64 rounding only).
     expected = feature_stats.frechet_distance(*numpy_stats(numpy_features(tmp_path / 'pngs' / '000000')), *feature_stats.load_stats(str(ref)))
     assert value == pytest.approx(expected, rel=1e-5)
+    # calc scores the 6 PNGs in one batch, gen in two of 3: the features may round differently in
+    # float32 (the digits CNN: 1.5e-7 relative between batch sizes; this detector: measured 0).
     calc = invoke('calc', '--images', tmp_path / 'pngs', '--ref', ref, '--num', 6, '--detector', detector_file, '--workers', 0)
-    assert float(fid_line(calc).split()[1]) == pytest.approx(value, rel=1e-9)
+    assert float(fid_line(calc).split()[1]) == pytest.approx(value, rel=1e-6)
     # --outdir: generate.py --subdirs' files, pixel for pixel.
     assert png_names(out) == png_names(tmp_path / 'pngs') == [f'000000/{s:06d}.png' for s in range(6)]
     for name in png_names(out):
         assert torch.equal(read_png(out / name), read_png(tmp_path / 'pngs' / name)), name
     assert not [n for n in os.listdir(out / '000000') if not n.endswith('.png')]  # no temporary files left
 
-def test_gen_two_processes_match_one(tmp_path, detector_file, tiny_setup):
+@pytest.mark.slow
+def test_gen_two_processes_match_one(tmp_path, detector_file, tiny_setup, one_thread):
+    # --batch 2 gives the batches [0, 1], [2, 3], [4, 5], [6] in one process and the same ones split
+    # between two: with one thread each, the same arithmetic; only the sums add in another order.
     network, ref = tiny_setup
     one = invoke('gen', '--network', network, '--ref', ref, '--seeds', '0-6', '--steps', 2, '--batch', 2, '--detector', detector_file)
     assert one.exit_code == 0, one.output
@@ -571,6 +580,7 @@ def test_protocol_generates_the_three_seed_ranges_from_a_network(tmp_path, detec
     assert invoke('protocol', '--ref', ref).exit_code != 0  # neither --images nor --network
     assert invoke('protocol', '--images', *dirs, '--outdir', out, '--ref', ref).exit_code != 0  # --outdir needs --network
 
+@pytest.mark.slow
 def test_gen_compiled_matches_eager(tmp_path, detector_file, tiny_setup):
     network, ref = tiny_setup
     args = ['--network', network, '--ref', ref, '--seeds', '0-4', '--steps', 2, '--batch', 4, '--detector', detector_file]

@@ -461,6 +461,7 @@ def valid_state(work, tiny):
         seed=0, net=net.state_dict(), ema=net.state_dict(), optimizer=optimizer.state_dict())
     return (work / 'state.pt').read_bytes()
 
+@pytest.mark.slow
 @fuzz
 @given(data=st.data())
 @no_hang

@@ -107,8 +107,8 @@ def gen(network, ref_path, seeds, class_idx, solver, steps, precision, outdir, b
     """FID of images generated on the fly (no PNGs unless --outdir).
 
     The images are those generate.py would save for the same seeds and sampler options, so the
-    FID equals that of "generate.py" followed by "fid.py calc" (in one process bit for bit when both use the same
-    --batch, else up to float64 rounding of the sums).
+    FID equals that of "generate.py" followed by "fid.py calc": bit for bit in one process when both use the same
+    --batch; with another --batch, float rounding (which depends on the batch shape) may move a few pixels by one level.
     """
     compile_mode = resolve_compile(compile_net, compile_mode)
     _run(evaluation.fid_of_network, network, ref_path, seeds, class_idx=class_idx, solver=solver, steps=steps,

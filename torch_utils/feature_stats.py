@@ -40,6 +40,7 @@ def stats_from_sums(n, sum_f, sum_ff):
     sigma = (sum_ff - n * np.outer(mu, mu)) / (n - 1)
     return mu, sigma
 
+# (major, minor): sqrtm's signature changed in SciPy 1.16.
 def _scipy_version():
     return tuple(int(x) for x in re.findall(r'\d+', scipy.__version__)[:2])
 

@@ -62,6 +62,7 @@ def open_generator(network, device, precision='fp32', class_idx=None, compile_mo
         net = generation.compile_net(net, compile_mode)
     return net, sampler_name, sampler_kwargs
 
+# --outdir of gen/protocol, created before any image is generated so a bad path costs no work.
 def make_outdir(path):
     try:
         os.makedirs(path, exist_ok=True)

@@ -18,7 +18,6 @@ from torch_utils import distributed as dist, precision as precision_lib
 from torch_utils.compile_modes import COMPILE_MODES, resolve_compile_mode
 from torch_utils.errors import UserError, one_line
 from training import evaluation
-from training.dataset import DatasetError
 from training.generation import parse_seeds
 
 #----------------------------------------------------------------------------
@@ -29,7 +28,7 @@ def _run(fn, *args, **kwargs):
     dist.init()
     try:
         return fn(*args, **kwargs)
-    except (UserError, DatasetError) as err:
+    except UserError as err:
         raise click.ClickException(one_line(err)) from None
     finally:
         dist.shutdown()  # an undestroyed gloo group can abort the process at exit

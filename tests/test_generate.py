@@ -176,26 +176,32 @@ def test_grid(nets, tmp_path):
     r = run('--network', nets['cond'], '--outdir', tmp_path / 'o', '--grid', tmp_path / 'o' / 'g.png', ok=False)
     assert r.exit_code == 1 and 'inside --outdir' in r.output
 
-# Every file is written through a temporary file; it must still get the umask's permissions
-# (a bare mkstemp would leave it owner-only, 0o600). A fresh process, since the umask is read once.
+# Every file is written through a temporary file; it must still get the umask's permissions, the
+# same for samples as for snapshots (a bare mkstemp would leave it owner-only, 0o600). A fresh
+# process with umask 027 (group-readable, a common cluster setting), since the umask is read once.
 UMASK_SCRIPT = """
 import sys
-from fdm import load_network
+import numpy as np
+from fdm import load_network, save_snapshot
+from torch_utils.feature_stats import save_stats
 from training.generation import generate
 from training.snapshot_grid import save_sample_grid
 network, out = sys.argv[1:]
 generate(network, out + '/images', seeds=range(2), subdirs=True, num_steps=1, grid=out + '/grid.png', device='cpu', verbose=False)
-save_sample_grid(out + '/snapshot-grid.png', load_network(network), 4, 'cpu', num_steps=1)
+net = load_network(network)
+save_sample_grid(out + '/snapshot-grid.png', net, 4, 'cpu', num_steps=1)
+save_snapshot(out + '/network-snapshot.pt', net)
+save_stats(out + '/stats.npz', np.zeros(2), np.eye(2))
 """
 
 def test_files_get_the_umask_permissions(nets, tmp_path):
     proc = subprocess.run([sys.executable, '-c', UMASK_SCRIPT, nets['cond'], str(tmp_path)], cwd=ROOT,
-        env=dict(os.environ, OMP_NUM_THREADS='1'), preexec_fn=lambda: os.umask(0o022), capture_output=True, text=True,
+        env=dict(os.environ, OMP_NUM_THREADS='1'), preexec_fn=lambda: os.umask(0o027), capture_output=True, text=True,
         timeout=120)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     files = ['images/generate_options.json', 'images/000000/000000.png', 'images/000000/000001.png', 'grid.png',
-        'snapshot-grid.png']
-    assert {name: oct(os.stat(tmp_path / name).st_mode & 0o777) for name in files} == {name: '0o644' for name in files}
+        'snapshot-grid.png', 'network-snapshot.pt', 'stats.npz']
+    assert {name: oct(os.stat(tmp_path / name).st_mode & 0o777) for name in files} == {name: '0o640' for name in files}
 
 @pytest.mark.parametrize('args,message', [
     (['--network', '{tmp}/missing.pt'], 'no such file'),

@@ -1,4 +1,4 @@
-"""Tests of training/networks.py against the reference facts (layout, counts, init, forward)."""
+"""Tests of training/networks.py against the reference NVlabs/edm networks (layout, counts, init, forward)."""
 
 import math
 
@@ -56,7 +56,7 @@ def uniform_bound(w, mode):
     return math.sqrt(6 / (fan_in + fan_out)) if mode == 'xavier' else math.sqrt(1 / fan_in)
 
 #----------------------------------------------------------------------------
-# Parameter and buffer counts measured on the reference classes (facts section 2).
+# Parameter and buffer counts measured on the reference classes (NVlabs/edm).
 
 @pytest.mark.parametrize('arch, res, label_dim, augment_dim, channel_mult, expected', [
     ('ddpmpp', 32, 10, 9, None, 55_735_299),

@@ -22,7 +22,7 @@ def tiny(make_tiny_net):
     return functools.partial(make_tiny_net, label_dim=0, wake=0)
 
 #----------------------------------------------------------------------------
-# s(sigma): the sample values of the facts sheet (measured on the reference).
+# s(sigma): sample values measured on the reference sail-sg/FDM code.
 
 @pytest.mark.parametrize('sigma, expected', [(10, 0.9548), (20, 0.6291), (40, 0.03798), (80, 3.935e-8)])
 def test_fdm_edm_scale_m2(sigma, expected, tiny):

@@ -110,7 +110,7 @@ def _train(dry_run, opts, explicit):
             logger = dnnlib.util.Logger(os.path.join(run_dir, 'log.txt'))
             print(f'Output directory: {run_dir}')
             print('\n'.join(notes + warning_lines + [json.dumps(c, indent=2)]))  # in the log too: what resume skipped
-        from training.training_loop import training_loop  # noqa: heavy import after option checks
+        from training.training_loop import training_loop  # imported late: a heavy import, after the option checks
         training_loop(run_dir=run_dir, dataset=run.dataset, resume=run.state, **c)
     except UserError as err:
         raise click.ClickException(one_line(err)) from None

@@ -1,3 +1,3 @@
-"""Small infrastructure helpers: attribute dicts and cached URL access."""
+"""Small helpers that know nothing of torch: attribute dicts, integer lists, the log tee."""
 
-from .util import EasyDict, open_url, cache_dir  # noqa: F401
+from .util import EasyDict  # noqa: F401

@@ -1,12 +1,7 @@
-"""Attribute dicts and URL/file access with a download cache."""
+"""Attribute dicts, integer-list syntax and the log tee."""
 
-import contextlib
-import hashlib
-import os
 import re
 import sys
-import tempfile
-import urllib.parse
 
 #----------------------------------------------------------------------------
 # A dict whose keys are also attributes; reference pickles store dataset
@@ -24,58 +19,6 @@ class EasyDict(dict):
 
     def __delattr__(self, name):
         del self[name]
-
-#----------------------------------------------------------------------------
-# Where downloads are kept: $FDM_CACHE_DIR, else ~/.cache/fdm.
-
-def cache_dir(*parts):
-    root = os.environ.get('FDM_CACHE_DIR') or os.path.join(os.path.expanduser('~'), '.cache', 'fdm')
-    return os.path.join(root, *parts)
-
-def is_url(path):
-    return re.match(r'^[a-z][a-z0-9+.-]*://', str(path)) is not None and not str(path).startswith('file://')
-
-#----------------------------------------------------------------------------
-# Download a URL once into the cache (atomically: a temporary file renamed into
-# place), and return the local path. Local paths and file:// URLs pass through.
-
-def download_cached(url, cache=True, timeout=60, verbose=True):
-    if str(url).startswith('file://'):
-        return urllib.parse.urlparse(url).path
-    if not is_url(url):
-        if not os.path.isfile(url):
-            raise FileNotFoundError(f'{url}: no such file; give an existing path or an http(s) URL')
-        return url
-    name = re.sub(r'[^0-9a-zA-Z._-]+', '_', os.path.basename(urllib.parse.urlparse(url).path)) or 'download'
-    digest = hashlib.md5(url.encode('utf-8')).hexdigest()
-    dest = cache_dir('downloads', f'{digest}_{name}')
-    if cache and os.path.isfile(dest):
-        return dest
-    import requests  # imported lazily: only needed when something is downloaded
-    os.makedirs(os.path.dirname(dest), exist_ok=True)
-    if verbose:
-        print(f'Downloading {url} ...', flush=True)
-    try:
-        with requests.get(url, stream=True, timeout=timeout) as res:
-            res.raise_for_status()
-            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(dest), prefix='.tmp-')
-            try:
-                with os.fdopen(fd, 'wb') as f:
-                    for chunk in res.iter_content(chunk_size=1 << 20):
-                        f.write(chunk)
-                os.replace(tmp, dest)
-            finally:
-                if os.path.exists(tmp):
-                    os.remove(tmp)
-    except requests.RequestException as err:
-        raise IOError(f'could not download {url} ({err}); check the URL and the network, or download the file and pass its path') from None
-    return dest
-
-@contextlib.contextmanager
-def open_url(url, cache=True, verbose=True):
-    """Open a path or URL for binary reading; URLs are downloaded once into the cache."""
-    with open(download_cached(url, cache=cache, verbose=verbose), 'rb') as f:
-        yield f
 
 #----------------------------------------------------------------------------
 

@@ -22,10 +22,10 @@ import warnings
 import numpy as np
 import torch
 
-import dnnlib
 from torch_utils.fileio import FileError, atomic_save, check_digest, check_envelope, load_plain, tensors_digest
 from torch_utils.safe_pickle import PersistentRecord, PlainObject, UnsafePickleError, restricted_load
 from fdm.preconditioning import IgnoredOptionWarning, build_precond
+from torch_utils.download import download_cached
 
 FORMAT_NAME = 'fdm-snapshot'
 FORMAT_VERSION = 1
@@ -232,7 +232,7 @@ def load_network_file(path_or_url, name=None):
     """Everything in a network file (ours or a reference pickle), as a dict; see load_snapshot."""
     name = name or os.path.basename(str(path_or_url))
     try:
-        local = dnnlib.util.download_cached(path_or_url)
+        local = download_cached(path_or_url)
     except FileNotFoundError as err:
         raise CheckpointError(str(err)) from None
     with open(local, 'rb') as f:

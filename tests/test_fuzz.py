@@ -20,7 +20,6 @@ import pickle
 import shutil
 import signal
 import struct
-import zipfile
 
 import click
 import numpy as np

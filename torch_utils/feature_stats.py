@@ -18,10 +18,10 @@ import scipy.linalg
 import torch
 import tqdm
 
-import dnnlib
 from torch_utils import distributed as dist
 from torch_utils.errors import UserError
 from torch_utils.fileio import atomic_write
+from torch_utils.download import download_cached
 
 class FIDError(UserError):
     """A problem with the user's inputs to an FID; the message says what is wrong and what to do."""
@@ -93,7 +93,7 @@ def save_stats(path, mu, sigma):
 def load_stats(path_or_url):
     """(mu, sigma) from a statistics npz (path or URL), checked; no pickles are ever loaded."""
     try:
-        local = dnnlib.util.download_cached(path_or_url)
+        local = download_cached(path_or_url)
     except (FileNotFoundError, IOError) as err:
         raise FIDError(f'reference statistics {err}') from None
     try:

@@ -30,9 +30,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import dnnlib
 from torch_utils.errors import UserError
 from torch_utils.safe_pickle import PersistentRecord, PlainObject, UnsafePickleError, restricted_load
+from torch_utils.download import download_cached
 
 NVIDIA_INCEPTION_URL = 'https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/inception-2015-12-05.pkl'
 PYTORCH_FID_URL = 'https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth'
@@ -340,7 +340,7 @@ def load_detector(spec=None, device='cpu', verbose=True):
     spec = ALIASES.get(spec or 'nvidia', spec)
     name = os.path.basename(str(spec))
     try:
-        local = dnnlib.util.download_cached(spec, verbose=verbose)
+        local = download_cached(spec, verbose=verbose)
     except (FileNotFoundError, IOError) as err:
         raise DetectorError(f'detector {err}') from None
     with open(local, 'rb') as f:

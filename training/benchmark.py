@@ -121,11 +121,10 @@ def bench_training(net, loss_fn, augment_pipe, batch, resolution, cond, device, 
 
 def bench_sampling(net, batch, device, precision, compile_mode, num_steps, iters):
     """img/s of generate.py's own batch function (training.generation): per-seed latents and noise, EDM Heun, float64 state."""
-    from training import generation as generate  # generate.py's own functions, measured as users run them
     net = copy.deepcopy(net).eval().requires_grad_(False)
     if compile_mode:
-        net = generate.compile_net(net, compile_mode)
-    sampler_name, sampler_kwargs, _ = generate.select_sampler(num_steps=num_steps)
+        net = generation.compile_net(net, compile_mode)
+    sampler_name, sampler_kwargs, _ = generation.select_sampler(num_steps=num_steps)
     seeds = iter(range(10**9))
 
     def run():
@@ -137,11 +136,10 @@ def bench_sampling(net, batch, device, precision, compile_mode, num_steps, iters
 
 @torch.no_grad()
 def bench_features(batch, resolution, device, iters):
-    """img/s of fid.py's own feature accumulation (torch_utils.feature_stats) (Inception-v3 at fid.py's fixed numerics, float64
+    """img/s of fid.py's own feature accumulation (torch_utils.feature_stats: Inception-v3 at fid.py's fixed numerics, float64
     sums), on uint8 images already on the device: the detector side of `fid.py calc/gen`."""
-    from torch_utils import feature_stats as fid  # fid.py's own feature sums, measured as users run them
     net = FIDInceptionV3()  # the pytorch-fid network; random weights take the same time
-    sums = fid.FeatureSums(Detector(net, 'pytorch-fid Inception-v3 (random weights)', device, feature_dim=2048))
+    sums = FeatureSums(Detector(net, 'pytorch-fid Inception-v3 (random weights)', device, feature_dim=2048))
     images = torch.randint(0, 256, [batch, 3, resolution, resolution], dtype=torch.uint8, device=device)
     seconds = timed(lambda: sums.add(images), device, warmup=1, iters=iters)
     return batch / seconds

@@ -11,9 +11,6 @@ import os
 import numpy as np
 import torch
 
-from torch_utils import feature_stats
-from training.dataset_sources import DIGITS_SOURCE
-from training.dataset_writer import convert_dataset
 from fdm.checkpoint import load_network
 from fdm.methods import METHODS, method_kwargs
 from fdm.samplers import PerSeedGenerator, edm_sampler

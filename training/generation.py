@@ -26,6 +26,7 @@ from torch_utils import distributed, precision as precision_lib
 from torch_utils.compile_modes import resolve_compile_mode
 from torch_utils.errors import UserError
 from torch_utils.fileio import atomic_write, jsonable, write_json
+from torch_utils.download import is_url
 
 class GenerateError(UserError):
     """A problem with generate.py's options or inputs; the message says what to do."""
@@ -196,7 +197,7 @@ def load_net(network, device, rank=0, log=print):
     if isinstance(network, torch.nn.Module):
         return network.eval().requires_grad_(False).to(device), type(network).__name__
     name = str(network)
-    if not dnnlib.util.is_url(name) and not name.startswith('file://') and not os.path.isfile(name):
+    if not is_url(name) and not name.startswith('file://') and not os.path.isfile(name):
         raise GenerateError(f'--network {name}: no such file; give a network snapshot (.pt/.pkl) or a URL')
     if rank != 0:
         distributed.barrier()

@@ -1,0 +1,106 @@
+"""Post-hoc EMA (Karras et al. 2024, "Analyzing and Improving the Training Dynamics of Diffusion
+Models", Section 3 and Appendix C): track a few power-function EMAs while training, then build the
+EMA of any other length afterwards as a least-squares combination of their stored snapshots.
+
+A power-function EMA with exponent gamma averages the weights seen up to time t with the profile
+p(tau) = (gamma + 1) tau^gamma / t^(gamma + 1) on [0, t] (Eq. 1-2). Its length is stated as the
+profile's standard deviation relative to t, sigma_rel (Eq. 3). Time is counted in training images,
+so the update is theta_hat <- beta theta_hat + (1 - beta) theta with beta = (1 - batch / t)^(gamma + 1).
+"""
+
+import numpy as np
+import torch
+
+#----------------------------------------------------------------------------
+# sigma_rel <-> gamma (Eq. 3): sigma_rel^2 = (gamma + 1) / ((gamma + 2)^2 (gamma + 3)).
+
+def std_from_gamma(gamma):
+    gamma = np.float64(gamma)
+    return float(np.sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3))))
+
+def gamma_from_std(sigma_rel):
+    """The exponent whose profile has relative std sigma_rel: the real root of
+    gamma^3 + 7 gamma^2 + (16 - s) gamma + (12 - s) = 0 with s = sigma_rel^-2 (Eq. 3 expanded).
+    sigma_rel must lie in (0, sqrt(1/12)]; sqrt(1/12) is gamma = 0, the plain average."""
+    sigma_rel = float(sigma_rel)
+    if not 0 < sigma_rel <= np.sqrt(1 / 12) * (1 + 1e-12):
+        raise ValueError(f'a post-hoc EMA std must lie in (0, {np.sqrt(1 / 12):.4f}), got {sigma_rel:g}')
+    s = sigma_rel ** -2
+    roots = np.roots([1.0, 7.0, 16.0 - s, 12.0 - s])
+    real = roots[np.abs(roots.imag) < 1e-9].real
+    return max(float(real.max()), 0.0)  # the root on the gamma >= 0 branch (std falls as gamma grows)
+
+def power_beta(gamma, cur_nimg, batch_size):
+    """beta of the step that brings the images seen to cur_nimg (the first step gives beta = 0:
+    the EMA starts as a copy of the weights, as its profile over [0, t] requires)."""
+    return (1 - batch_size / cur_nimg) ** (gamma + 1)
+
+#----------------------------------------------------------------------------
+# Reconstruction (Appendix C.1): a profile p_r is approximated by sum_i x_i p_i, minimising
+# integral (sum_i x_i p_i - p_r)^2 dtau. The normal equations A x = b need only the inner
+# products of two power profiles, which have a closed form.
+
+def profile_inner(gamma_a, t_a, gamma_b, t_b):
+    """integral over tau of p_a(tau) p_b(tau), with p(tau) = (gamma + 1) tau^gamma / t^(gamma + 1) on [0, t]."""
+    t = np.minimum(t_a, t_b)
+    return ((gamma_a + 1) * (gamma_b + 1) * t ** (gamma_a + gamma_b + 1)
+        / ((gamma_a + gamma_b + 1) * t_a ** (gamma_a + 1) * t_b ** (gamma_b + 1)))
+
+def solve_weights(stored, target):
+    """Least-squares weights x [K] of the stored profiles for the target profile.
+    stored: [(gamma_i, t_i)] of the K stored EMA snapshots; target: (gamma_r, t_r).
+    Times are rescaled by the largest so that the powers stay in range."""
+    gammas = np.array([g for g, _ in stored], dtype=np.float64)
+    scale = max(max(t for _, t in stored), target[1])
+    times = np.array([t for _, t in stored], dtype=np.float64) / scale
+    gamma_r, t_r = float(target[0]), float(target[1]) / scale
+    A = profile_inner(gammas[:, None], times[:, None], gammas[None, :], times[None, :])  # [K, K]
+    b = profile_inner(gammas, times, gamma_r, t_r)                                         # [K]
+    x, *_ = np.linalg.lstsq(A, b, rcond=None)
+    return x
+
+def combine(state_dicts, weights):
+    """sum_i x_i theta_i of state dicts with the same keys (float64 accumulation; floating
+    tensors come back in their own dtype, other tensors are taken from the last, the newest)."""
+    out = {}
+    for name, first in state_dicts[0].items():
+        if not torch.is_floating_point(first):
+            out[name] = state_dicts[-1][name].clone()
+            continue
+        acc = torch.zeros(first.shape, dtype=torch.float64)
+        for sd, x in zip(state_dicts, weights):
+            acc += float(x) * sd[name].to(torch.float64)
+        out[name] = acc.to(first.dtype)
+    return out
+
+#----------------------------------------------------------------------------
+# The tracked EMAs during training.
+
+class PowerEMAs:
+    """Power-function EMAs of a network's parameters and buffers, one per relative std."""
+    def __init__(self, net, stds):
+        self.stds = [float(s) for s in stds]
+        self.gammas = [gamma_from_std(s) for s in self.stds]
+        self.emas = [{k: v.detach().clone() for k, v in net.state_dict().items()} for _ in self.stds]
+
+    @torch.no_grad()
+    def update(self, net, cur_nimg, batch_size):
+        """After the step that brought the images seen to cur_nimg."""
+        current = net.state_dict()
+        for gamma, ema in zip(self.gammas, self.emas):
+            beta = power_beta(gamma, cur_nimg, batch_size)
+            floats = [k for k, v in ema.items() if torch.is_floating_point(v)]
+            torch._foreach_lerp_([ema[k] for k in floats], [current[k].detach() for k in floats], 1 - beta)
+            for k, v in ema.items():
+                if not torch.is_floating_point(v):
+                    v.copy_(current[k])
+
+    def state_dict(self):
+        return dict(stds=list(self.stds), emas=[{k: v.detach().cpu().clone() for k, v in ema.items()} for ema in self.emas])
+
+    def load_state_dict(self, state):
+        if [float(s) for s in state['stds']] != self.stds:
+            raise ValueError(f'the state tracks post-hoc EMA stds {state["stds"]}, this run {self.stds}')
+        for ema, stored in zip(self.emas, state['emas']):
+            for k, v in ema.items():
+                v.copy_(stored[k])

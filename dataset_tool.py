@@ -13,6 +13,7 @@ The readers live in training/dataset_sources.py, the writer in training/dataset_
 import click
 
 from torch_utils.errors import UserError
+from torch_utils.options import Range, option_type
 from training.dataset_sources import DatasetToolError, parse_resolution
 from training.dataset_writer import convert_dataset
 
@@ -27,7 +28,7 @@ def _resolution_option(_ctx, _param, value):
 @click.command()
 @click.option('--source', help='Folder, .zip, cifar-10-python.tar.gz, train-images-idx3-ubyte.gz, or sklearn-digits (embedded)', metavar='PATH', type=str, required=True)
 @click.option('--dest', help='Output .zip, or a new or empty folder', metavar='PATH', type=str, required=True)
-@click.option('--max-images', help='Read at most this many input images', metavar='INT', type=click.IntRange(min=1))
+@click.option('--max-images', help='Read at most this many input images', metavar='INT', type=option_type(Range(min=1, integer=True)))
 @click.option('--transform', help='Crop before resizing (needs --resolution)', type=click.Choice(['center-crop', 'center-crop-wide']))
 @click.option('--resolution', help='Output size, e.g. 64x64', metavar='WxH', type=str, callback=_resolution_option)
 def main(source, dest, max_images, transform, resolution):

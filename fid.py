@@ -18,7 +18,8 @@ from torch_utils import distributed as dist, precision as precision_lib
 from torch_utils.compile_modes import COMPILE_MODES, resolve_compile_mode
 from torch_utils.errors import UserError, one_line
 from training import evaluation
-from training.generation import parse_seeds
+from torch_utils.options import Range, option_type
+from training.generation import SAMPLER_RANGES, parse_seeds
 
 #----------------------------------------------------------------------------
 # Command line.
@@ -33,12 +34,20 @@ def _run(fn, *args, **kwargs):
     finally:
         dist.shutdown()  # an undestroyed gloo group can abort the process at exit
 
-detector_option = click.option('--detector', help='Feature detector: URL, path, "nvidia", "pytorch-fid" or "digits"  [default: NVIDIA Inception]',
-    metavar='URL|PATH', type=str, default=None)
-workers_option = click.option('--workers', help='Data loader processes per GPU', metavar='INT', type=click.IntRange(min=0), default=3, show_default=True)
-batch_option = click.option('--batch', help='Maximum batch size per GPU', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True)
+# fid.py's own numeric options (the sampler's ranges are training/generation.py's); seeds are taken mod 2^31.
+FID_RANGES = dict(workers=Range(min=0, integer=True), batch=Range(min=1, integer=True), num=Range(min=2, integer=True),
+    seed=Range(min=0, integer=True))
 
-steps_option = click.option('--steps', help='Sampling steps', metavar='INT', type=click.IntRange(min=1), default=18, show_default=True)
+# --detector and --trust-detector: a TorchScript detector is code, run only from a file we can vouch for or the user trusts.
+def detector_option(fn):
+    fn = click.option('--trust-detector', 'trust_detector', is_flag=True,
+        help='Run a TorchScript --detector file that is not a known official one (its code runs: only for files you trust)')(fn)
+    return click.option('--detector', help='Feature detector: URL, path, "nvidia", "pytorch-fid" or "digits"  [default: NVIDIA Inception]',
+        metavar='URL|PATH', type=str, default=None)(fn)
+workers_option = click.option('--workers', help='Data loader processes per GPU', metavar='INT', type=option_type(FID_RANGES['workers']), default=3, show_default=True)
+batch_option = click.option('--batch', help='Maximum batch size per GPU', metavar='INT', type=option_type(FID_RANGES['batch']), default=64, show_default=True)
+
+steps_option = click.option('--steps', help='Sampling steps', metavar='INT', type=option_type(SAMPLER_RANGES['num_steps']), default=18, show_default=True)
 def compile_options(fn):
     fn = click.option('--compile-mode', 'compile_mode', help='torch.compile mode; reduce-overhead and max-autotune use CUDA graphs  [default: default]',
         type=click.Choice(COMPILE_MODES))(fn)
@@ -74,27 +83,28 @@ def main():
 @batch_option
 @workers_option
 @detector_option
-def ref(data, dest, batch, workers, detector):
+def ref(data, dest, batch, workers, detector, trust_detector):
     """Write the reference statistics (mu, sigma) of all images of a dataset."""
-    _run(evaluation.make_reference, data, dest, detector, batch=batch, workers=workers)
+    _run(evaluation.make_reference, data, dest, detector, batch=batch, workers=workers, trust_detector=trust_detector)
 
 @main.command()
 @click.option('--images', help='Folder or zip of generated images', metavar='PATH|ZIP', type=str, required=True)
 @click.option('--ref', 'ref_path', help='Reference statistics', metavar='NPZ|URL', type=str, required=True)
-@click.option('--num', help='Number of images to use', metavar='INT', type=click.IntRange(min=2), default=50000, show_default=True)
-@click.option('--seed', help='Random seed of the image subset', metavar='INT', type=int, default=0, show_default=True)
+@click.option('--num', help='Number of images to use', metavar='INT', type=option_type(FID_RANGES['num']), default=50000, show_default=True)
+@click.option('--seed', help='Random seed of the image subset', metavar='INT', type=option_type(FID_RANGES['seed']), default=0, show_default=True)
 @batch_option
 @workers_option
 @detector_option
-def calc(images, ref_path, num, seed, batch, workers, detector):
+def calc(images, ref_path, num, seed, batch, workers, detector, trust_detector):
     """Calculate the FID of a folder of images against reference statistics."""
-    _run(evaluation.fid_of_images, images, ref_path, num=num, seed=seed, batch=batch, workers=workers, detector=detector)
+    _run(evaluation.fid_of_images, images, ref_path, num=num, seed=seed, batch=batch, workers=workers, detector=detector,
+        trust_detector=trust_detector)
 
 @main.command()
 @click.option('--network', help='Network snapshot (ours or a reference .pkl)', metavar='PT|PKL|URL', type=str, required=True)
 @click.option('--ref', 'ref_path', help='Reference statistics', metavar='NPZ|URL', type=str, required=True)
 @click.option('--seeds', help='Random seeds (e.g. 0-49999)', metavar='LIST', type=parse_seeds, default='0-49999', show_default=True)
-@click.option('--class', 'class_idx', help='Class label  [default: random]', metavar='INT', type=click.IntRange(min=0), default=None)
+@click.option('--class', 'class_idx', help='Class label  [default: random]', metavar='INT', type=option_type(SAMPLER_RANGES['class_idx']), default=None)
 @click.option('--solver', help='Sampler, as in generate.py', type=click.Choice(['edm', 'dpm', 'euler', 'heun']), default='edm', show_default=True)
 @steps_option
 @precision_option
@@ -102,7 +112,8 @@ def calc(images, ref_path, num, seed, batch, workers, detector):
 @batch_option
 @detector_option
 @compile_options
-def gen(network, ref_path, seeds, class_idx, solver, steps, precision, outdir, batch, detector, compile_net, compile_mode):
+def gen(network, ref_path, seeds, class_idx, solver, steps, precision, outdir, batch, detector, trust_detector, compile_net,
+        compile_mode):
     """FID of images generated on the fly (no PNGs unless --outdir).
 
     The images are those generate.py would save for the same seeds and sampler options, so the
@@ -111,7 +122,8 @@ def gen(network, ref_path, seeds, class_idx, solver, steps, precision, outdir, b
     """
     compile_mode = resolve_compile(compile_net, compile_mode)
     _run(evaluation.fid_of_network, network, ref_path, seeds, class_idx=class_idx, solver=solver, steps=steps,
-        precision=precision, outdir=outdir, batch=batch, detector=detector, compile_mode=compile_mode)
+        precision=precision, outdir=outdir, batch=batch, detector=detector, compile_mode=compile_mode,
+        trust_detector=trust_detector)
 
 @main.command()
 @click.option('--images', help='The three image folders (seeds 0-49999, 50000-99999, 100000-149999)',
@@ -119,17 +131,17 @@ def gen(network, ref_path, seeds, class_idx, solver, steps, precision, outdir, b
 @click.option('--network', help='Or: generate the three seed ranges from this network', metavar='PT|PKL|URL', type=str)
 @click.option('--outdir', help='With --network: also save the three image folders here', metavar='DIR', type=str)
 @click.option('--solver', help='With --network: sampler', type=click.Choice(['edm', 'dpm']), default='edm', show_default=True)
-@click.option('--steps', help='With --network: sampling steps', metavar='INT', type=click.IntRange(min=1), default=18, show_default=True)
+@click.option('--steps', help='With --network: sampling steps', metavar='INT', type=option_type(SAMPLER_RANGES['num_steps']), default=18, show_default=True)
 @precision_option
 @click.option('--ref', 'ref_path', help='Reference statistics', metavar='NPZ|URL', type=str, required=True)
-@click.option('--num', help='Number of images per folder', metavar='INT', type=click.IntRange(min=2), default=50000, show_default=True)
-@click.option('--seed', help='Random seed of the image subsets', metavar='INT', type=int, default=0, show_default=True)
+@click.option('--num', help='Number of images per folder', metavar='INT', type=option_type(FID_RANGES['num']), default=50000, show_default=True)
+@click.option('--seed', help='Random seed of the image subsets', metavar='INT', type=option_type(FID_RANGES['seed']), default=0, show_default=True)
 @batch_option
 @workers_option
 @detector_option
 @compile_options
-def protocol(images, network, outdir, solver, steps, precision, ref_path, num, seed, batch, workers, detector, compile_net,
-        compile_mode):
+def protocol(images, network, outdir, solver, steps, precision, ref_path, num, seed, batch, workers, detector, trust_detector,
+        compile_net, compile_mode):
     """FID of one network over three seed ranges: min, mean and std.
 
     Either pass --network: the seed ranges 0..num-1, num..2num-1, 2num..3num-1 (with --num=50000
@@ -144,10 +156,10 @@ def protocol(images, network, outdir, solver, steps, precision, ref_path, num, s
         raise click.UsageError('--compile applies only with --network (it compiles the sampling network)')
     if network is not None:
         _run(evaluation.protocol_of_network, network, ref_path, num=num, solver=solver, steps=steps, precision=precision,
-            outdir=outdir, batch=batch, detector=detector, compile_mode=compile_mode)
+            outdir=outdir, batch=batch, detector=detector, compile_mode=compile_mode, trust_detector=trust_detector)
     else:
         _run(evaluation.protocol_of_images, images, ref_path, num=num, seed=seed, batch=batch, workers=workers,
-            detector=detector)
+            detector=detector, trust_detector=trust_detector)
 
 #----------------------------------------------------------------------------
 

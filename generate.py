@@ -14,32 +14,37 @@ import click
 from torch_utils import distributed, precision as precision_lib
 from torch_utils.compile_modes import COMPILE_MODES
 from torch_utils.errors import UserError, one_line
-from training.generation import generate, parse_seeds
+from torch_utils.options import option_type
+from training.generation import SAMPLER_RANGES, generate, parse_seeds
 
 #----------------------------------------------------------------------------
+
+# A numeric option's click type: the range select_sampler checks too (NaN never passes).
+def _number(name):
+    return option_type(SAMPLER_RANGES[name])
 
 @click.command()
 @click.option('--network', 'network', help='Network snapshot (ours or a reference .pkl)', metavar='PATH|URL', type=str, required=True)
 @click.option('--outdir', help='Where to save the output images', metavar='DIR', type=str, required=True)
 @click.option('--seeds', help='Random seeds (e.g. 1,2,5-10)', metavar='LIST', type=parse_seeds, default='0-63', show_default=True)
 @click.option('--subdirs', help='Create subdirectory for every 1000 seeds', is_flag=True)
-@click.option('--class', 'class_idx', help='Class label  [default: random]', metavar='INT', type=click.IntRange(min=0), default=None)
-@click.option('--batch', 'max_batch_size', help='Maximum batch size  [default: 64 on a CPU, 512 on a GPU (32x32)]', metavar='INT', type=click.IntRange(min=1))
+@click.option('--class', 'class_idx', help='Class label  [default: random]', metavar='INT', type=_number('class_idx'), default=None)
+@click.option('--batch', 'max_batch_size', help='Maximum batch size  [default: 64 on a CPU, 512 on a GPU (32x32)]', metavar='INT', type=_number('max_batch_size'))
 
-@click.option('--steps', 'num_steps', help='Number of sampling steps', metavar='INT', type=click.IntRange(min=1), default=18, show_default=True)
-@click.option('--sigma_min', help='Lowest noise level  [default: varies]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
-@click.option('--sigma_max', help='Highest noise level  [default: varies]', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True))
-@click.option('--rho', help='Time step exponent', metavar='FLOAT', type=click.FloatRange(min=0, min_open=True), default=7, show_default=True)
-@click.option('--S_churn', 'S_churn', help='Stochasticity strength', metavar='FLOAT', type=click.FloatRange(min=0), default=0, show_default=True)
-@click.option('--S_min', 'S_min', help='Stoch. min noise level', metavar='FLOAT', type=click.FloatRange(min=0), default=0, show_default=True)
-@click.option('--S_max', 'S_max', help='Stoch. max noise level', metavar='FLOAT', type=click.FloatRange(min=0), default='inf', show_default=True)
-@click.option('--S_noise', 'S_noise', help='Stoch. noise inflation', metavar='FLOAT', type=float, default=1, show_default=True)
+@click.option('--steps', 'num_steps', help='Number of sampling steps', metavar='INT', type=_number('num_steps'), default=18, show_default=True)
+@click.option('--sigma_min', help='Lowest noise level  [default: varies]', metavar='FLOAT', type=_number('sigma_min'))
+@click.option('--sigma_max', help='Highest noise level  [default: varies]', metavar='FLOAT', type=_number('sigma_max'))
+@click.option('--rho', help='Time step exponent', metavar='FLOAT', type=_number('rho'), default=7, show_default=True)
+@click.option('--S_churn', 'S_churn', help='Stochasticity strength', metavar='FLOAT', type=_number('S_churn'), default=0, show_default=True)
+@click.option('--S_min', 'S_min', help='Stoch. min noise level', metavar='FLOAT', type=_number('S_min'), default=0, show_default=True)
+@click.option('--S_max', 'S_max', help='Stoch. max noise level (inf: no limit)', metavar='FLOAT', type=_number('S_max'), default='inf', show_default=True)
+@click.option('--S_noise', 'S_noise', help='Stoch. noise inflation', metavar='FLOAT', type=_number('S_noise'), default=1, show_default=True)
 
 @click.option('--solver', help='Sampler  [default: edm, or heun with --disc/--schedule/--scaling]', type=click.Choice(['edm', 'dpm', 'euler', 'heun']))
 @click.option('--disc', help='Ablate time step discretization {t_i}', type=click.Choice(['vp', 've', 'iddpm', 'edm']))
 @click.option('--schedule', help='Ablate noise schedule sigma(t)', type=click.Choice(['vp', 've', 'linear']))
 @click.option('--scaling', help='Ablate signal scaling s(t)', type=click.Choice(['vp', 'none']))
-@click.option('--dpm-order', 'dpm_order', help='DPM-Solver++ order  [default: 3]', metavar='INT', type=click.IntRange(min=1, max=3))
+@click.option('--dpm-order', 'dpm_order', help='DPM-Solver++ order  [default: 3]', metavar='INT', type=_number('dpm_order'))
 @click.option('--dpm-method', 'dpm_method', help='DPM-Solver++ method  [default: singlestep]', type=click.Choice(['singlestep', 'multistep']))
 @click.option('--dpm-skip', 'dpm_skip', help='DPM-Solver++ time steps  [default: logSNR]', type=click.Choice(['logSNR', 'time_uniform', 'time_quadratic']))
 

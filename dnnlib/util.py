@@ -1,5 +1,6 @@
-"""Attribute dicts, integer-list syntax and the log tee."""
+"""Attribute dicts, integer-list syntax, whole-line appends and the log tee."""
 
+import os
 import re
 import sys
 
@@ -56,32 +57,71 @@ def format_int_list(values):
         i = j + 1
     return ','.join(parts)
 
-# Copy everything written to stdout/stderr into a log file (appending, line-buffered),
-# so log.txt holds what the user saw, tracebacks included.
+# All of `data` at the end of the file open (O_APPEND) as `fd`, or none of it: a write cut short
+# by a full disk or a file-size limit is undone by truncating back, then its OSError raised.
+def append_whole(fd, data):
+    size = os.fstat(fd).st_size
+    view = memoryview(data)
+    try:
+        while view:
+            view = view[os.write(fd, view):]
+    except OSError:
+        try:
+            os.ftruncate(fd, size)
+        except OSError:
+            pass
+        raise
+
+# Copy everything written to stdout/stderr into a log file (appending, each write whole), so
+# log.txt holds what the user saw. When the file cannot be written (a full disk), the write
+# raises `error` once, naming the file, and the tee goes on to the terminal only: reporting
+# the failure must not fail again.
 class Logger:
-    def __init__(self, file_name, file_mode='a'):
-        self.file = open(file_name, file_mode, buffering=1)
+    def __init__(self, file_name, file_mode='a', error=OSError):
+        self.file_name, self.error = file_name, error
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (0 if 'a' in file_mode else os.O_TRUNC)
+        try:
+            self.fd = os.open(file_name, flags, 0o666)
+        except OSError as err:
+            raise error(f'cannot write {file_name} ({err.strerror}); free disk space or fix permissions') from None
         self.stdout, self.stderr = sys.stdout, sys.stderr
-        sys.stdout = _Tee(self.stdout, self.file)
-        sys.stderr = _Tee(self.stderr, self.file)
+        sys.stdout = _Tee(self.stdout, self)
+        sys.stderr = _Tee(self.stderr, self)
+
+    def write(self, text):
+        if self.fd is None:
+            return
+        try:
+            append_whole(self.fd, text.encode('utf-8'))
+        except OSError as err:
+            self._close_file()
+            raise self.error(f'cannot write {self.file_name} ({err.strerror}); it ends with the last complete '
+                'message; free disk space or fix permissions, then resume the run') from None
+
+    def _close_file(self):
+        if self.fd is not None:
+            os.close(self.fd)
+            self.fd = None
 
     def close(self):
         sys.stdout, sys.stderr = self.stdout, self.stderr
-        self.file.close()
+        self._close_file()
 
 class _Tee:
-    def __init__(self, stream, file):
-        self.stream, self.file = stream, file
+    def __init__(self, stream, logger):
+        self.stream, self.logger = stream, logger
 
     def write(self, text):
         self.stream.write(text)
-        if not self.file.closed:
-            self.file.write(text)
+        try:
+            self.logger.write(text)
+        except Exception:
+            if not text.endswith('\n'):
+                self.stream.write('\n')  # the error message then starts a line of its own
+            raise
 
     def flush(self):
         self.stream.flush()
-        if not self.file.closed:
-            self.file.flush()
 
     def __getattr__(self, name):
         return getattr(self.stream, name)

@@ -3,7 +3,8 @@
 Our snapshot is a `torch.save` of plain data only: tensors, and a JSON description of how
 to rebuild each object (class name and constructor kwargs). It loads with
 `torch.load(weights_only=True)`, so opening it can never execute code, and carries a
-SHA-256 over the tensors so a truncated or corrupted file is detected.
+SHA-256 over everything in it (version 2; version 1, still read, covered the tensors only)
+so a truncated or corrupted file is detected.
 
 A reference `network-snapshot-*.pkl` stores each module as a call to
 `torch_utils.persistence._reconstruct_persistent_obj(meta)`, where meta holds the module's
@@ -22,13 +23,14 @@ import warnings
 import numpy as np
 import torch
 
-from torch_utils.fileio import FileError, atomic_save, check_digest, check_envelope, load_plain, tensors_digest
+from torch_utils.fileio import (FileError, atomic_save, check_digest, check_envelope, load_plain, nested_digest,
+    tensors_digest, tree_error)
 from torch_utils.safe_pickle import PersistentRecord, PlainObject, UnsafePickleError, restricted_load
 from fdm.preconditioning import IgnoredOptionWarning, build_precond
 from torch_utils.download import download_cached
 
 FORMAT_NAME = 'fdm-snapshot'
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the SHA-256 covers the description too (1: the tensors only)
 
 class CheckpointError(FileError):
     """A network or state file that cannot be used; the message says why and what to do."""
@@ -52,19 +54,32 @@ def save_snapshot(path, ema, loss_fn=None, augment_pipe=None, dataset_kwargs=Non
         dataset_kwargs=dict(dataset_kwargs) if dataset_kwargs is not None else None,
         extra=extra,
     )
-    atomic_save(dict(format=FORMAT_NAME, version=FORMAT_VERSION, description=json.dumps(description),
-        ema=state, sha256=tensors_digest(state)), path)
+    data = dict(format=FORMAT_NAME, version=FORMAT_VERSION, description=json.dumps(description), ema=state)
+    atomic_save(dict(data, sha256=nested_digest(data)), path)
 
 def _read_snapshot(f, name):
     remedy = 'use another snapshot'
     data = load_plain(f, name, remedy, error=CheckpointError)
-    check_envelope(data, FORMAT_NAME, (FORMAT_VERSION,), name, 'an FDM network snapshot', 'pass a network-snapshot file',
+    check_envelope(data, FORMAT_NAME, (1, FORMAT_VERSION), name, 'an FDM network snapshot', 'pass a network-snapshot file',
         error=CheckpointError)
     tensors = data.get('ema')
     if not isinstance(tensors, dict) or not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in tensors.items()):
         raise CheckpointError(f'{name}: the snapshot holds no network tensors; the file is damaged, {remedy}')
-    check_digest(data.get('sha256'), tensors_digest(tensors), name, remedy, error=CheckpointError)
+    _check_tensors(tensors, name)
+    content = {k: v for k, v in data.items() if k != 'sha256'}
+    try:
+        digest = tensors_digest(tensors) if data['version'] == 1 else nested_digest(content)
+    except (TypeError, ValueError, RecursionError) as err:
+        raise CheckpointError(f'{name}: the snapshot holds something other than plain data ({err}); {remedy}') from None
+    check_digest(data.get('sha256'), digest, name, remedy, error=CheckpointError)
     return data
+
+# Before anything reads all of their elements (a digest, a budget): dense tensors, each byte of
+# which the file stores.
+def _check_tensors(tensors, name):
+    error = tree_error(tensors)
+    if error is not None:
+        raise CheckpointError(f'{name}: {error}; the file is damaged or not a network snapshot')
 
 def load_snapshot(f, name='snapshot'):
     """Read one of our snapshots: {'ema': module, 'loss_fn', 'augment_pipe', 'dataset_kwargs', 'extra'}."""
@@ -74,13 +89,15 @@ def load_snapshot(f, name='snapshot'):
         class_name, init_kwargs = description['ema']['class_name'], description['ema']['init_kwargs']
         if not isinstance(class_name, str) or not isinstance(init_kwargs, dict):
             raise TypeError('class_name or init_kwargs has the wrong type')
-    except (KeyError, TypeError, ValueError) as err:
+    except (KeyError, TypeError, ValueError, RecursionError) as err:
         raise CheckpointError(f'{name}: the network description in the snapshot is damaged ({type(err).__name__}: {err}); '
             'use another snapshot') from None
     ema = _rebuild(class_name, init_kwargs, data['ema'], name)
     return dict(description, ema=ema)
 
 def _rebuild(class_name, init_kwargs, state, name):
+    _check_tensors(state, name)
+    _check_image_kwargs(init_kwargs, name)
     net = _build_within_budget(class_name, init_kwargs, state, name)
     missing, unexpected = _compare_keys(net.state_dict(), state)
     if missing or unexpected:
@@ -92,9 +109,26 @@ def _rebuild(class_name, init_kwargs, state, name):
         raise CheckpointError(f'{name}: tensor shapes do not match {class_name}: {str(err).splitlines()[-1].strip()}') from None
     return net
 
+# The network is sampled at the resolution the file states: latents of [batch, C, 32768, 32768]
+# are 12 GB an image. Bound what no real network exceeds (EDM's largest is 64x64), and require
+# a resolution the U-Net can halve at each of its levels.
+IMAGE_LIMITS = dict(img_resolution=(1, 4096), img_channels=(1, 4), label_dim=(0, 100000))
+
+def _check_image_kwargs(init_kwargs, name):
+    for key, (lo, hi) in IMAGE_LIMITS.items():
+        value = init_kwargs.get(key, lo)
+        if type(value) is not int or not lo <= value <= hi:
+            raise CheckpointError(f'{name}: the stored {key}={value!r} is outside {lo}..{hi}; the file is damaged '
+                'or not a network snapshot of this code')
+    levels = init_kwargs.get('channel_mult')
+    if isinstance(levels, (list, tuple)) and levels and init_kwargs.get('img_resolution', 1) % (1 << min(len(levels) - 1, 13)):
+        raise CheckpointError(f'{name}: the stored img_resolution={init_kwargs["img_resolution"]} cannot be halved '
+            f'{len(levels) - 1} times by the U-Net; the file is damaged or not a network snapshot of this code')
+
 # The constructor arguments come from the file: build under a budget, so that they cannot make
 # us build a network far larger than the file's tensors (minutes of initialisation, or all the
-# memory) before the names and shapes are compared.
+# memory) before the names and shapes are compared. The tensors passed _check_tensors, so their
+# elements are bytes the file stores: a stride-0 view cannot raise the budget.
 def _build_within_budget(class_name, init_kwargs, state, name):
     max_numel = 2 * sum(t.numel() for t in state.values()) + 2**20
     with warnings.catch_warnings():  # the file's own options are not the user's mistake

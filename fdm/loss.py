@@ -9,25 +9,31 @@ advances once per loss call on each GPU and restarts on resume).
 """
 
 import functools
+import math
 
 import numpy as np
 import torch
 
 from fdm.schedules import iddpm_sigmas, vp_sigma
+from torch_utils.options import Range
 
 #----------------------------------------------------------------------------
 # The warmup clamp at optimizer step `step` (0-based), or None once the warmup is over.
 # Values are the running product 5 * r * r * ... in float64, i.e. exactly the sequence the
-# reference produces call by call, so one accumulation round per step reproduces it.
+# reference produces call by call, so one accumulation round per step reproduces it. The table
+# has about warmup_ite entries, so warmup_ite is bounded: 1e6 steps (8 MB) exceed the 200 Mimg
+# default at batch 256 (781k steps), and NaN, which never reaches 500, is refused.
 
 WARMUP_CLAMP_START = 5.0
 WARMUP_CLAMP_END = 500.0
+MAX_WARMUP_ITE = 1e6
+WARMUP_ITE_RANGE = Range(min=0, max=MAX_WARMUP_ITE, min_open=True)
 
-@functools.lru_cache(maxsize=8)
+@functools.lru_cache(maxsize=4)
 def _warmup_table(warmup_ite):
-    ratio = 100 ** (1 / warmup_ite)
+    ratio = 100 ** (1 / warmup_ite) if warmup_ite >= 1 else math.inf  # below 1: over 100 (or overflow), one entry
     values = [WARMUP_CLAMP_START]
-    while True:
+    while len(values) < 2 * MAX_WARMUP_ITE:  # never reached for a valid warmup_ite: a guard, not a limit
         nxt = values[-1] * ratio
         if nxt >= WARMUP_CLAMP_END:
             break
@@ -36,11 +42,9 @@ def _warmup_table(warmup_ite):
 
 def warmup_clamp(step, warmup_ite):
     """Upper bound on the loss weight at this optimizer step, or None (no clamp)."""
-    if not warmup_ite:
+    if warmup_ite is None or warmup_ite == 0:
         return None
-    if warmup_ite < 0:
-        raise ValueError(f'warmup_ite must be positive, got {warmup_ite}')
-    table = _warmup_table(float(warmup_ite))
+    table = _warmup_table(float(WARMUP_ITE_RANGE.check('warmup_ite', warmup_ite)))
     return float(table[step]) if 0 <= step < len(table) else None
 
 #----------------------------------------------------------------------------
@@ -48,6 +52,8 @@ def warmup_clamp(step, warmup_ite):
 
 class DenoisingLoss:
     def __init__(self, warmup_ite=None):
+        if warmup_ite:
+            WARMUP_ITE_RANGE.check('warmup_ite', warmup_ite)
         self.warmup_ite = warmup_ite
 
     def sample_sigma(self, n, device):

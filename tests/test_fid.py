@@ -5,10 +5,13 @@ restricted reading of NVIDIA's detector pickle."""
 import io
 import os
 import pickle
+import resource
+import struct
 import subprocess
 import sys
 import warnings
 import zipfile
+import zlib
 
 import numpy as np
 import PIL.Image
@@ -72,8 +75,10 @@ def numpy_stats(features):
     return features.mean(axis=0), np.cov(features, rowvar=False, ddof=1)
 
 def invoke(*args):
-    result = CliRunner().invoke(fid.main, [str(a) for a in args])
-    return result
+    """fid.py with these arguments. A --detector here is the test's own TorchScript file (or a
+    hostile pickle, refused all the same), so it is trusted (tests/test_detector_policy.py)."""
+    args = [str(a) for a in args]
+    return CliRunner().invoke(fid.main, args + (['--trust-detector'] if '--detector' in args else []))
 
 def fid_line(result):
     """The last line of the command's output that reports an FID (tqdm's bar goes to stderr)."""
@@ -219,7 +224,7 @@ def test_two_processes_give_the_same_statistics(tmp_path, detector_file):
     assert invoke('ref', '--data', data, '--dest', one, '--detector', detector_file, '--workers', 0, '--batch', 4).exit_code == 0
     env = dict(os.environ, OMP_NUM_THREADS='1')
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'fid.py', 'ref',
-        '--data', data, '--dest', str(two), '--detector', detector_file, '--workers', '0', '--batch', '4']
+        '--data', data, '--dest', str(two), '--detector', detector_file, '--trust-detector', '--workers', '0', '--batch', '4']
     for _attempt in range(2):  # the free port torchrun picks can be taken by a neighbour before it binds it
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
         if proc.returncode == 0 or 'address already in use' not in (proc.stdout + proc.stderr).lower():
@@ -282,7 +287,7 @@ def test_bad_reference_files(tmp_path, detector_file):
     pickled = tmp_path / 'pickled.npz'
     np.savez(pickled, mu=np.array([object()], dtype=object), sigma=np.eye(1))
     cases = [(tmp_path / 'missing.npz', 'no such file'), (corrupt, 'cannot be read'), (wrong_keys, 'no "mu" and "sigma"'),
-        (pickled, 'cannot be read')]
+        (pickled, 'not float32 or float64')]
     for ref_path, fragment in cases:
         assert_user_error(invoke('calc', '--images', data, '--ref', ref_path, '--num', 4, '--detector', detector_file), fragment)
 
@@ -290,6 +295,91 @@ def test_missing_detector(tmp_path):
     data = write_folder(tmp_path / 'data', 4)
     assert_user_error(invoke('ref', '--data', data, '--dest', tmp_path / 'x.npz', '--detector', tmp_path / 'nope.pkl'),
         'no such file')
+
+# Files that would make fid.py allocate more than they hold: a child process under an address-space
+# limit must stop with one line and status 1 (measured: a valid tiny `calc` runs within 1 GiB).
+ADDRESS_SPACE_LIMIT = 3 << 30
+
+def run_limited(*args):
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (ADDRESS_SPACE_LIMIT, ADDRESS_SPACE_LIMIT))
+    env = dict(os.environ, OMP_NUM_THREADS='1')
+    return subprocess.run([sys.executable, 'fid.py', *map(str, args)], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=120, preexec_fn=limit)
+
+def assert_one_line_exit_1(proc, *fragments):
+    lines = proc.stderr.strip().splitlines()
+    assert proc.returncode == 1 and len(lines) == 1 and lines[0].startswith('Error:'), proc.stdout + proc.stderr
+    for fragment in fragments:
+        assert fragment in lines[0], lines[0]
+
+def npy_header(shape, descr='<f8'):
+    buf = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buf, dict(descr=descr, fortran_order=False, shape=shape))
+    return buf.getvalue()
+
+def deflated_zeros(header, blocks):
+    """(raw deflate stream, crc32, size) of header + `blocks` x 16 MiB of zeros. After a full flush
+    deflate starts afresh, so each block compresses to the same bytes: gigabytes in milliseconds."""
+    block, c = bytes(16 << 20), zlib.compressobj(9, zlib.DEFLATED, -15)
+    head = c.compress(header) + c.flush(zlib.Z_FULL_FLUSH)
+    body = c.compress(block) + c.flush(zlib.Z_FULL_FLUSH)
+    crc = zlib.crc32(header)
+    for _ in range(blocks):
+        crc = zlib.crc32(block, crc)
+    return head + body * blocks + c.flush(), crc, len(header) + blocks * len(block)
+
+def write_deflated_zip(path, members):
+    """A zip of {name: (raw deflate stream, crc32, size)}, written by hand (zipfile would compress)."""
+    local, central = b'', b''
+    for name, (data, crc, size) in members.items():
+        n = name.encode()
+        central += struct.pack('<4s6H3L5H2L', b'PK\x01\x02', 20, 20, 0, 8, 0, 0, crc, len(data), size, len(n), 0, 0, 0, 0, 0,
+            len(local)) + n
+        local += struct.pack('<4s5H3L2H', b'PK\x03\x04', 20, 0, 8, 0, 0, crc, len(data), size, len(n), 0) + n + data
+    end = struct.pack('<4s4H2LH', b'PK\x05\x06', 0, 0, len(members), len(members), len(central), len(local), 0)
+    path.write_bytes(local + central + end)
+
+def test_statistics_claiming_huge_arrays_are_refused_before_allocation(tmp_path):
+    # sigma's header claims 10^6 x 10^6 float64 (8 TB) and holds 16 bytes.
+    path = tmp_path / 'claims.npz'
+    with zipfile.ZipFile(path, 'w') as z:
+        z.writestr('mu.npy', npy_header((2,)) + bytes(16))
+        z.writestr('sigma.npy', npy_header((10**6, 10**6)) + bytes(16))
+    proc = run_limited('calc', '--images', tmp_path / 'unused', '--ref', path, '--detector', 'digits')
+    assert_one_line_exit_1(proc, str(path), '[1000000, 1000000]')
+
+def test_statistics_zip_bomb_is_refused_before_decompression(tmp_path):
+    # 2 GiB of zeros (a 16384 x 16384 sigma) in 2 MB of deflate: a valid npz that np.load would read.
+    path, d = tmp_path / 'bomb.npz', 16384
+    mu = npy_header((d,)) + bytes(8 * d)
+    write_deflated_zip(path, {'mu.npy': (zlib.compress(mu, wbits=-15), zlib.crc32(mu), len(mu)),
+        'sigma.npy': deflated_zeros(npy_header((d, d)), d * d * 8 // (16 << 20))})
+    assert path.stat().st_size < 3 << 20
+    proc = run_limited('calc', '--images', tmp_path / 'unused', '--ref', path, '--detector', 'digits')
+    assert_one_line_exit_1(proc, str(path), 'sigma expands from')
+
+def test_statistics_headers_are_checked(tmp_path):
+    # Each npz array's header must describe its data exactly, in plain float32/float64.
+    cases = {
+        'short': [('mu.npy', npy_header((3,)) + bytes(16)), ('sigma.npy', npy_header((3, 3)) + bytes(72))],
+        'long': [('mu.npy', npy_header((3,)) + bytes(24)), ('sigma.npy', npy_header((3, 3)) + bytes(80))],
+        'shape': [('mu.npy', npy_header((3,)) + bytes(24)), ('sigma.npy', npy_header((2, 2)) + bytes(32))],
+        'int': [('mu.npy', npy_header((3,), '<i8') + bytes(24)), ('sigma.npy', npy_header((3, 3)) + bytes(72))],
+        'empty': [('mu.npy', npy_header((0,)) + b''), ('sigma.npy', npy_header((0, 0)) + b'')],
+    }
+    for name, members in cases.items():
+        path = tmp_path / f'{name}.npz'
+        with zipfile.ZipFile(path, 'w') as z:
+            for member, data in members:
+                z.writestr(member, data)
+        with pytest.raises(feature_stats.FIDError, match='make the reference'):
+            feature_stats.load_stats(str(path))
+    # Big-endian and float32 are plain floats too, read as float64.
+    path = tmp_path / 'other-floats.npz'
+    np.savez(path, mu=np.arange(3, dtype='>f8'), sigma=np.eye(3, dtype='<f4'))
+    mu, sigma = feature_stats.load_stats(str(path))
+    assert mu.dtype == sigma.dtype == np.float64 and mu.tolist() == [0, 1, 2] and np.array_equal(sigma, np.eye(3))
 
 #----------------------------------------------------------------------------
 # pytorch-fid's Inception-v3. The expected layout is torchvision's Inception3 as printed by
@@ -419,7 +509,7 @@ def test_nvidia_format_pickle_loads_without_running_its_source(tmp_path):
         state=dict(training=False, _modules={}, _parameters={}, detector=tiny_detector_bytes()))
     path = tmp_path / 'inception.pkl'
     path.write_bytes(pickle.dumps(_PersistentRecordWriter(meta), protocol=4))
-    detector = load_detector(str(path))
+    detector = load_detector(str(path), trust=True)  # trusts the TorchScript inside; the pickle's source is never run
     assert not marker.exists()
     images = torch.randint(0, 256, [3, 3, 8, 8], dtype=torch.uint8)
     assert detector.feature_dim == 12
@@ -535,7 +625,8 @@ def test_gen_two_processes_match_one(tmp_path, detector_file, tiny_setup, one_th
     assert one.exit_code == 0, one.output
     env = dict(os.environ, OMP_NUM_THREADS='1')
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'fid.py', 'gen',
-        '--network', network, '--ref', str(ref), '--seeds', '0-6', '--steps', '2', '--batch', '2', '--detector', detector_file]
+        '--network', network, '--ref', str(ref), '--seeds', '0-6', '--steps', '2', '--batch', '2', '--detector', detector_file,
+        '--trust-detector']
     for _attempt in range(2):  # the free port torchrun picks can be taken by a neighbour before it binds it
         proc = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
         if proc.returncode == 0 or 'address already in use' not in (proc.stdout + proc.stderr).lower():
@@ -579,6 +670,14 @@ def test_protocol_generates_the_three_seed_ranges_from_a_network(tmp_path, detec
     assert "from 3 images of seeds-3-5" in in_memory.stdout
     assert invoke('protocol', '--ref', ref).exit_code != 0  # neither --images nor --network
     assert invoke('protocol', '--images', *dirs, '--outdir', out, '--ref', ref).exit_code != 0  # --outdir needs --network
+
+def test_protocol_num_is_bounded_by_the_seed_cap(tmp_path, tiny_setup):
+    # 3 x 10^9 seeds would be materialised before the first image; refused before any work.
+    network, _ref = tiny_setup
+    ref = tmp_path / 'ref64.npz'
+    feature_stats.save_stats(ref, np.zeros(64), np.eye(64))
+    proc = run_limited('protocol', '--network', network, '--num', 10**9, '--steps', 2, '--ref', ref, '--detector', 'digits')
+    assert_one_line_exit_1(proc, '--num=1000000000', f'--num <= {generation.MAX_SEEDS // 3}')
 
 @pytest.mark.slow
 def test_gen_compiled_matches_eager(tmp_path, detector_file, tiny_setup):

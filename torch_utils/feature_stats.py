@@ -11,6 +11,7 @@ import re
 import time
 import warnings
 import zipfile
+import zlib
 
 import numpy as np
 import scipy
@@ -90,26 +91,72 @@ def save_stats(path, mu, sigma):
     arrays = dict(mu=np.asarray(mu, dtype=np.float64), sigma=np.asarray(sigma, dtype=np.float64))
     atomic_write(path, lambda f: np.savez(f, **arrays))
 
+# What a statistics file may claim, checked on the .npy headers before any array is read: a
+# header can claim any shape, and a deflated member can expand a thousandfold. Inception gives
+# 2048 features; 16384 keeps sigma within 2 GiB. Real statistics barely compress, so a member
+# above 64 MiB that expands more than 100 times is not one.
+MAX_FEATURE_DIM = 16384
+MAX_EXPANSION = 100
+SMALL_MEMBER = 64 << 20
+
+def _array_header(z, member):
+    """(shape, dtype, header size) of a .npy member of an open zip, reading only its header."""
+    with z.open(member) as f:
+        version = np.lib.format.read_magic(f)
+        if version not in ((1, 0), (2, 0)):
+            raise ValueError(f'{member} has .npy format version {version[0]}.{version[1]}, not 1.0 or 2.0')
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _fortran_order, dtype = read_header(f)
+        return shape, dtype, f.tell()
+
+def _check_arrays(z, path):
+    """Refuse, from the headers alone, arrays that are not plain floats mu [D] and sigma [D, D]
+    with 1 <= D <= MAX_FEATURE_DIM and exactly the data their headers describe."""
+    remedy = 'make the reference with "fid.py ref"'
+    headers = {key: _array_header(z, f'{key}.npy') for key in ('mu', 'sigma')}
+    for key, (shape, dtype, _size) in headers.items():
+        if dtype.kind != 'f' or dtype.itemsize not in (4, 8):
+            raise FIDError(f'{path}: {key} holds {dtype} values, not float32 or float64; {remedy}')
+    (mu_shape, _, _), (sigma_shape, _, _) = headers['mu'], headers['sigma']
+    if len(mu_shape) != 1 or tuple(sigma_shape) != (mu_shape[0],) * 2:
+        raise FIDError(f'{path}: mu {list(mu_shape)} and sigma {list(sigma_shape)} are not [D] and [D, D]; {remedy}')
+    if not 1 <= mu_shape[0] <= MAX_FEATURE_DIM:
+        raise FIDError(f'{path}: {mu_shape[0]} features, not 1 to {MAX_FEATURE_DIM}; {remedy}')
+    for key, (shape, dtype, header_size) in headers.items():
+        info = z.getinfo(f'{key}.npy')
+        if info.file_size != header_size + int(np.prod(shape)) * dtype.itemsize:
+            raise FIDError(f'{path}: {key} holds {info.file_size - header_size} bytes of data but its header describes '
+                f'{list(shape)} {dtype}; the file is damaged, {remedy}')
+        if info.file_size > SMALL_MEMBER and info.file_size > MAX_EXPANSION * info.compress_size:
+            raise FIDError(f'{path}: {key} expands from {info.compress_size} compressed bytes to {info.file_size}, '
+                f'which real statistics never do; {remedy}')
+
+# An array of a member that _check_arrays has passed: its allocation is what the file holds.
+def _read_array(z, member):
+    with z.open(member) as f:
+        return np.lib.format.read_array(f, allow_pickle=False)
+
 def load_stats(path_or_url):
-    """(mu, sigma) from a statistics npz (path or URL), checked; no pickles are ever loaded."""
+    """(mu, sigma) from a statistics npz (path or URL), checked; no pickles are ever loaded, and
+    nothing is allocated that the headers have not shown to fit the file."""
     try:
         local = download_cached(path_or_url)
     except (FileNotFoundError, IOError) as err:
         raise FIDError(f'reference statistics {err}') from None
     try:
-        with np.load(local, allow_pickle=False) as data:
-            if 'mu' not in data or 'sigma' not in data:
-                raise FIDError(f'{path_or_url}: has no "mu" and "sigma" arrays (found {sorted(data.keys())}); '
+        with zipfile.ZipFile(local) as z:
+            names = z.namelist()
+            if 'mu.npy' not in names or 'sigma.npy' not in names:
+                keys = sorted(n[:-4] if n.endswith('.npy') else n for n in names)
+                raise FIDError(f'{path_or_url}: has no "mu" and "sigma" arrays (found {keys}); '
                     'make the reference with "fid.py ref"')
-            mu, sigma = data['mu'].astype(np.float64), data['sigma'].astype(np.float64)
+            _check_arrays(z, path_or_url)
+            mu, sigma = (_read_array(z, f'{key}.npy').astype(np.float64, copy=False) for key in ('mu', 'sigma'))
     except FIDError:
         raise
-    except (OSError, ValueError, EOFError, TypeError, NotImplementedError, RuntimeError, zipfile.BadZipFile) as err:
+    except (OSError, ValueError, EOFError, TypeError, NotImplementedError, RuntimeError, zipfile.BadZipFile, zlib.error) as err:
         raise FIDError(f'{path_or_url}: cannot be read as a statistics npz ({type(err).__name__}: {err}); '
             'the file is damaged or not a reference, make it again with "fid.py ref"') from None
-    if mu.ndim != 1 or sigma.shape != (mu.shape[0], mu.shape[0]):
-        raise FIDError(f'{path_or_url}: mu {list(mu.shape)} and sigma {list(sigma.shape)} are not [D] and [D, D]; '
-            'make the reference with "fid.py ref"')
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
         raise FIDError(f'{path_or_url}: contains NaN or infinite values; make the reference again')
     return mu, sigma

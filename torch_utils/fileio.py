@@ -18,6 +18,7 @@ import tempfile
 
 import torch
 
+import dnnlib
 from torch_utils.errors import UserError
 
 class FileError(UserError):
@@ -100,6 +101,48 @@ def atomic_write(path, write, durable=True):
         if os.path.exists(tmp):
             os.remove(tmp)
 
+# Every output path is checked before the work that makes it, so a bad one costs nothing and
+# leaves nothing: the check creates no folder and leaves no file.
+def check_destination(path, what, folder=False, append=False, remedy=None):
+    """Raise a one-line FileError unless `path` can be written: a file (or with folder=True a folder
+    to write into) whose missing parent folders can be made in the nearest existing one, which
+    must be a writable folder. append: an existing file must also open for appending.
+    what: the option or file named in the message (e.g. '--grid')."""
+    remedy = remedy or f'choose another {what}'
+    path = os.fspath(path)
+    if not path:
+        raise FileError(f'{what} is empty; give a path')
+    if os.path.isdir(path) and not folder:
+        raise FileError(f"{what} '{path}' is a folder, not a file; {remedy}")
+    if os.path.exists(path) and not os.path.isdir(path) and folder:
+        raise FileError(f"{what} '{path}' is a file, not a folder; {remedy}")
+    existing = path if folder and os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise FileError(f"{what} '{path}' lies below '{existing}', which is a file, not a folder; {remedy}")
+    try:
+        fd, probe = tempfile.mkstemp(dir=existing, prefix='.tmp-write-test-', suffix='.part')
+        os.close(fd)
+        os.remove(probe)
+        if append and os.path.isfile(path):
+            os.close(os.open(path, os.O_WRONLY | os.O_APPEND))
+    except OSError as err:
+        raise FileError(f"cannot write to {what} '{path}' ({err.strerror}); {remedy}") from None
+
+def append_line(path, line):
+    """Append one line of text to `path` (made if missing) whole or not at all: a full disk leaves
+    the file as it was, and the error is one FileError naming the file."""
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
+        try:
+            dnnlib.util.append_whole(fd, line.encode('utf-8'))
+        finally:
+            os.close(fd)
+    except OSError as err:
+        raise FileError(f'cannot write {path} ({err.strerror or err}); it ends with its last complete line; free disk '
+            'space or fix permissions, then resume the run') from None
+
 def atomic_save(obj, path):
     """torch.save(obj) to `path` through atomic_write."""
     atomic_write(path, lambda f: torch.save(obj, f))
@@ -120,7 +163,57 @@ def write_json(path, obj, durable=True):
     atomic_write(path, lambda f: f.write(text.encode('utf-8')), durable=durable)
 
 #----------------------------------------------------------------------------
-# Digests: what a file's 'sha256' field holds.
+# Digests: what a file's 'sha256' field holds. A loaded file is first checked with tree_error:
+# the digest reads every element of every tensor, and a file must not make that cost more
+# than the bytes it stores, nor nest deeper than a digest can recurse.
+
+MAX_DEPTH = 64  # far more nesting than any of our files (a training state has 5 levels)
+MAX_VALUES = 10**6  # values in one file (a training state of a CIFAR-10 network: a few thousand)
+
+def is_dense(t):
+    """True if t's elements occupy distinct storage slots without gaps, in any dimension order
+    (row-major, channels-last, transposed): a stride-0 or overlapping view stands for more
+    elements than it stores."""
+    if t.numel() == 0:
+        return True
+    expected = 1
+    for stride, size in sorted((stride, size) for size, stride in zip(t.shape, t.stride()) if size != 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+def stored_bytes(tensors):
+    """Bytes of the distinct storages behind `tensors`: what a file really holds of them."""
+    storages = {}
+    for t in tensors:
+        s = t.untyped_storage()
+        storages[(s.device, s.data_ptr())] = max(storages.get((s.device, s.data_ptr()), 0), s.nbytes())
+    return sum(storages.values())
+
+def tree_error(obj, max_depth=MAX_DEPTH, max_values=MAX_VALUES):
+    """None, or why a loaded tree of dicts, lists and tensors must not be digested or used:
+    nested deeper than max_depth (or cyclic), more than max_values values (counting a value
+    each time it is reached, as a digest does), a tensor that is not dense, or tensors that
+    claim more bytes than their storages hold (one storage reached through many views)."""
+    tensors, pending, count = [], [(obj, 0)], 0
+    while pending:
+        node, depth = pending.pop()
+        count += 1
+        if depth > max_depth or count > max_values:
+            return f'more than {max_depth} levels of nesting or {max_values} values'
+        if isinstance(node, torch.Tensor):
+            if not is_dense(node):
+                return f'a tensor of shape {list(node.shape)} is not stored densely (strides {list(node.stride())})'
+            tensors.append(node)
+        elif isinstance(node, dict):
+            pending += [(v, depth + 1) for v in node.values()]
+        elif isinstance(node, (list, tuple)):
+            pending += [(v, depth + 1) for v in node]
+    claimed, stored = sum(t.numel() * t.element_size() for t in tensors), stored_bytes(tensors)
+    if claimed > stored:
+        return f'its tensors claim {claimed} bytes but their storages hold {stored}'
+    return None
 
 def tensors_digest(tensors):
     """SHA-256 over names, dtypes, shapes and bytes of a flat {name: tensor} dict."""
@@ -132,12 +225,15 @@ def tensors_digest(tensors):
     return h.hexdigest()
 
 def nested_digest(obj):
-    """SHA-256 over nested dicts, lists and tuples of tensors and plain values (dict keys sorted)."""
+    """SHA-256 over nested dicts, lists and tuples of tensors and plain values (dict keys sorted);
+    ValueError beyond MAX_DEPTH levels."""
     h = hashlib.sha256()
-    _update_digest(h, obj)
+    _update_digest(h, obj, 0)
     return h.hexdigest()
 
-def _update_digest(h, obj):
+def _update_digest(h, obj, depth):
+    if depth > MAX_DEPTH:
+        raise ValueError(f'containers nested more than {MAX_DEPTH} levels deep')
     if isinstance(obj, torch.Tensor):
         t = obj.detach().cpu().contiguous()
         h.update(f'T{t.dtype}{tuple(t.shape)};'.encode())
@@ -147,11 +243,11 @@ def _update_digest(h, obj):
         h.update(f'D{len(obj)};'.encode())
         for key in sorted(obj, key=repr):
             h.update(f'{key!r}='.encode())
-            _update_digest(h, obj[key])
+            _update_digest(h, obj[key], depth + 1)
     elif isinstance(obj, (list, tuple)):
         h.update(f'L{len(obj)};'.encode())
         for value in obj:
-            _update_digest(h, value)
+            _update_digest(h, value, depth + 1)
     elif obj is None or isinstance(obj, (bool, int, float, str)):
         h.update(f'{type(obj).__name__}:{obj!r};'.encode())
     else:

@@ -8,9 +8,13 @@ ported to PyTorch twice:
   pool3 features; the TorchScript model inside (the same as StyleGAN2-ADA's
   `inception-2015-12-05.pt`) resizes and normalises by itself. We read the pickle with an
   allow-list (anything that could run Python code is refused, naming the global), expecting
-  the TorchScript archive as bytes in the state of a `torch_utils.persistence` record, and
-  load that archive. TorchScript cannot call arbitrary Python, but it is still code from the
-  file: only use detectors from sources you trust. The bare `.pt` file is accepted too.
+  the TorchScript archive as bytes in the state of a `torch_utils.persistence` record. The bare
+  `.pt` file is accepted too. TorchScript is code: it runs when the archive is loaded
+  (`__setstate__`) and on every batch (`forward`), and its operators alone can create and
+  write files (`torch.from_file(..., shared=True)`). So it is loaded only from a file we can
+  vouch for (see `check_trusted`): the official pickle as downloaded over HTTPS from its URL,
+  a file whose SHA-256 is in TRUSTED_DETECTOR_SHA256, or any file the caller trusts
+  (`trust=True`, fid.py's --trust-detector).
 - pytorch-fid's `pt_inception-2015-12-05-6726825d.pth`, a state dict for torchvision's
   Inception3 layout with four TF-specific blocks. `FIDInceptionV3` below is our own
   implementation of that network (no torchvision); the file is read with
@@ -32,7 +36,7 @@ from torch import nn
 
 from torch_utils.errors import UserError
 from torch_utils.safe_pickle import PersistentRecord, PlainObject, UnsafePickleError, restricted_load
-from torch_utils.download import download_cached
+from torch_utils.download import download_cached, file_sha256, recorded_sha256
 
 NVIDIA_INCEPTION_URL = 'https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/inception-2015-12-05.pkl'
 PYTORCH_FID_URL = 'https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth'
@@ -312,8 +316,8 @@ def _load_torchscript(data, name):
     except Exception as err:
         raise DetectorError(f'{name}: the TorchScript module cannot be loaded ({type(err).__name__}: {_first_line(err)})') from None
 
-def load_nvidia_pickle(path, name=None):
-    """The TorchScript Inception inside NVIDIA's detector pickle, without running the pickle's code."""
+def torchscript_in_pickle(path, name=None):
+    """The TorchScript archive (bytes) inside NVIDIA's detector pickle, without running the pickle's code."""
     name = name or os.path.basename(str(path))
     with open(path, 'rb') as f:
         tree = read_detector_pickle(f, name)
@@ -324,7 +328,28 @@ def load_nvidia_pickle(path, name=None):
     if len(archives) != 1:
         raise DetectorError(f'{name}: expected one TorchScript module in the pickle (a {_describe(tree)}), found '
             f'{len(archives)}; pass the TorchScript inception-2015-12-05.pt or pytorch-fid weights with --detector')
-    return _load_torchscript(archives[0], name)
+    return archives[0]
+
+#----------------------------------------------------------------------------
+# Which TorchScript may run. SHA-256 of detector files known to be official ones, which run
+# without trust=True. It starts empty: we have no verified copy of NVIDIA's files to hash, and
+# the official pickle is trusted through the record of its download instead. Add a hash only
+# after checking it against the file published by its authors.
+
+TRUSTED_DETECTOR_SHA256 = {}
+
+def check_trusted(local, spec, name, trust=False):
+    """Refuse, before any of it runs, a TorchScript detector file that nobody vouched for."""
+    if trust:
+        return
+    if spec == NVIDIA_INCEPTION_URL and recorded_sha256(spec) is not None:  # the bytes received over HTTPS, unchanged
+        return
+    digest = file_sha256(local)
+    if digest in TRUSTED_DETECTOR_SHA256:
+        return
+    raise DetectorError(f'{name}: this TorchScript detector runs code from the file (which can create and change files), '
+        f'and the file (SHA-256 {digest[:16]}...) is not a known official detector; pass --trust-detector if you trust '
+        'the file and its source, or use --detector=nvidia (downloaded from its official URL) or --detector=pytorch-fid')
 
 #----------------------------------------------------------------------------
 # One entry point: a URL, a path or an alias ('nvidia', 'pytorch-fid'); the file's content,
@@ -332,15 +357,16 @@ def load_nvidia_pickle(path, name=None):
 
 _LEGACY_TORCH_MAGIC = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)
 
-def load_detector(spec=None, device='cpu', verbose=True):
-    """A `Detector` from a URL/path/alias; None = NVIDIA's Inception pickle (downloaded once into the cache)."""
+def load_detector(spec=None, device='cpu', verbose=True, trust=False):
+    """A `Detector` from a URL/path/alias; None = NVIDIA's Inception pickle (downloaded once into the cache).
+    trust: run a TorchScript file's code even if check_trusted cannot vouch for the file."""
     if spec == 'digits':  # the small classifier of the embedded digits dataset (FD-digits)
         from torch_utils import digits
         return Detector(digits.load_classifier(), 'digits', device, dict(return_features=True), digits.FEATURE_DIM)
     spec = ALIASES.get(spec or 'nvidia', spec)
     name = os.path.basename(str(spec))
     try:
-        local = download_cached(spec, verbose=verbose)
+        local = download_cached(spec, verbose=verbose, verify=(spec == NVIDIA_INCEPTION_URL))
     except (FileNotFoundError, IOError) as err:
         raise DetectorError(f'detector {err}') from None
     with open(local, 'rb') as f:
@@ -348,13 +374,16 @@ def load_detector(spec=None, device='cpu', verbose=True):
     call_kwargs, feature_dim = {}, None
     if head.startswith(b'PK\x03\x04'):
         if is_torchscript_archive(local):  # inception-2015-12-05.pt, or any TorchScript called the same way
+            check_trusted(local, spec, name, trust)
             net, call_kwargs = _load_torchscript(local, name), dict(return_features=True)
         else:  # a torch.save zip: pytorch-fid weights
             net, feature_dim = load_fid_inception(local, name), 2048
     elif head.startswith(_LEGACY_TORCH_MAGIC):  # torch.save of PyTorch < 1.6: pytorch-fid weights
         net, feature_dim = load_fid_inception(local, name), 2048
     elif head[:1] == b'\x80':  # a plain pickle: NVIDIA's detector
-        net, call_kwargs = load_nvidia_pickle(local, name), dict(return_features=True)
+        archive = torchscript_in_pickle(local, name)
+        check_trusted(local, spec, name, trust)
+        net, call_kwargs = _load_torchscript(archive, name), dict(return_features=True)
     else:
         raise DetectorError(f'{name}: not a detector file (NVIDIA inception-2015-12-05.pkl/.pt or pytorch-fid '
             'pt_inception-2015-12-05-6726825d.pth)')

@@ -7,17 +7,25 @@ Such pickles store every object as a call to
 `PersistentRecord` (the source is never executed), allows tensors and a handful of harmless
 containers and numpy values, and refuses every other global with an error naming it. `restricted_load(f, ARRAY_GLOBALS)`
 reads plain numpy data (dicts, lists, strings, bytes and arrays) and nothing else.
+
+Nothing a file does outlives its load, and nothing it builds can make numpy or torch read
+memory they do not own: each load gets its own wrappers of the allowed functions, BUILD
+(setting an object's state) works only on the few kinds of object the load itself created,
+a numpy dtype is a plain numeric scalar type whose state never reaches numpy, and a tensor
+must be dense (a stride-0 view of a few bytes would stand for gigabytes).
 """
 
 import collections
 import importlib
 import io
 import pickle
+import types
 
 import numpy as np
 import torch
 
 import dnnlib
+from torch_utils.fileio import is_dense
 
 class UnsafePickleError(Exception):
     """A pickle that needs something outside the allow-list, or is malformed."""
@@ -58,23 +66,79 @@ class PlainObject:
         self.state = state if isinstance(state, dict) else {}
 
 #----------------------------------------------------------------------------
-# The allow-list.
+# numpy values: only plain numeric scalar dtypes. A pickle makes a dtype as numpy.dtype(typestr)
+# and then sets its state (byte order, fields, flags) with BUILD; numpy trusts that state (a
+# field offset past the end of the item is read at .item()), so the state goes to a
+# _DtypeRequest instead, and a real dtype is made from the checked request when data needs it.
 
-def _load_storage_bytes(data):
-    # The reference's `torch.storage._load_from_bytes` is a nested torch.load; we do it with
-    # weights_only so the nested pickle is restricted too.
-    return torch.load(io.BytesIO(data), map_location='cpu', weights_only=True)
+PLAIN_DTYPES = {'b1', 'i1', 'i2', 'i4', 'i8', 'u1', 'u2', 'u4', 'u8', 'f2', 'f4', 'f8'}
 
-def _numpy_scalar(dtype, data=None):
-    if not isinstance(dtype, np.dtype) or dtype.hasobject or not isinstance(data, (bytes, bytearray)):
+class _DtypeRequest:
+    """numpy.dtype(typestr) as the pickle asked for it, with the state BUILD gives it."""
+    def __init__(self, typestr, align=False, copy=True):
+        if typestr not in PLAIN_DTYPES or not all(v in (0, 1) for v in (align, copy)):
+            raise UnsafePickleError(f'refusing numpy dtype {typestr!r}: only plain numeric scalars '
+                f'({", ".join(sorted(PLAIN_DTYPES))}) occur in these files')
+        self.typestr, self.byteorder = typestr, '='
+
+    # numpy's dtype state: (version, byte order, subarray, names, fields, itemsize, alignment, flags[, metadata]).
+    def set_state(self, state):
+        plain = (None, None, None, -1, -1, 0)
+        if not (isinstance(state, tuple) and len(state) in (8, 9) and state[0] in (3, 4) and state[1] in '<>|='
+                and state[2:8] == plain and state[8:] in ((), (None,))):
+            raise UnsafePickleError(f'refusing a numpy dtype {self.typestr!r} with a structured, subarray or object state')
+        self.byteorder = state[1]
+
+    def resolve(self):
+        dtype = np.dtype(self.typestr)
+        return dtype.newbyteorder(self.byteorder) if self.byteorder in '<>' else dtype
+
+# A function, so that the pickle cannot allocate a request with NEWOBJ and skip the checks.
+def _numpy_dtype(typestr, align=False, copy=True):
+    return _DtypeRequest(typestr, align, copy)
+
+def _dtype_of(request):
+    if not isinstance(request, _DtypeRequest):
+        raise UnsafePickleError('refusing numpy data without a numpy.dtype from the file')
+    return request.resolve()
+
+def _numpy_scalar(request, data=None):
+    if not isinstance(data, (bytes, bytearray)):
         raise UnsafePickleError('refusing a numpy scalar that is not plain numeric data')
-    return np.frombuffer(data, dtype=dtype, count=1)[0]
+    return np.frombuffer(data, dtype=_dtype_of(request), count=1)[0]
 
-def _numpy_dtype(*args, **kwargs):
-    dtype = np.dtype(*args, **kwargs)
-    if dtype.hasobject:
-        raise UnsafePickleError('refusing a numpy object dtype')
-    return dtype
+class _ArrayClass:
+    """What numpy.ndarray names in a pickle: an argument of _reconstruct, never called (with a
+    buffer and an object dtype, numpy would take bytes of the file for object pointers)."""
+    def __call__(self, *args, **kwargs):
+        raise UnsafePickleError('refusing to call numpy.ndarray, which a pickle of plain arrays never does')
+
+# Protocols <= 4 write an array as _reconstruct(ndarray, (0,), b'b'), then BUILD with its
+# (version, shape, dtype, is_fortran, bytes); only that empty start is made here.
+def _numpy_reconstruct(subtype, shape, typecode):
+    if not isinstance(subtype, _ArrayClass) or shape != (0,) or typecode not in (b'b', 'b'):
+        raise UnsafePickleError('refusing a numpy array that is not a plain numpy.ndarray')
+    return _numpy_private('multiarray', '_reconstruct')(np.ndarray, (0,), b'b')
+
+def _set_array_state(array, state):
+    if isinstance(state, tuple) and len(state) == 4:
+        state = (1,) + state
+    if not (isinstance(state, tuple) and len(state) == 5 and isinstance(state[1], tuple) and state[3] in (0, 1)
+            and all(type(n) is int and n >= 0 for n in state[1]) and isinstance(state[4], (bytes, bytearray, str))):
+        raise UnsafePickleError('refusing a numpy array state that is not (shape, dtype, order, bytes)')
+    version, shape, request, is_fortran, raw = state
+    dtype = _dtype_of(request)
+    raw = raw.encode('latin1') if isinstance(raw, str) else raw  # a Python 2 str, read with latin1
+    size = 1
+    for n in shape:
+        size *= n
+    if size * dtype.itemsize != len(raw):
+        raise UnsafePickleError(f'refusing a numpy array of shape {list(shape)} with {len(raw)} bytes of data')
+    array.__setstate__((version, shape, dtype, is_fortran, raw))
+
+# Protocol 5 writes an array as _frombuffer(buffer, dtype, shape, order).
+def _numpy_frombuffer(buffer, request, shape, order):
+    return _numpy_private('numeric', '_frombuffer')(buffer, _dtype_of(request), shape, order)
 
 def _codecs_encode(text, encoding='latin1'):
     # Pickle protocol 2 stores bytes as _codecs.encode(str, 'latin1'); nothing else is allowed.
@@ -89,16 +153,33 @@ def _numpy_private(module, name):
     except ImportError:
         return getattr(importlib.import_module(f'numpy.core.{module}'), name)
 
-# Protocols <= 4 rebuild an array as _reconstruct(ndarray, shape, dtype) and then set its state;
-# only a plain ndarray may be the class made.
-def _numpy_reconstruct(subtype, *args):
-    if subtype is not np.ndarray:
-        raise UnsafePickleError('refusing a numpy array of a class other than numpy.ndarray')
-    return _numpy_private('multiarray', '_reconstruct')(subtype, *args)
+#----------------------------------------------------------------------------
+# Tensors: torch's own rebuilders, called with checked arguments; a tensor must be dense, so that
+# its elements are bytes of the file (which is what the digests and size budgets count).
 
-# Protocol 5 rebuilds an array from its buffer; the dtype came through _numpy_dtype.
-def _numpy_frombuffer(*args):
-    return _numpy_private('numeric', '_frombuffer')(*args)
+def _load_storage_bytes(data):
+    # The reference's `torch.storage._load_from_bytes` is a nested torch.load; we do it with
+    # weights_only so the nested pickle is restricted too.
+    return torch.load(io.BytesIO(data), map_location='cpu', weights_only=True)
+
+def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
+    if not isinstance(storage, torch.TypedStorage) or backward_hooks or metadata:
+        raise UnsafePickleError('refusing a tensor that is not plain data (no storage, or with hooks or metadata)')
+    tensor = torch._utils._rebuild_tensor_v2(storage, storage_offset, size, stride, bool(requires_grad),
+        collections.OrderedDict())
+    if not is_dense(tensor):
+        raise UnsafePickleError(f'refusing a tensor of shape {list(tensor.shape)} that is not stored densely '
+            f'(strides {list(tensor.stride())})')
+    return tensor
+
+def _rebuild_parameter(data, requires_grad, backward_hooks):
+    if not isinstance(data, torch.Tensor) or backward_hooks:
+        raise UnsafePickleError('refusing a parameter that is not a plain tensor')
+    return torch.nn.Parameter(data, bool(requires_grad))
+
+#----------------------------------------------------------------------------
+# The allow-list. Functions here are wrapped anew for every load (see _fresh); classes and torch
+# dtypes are not, and BUILD never applies to them.
 
 # Plain values that both kinds of file may hold: bytes as protocol 2 writes them, numpy dtypes
 # and scalars.
@@ -111,7 +192,7 @@ for _module in ['numpy.core.multiarray', 'numpy._core.multiarray']:
 
 # Plain data with numpy arrays (the CIFAR-10 batches, as written by Python 2 and 3, numpy 1 and 2).
 ARRAY_GLOBALS = dict(_PLAIN_GLOBALS)
-ARRAY_GLOBALS[('numpy', 'ndarray')] = np.ndarray
+ARRAY_GLOBALS[('numpy', 'ndarray')] = _ArrayClass
 for _module in ['numpy.core', 'numpy._core']:
     ARRAY_GLOBALS[(f'{_module}.multiarray', '_reconstruct')] = _numpy_reconstruct
     ARRAY_GLOBALS[(f'{_module}.numeric', '_frombuffer')] = _numpy_frombuffer
@@ -120,8 +201,8 @@ for _module in ['numpy.core', 'numpy._core']:
 ALLOWED_GLOBALS = dict(_PLAIN_GLOBALS)
 ALLOWED_GLOBALS.update({
     ('torch_utils.persistence', '_reconstruct_persistent_obj'): _reconstruct_persistent_obj,
-    ('torch._utils', '_rebuild_tensor_v2'): torch._utils._rebuild_tensor_v2,
-    ('torch._utils', '_rebuild_parameter'): torch._utils._rebuild_parameter,
+    ('torch._utils', '_rebuild_tensor_v2'): _rebuild_tensor,
+    ('torch._utils', '_rebuild_parameter'): _rebuild_parameter,
     ('torch.storage', '_load_from_bytes'): _load_storage_bytes,
     ('collections', 'OrderedDict'): collections.OrderedDict,
     ('dnnlib.util', 'EasyDict'): dnnlib.EasyDict,
@@ -134,10 +215,43 @@ for _name in ['ModuleDict', 'ModuleList', 'Sequential']:
 for _name in ['float16', 'float32', 'float64', 'bfloat16', 'int64', 'int32', 'uint8', 'bool']:
     ALLOWED_GLOBALS[('torch', _name)] = getattr(torch, _name)
 
-class _RestrictedUnpickler(pickle.Unpickler):
+# What one load sees of an allowed global: a new wrapper of each function (a file that sets
+# __defaults__ or __dict__ on what it is given changes only this load's wrapper), a new
+# _ArrayClass token, and the classes and torch dtypes themselves.
+def _fresh(target):
+    if target is _ArrayClass:
+        return _ArrayClass()
+    if isinstance(target, types.FunctionType):
+        return lambda *args, **kwargs: target(*args, **kwargs)
+    return target
+
+# The objects whose state BUILD may set, all made by the load itself (none of these types is
+# reachable otherwise): how to apply the state to each. A dict subclass's own attributes, as
+# pickles of EasyDict and OrderedDict carry them, are plain entries of its __dict__.
+def _set_instance_dict(inst, state):
+    if isinstance(state, tuple) and len(state) == 2 and state[1] is None:
+        state = state[0]
+    if state is not None and not (isinstance(state, dict) and all(isinstance(k, str) for k in state)):
+        raise UnsafePickleError(f'refusing the state of a {type(inst).__name__}, which is not a dict of attributes')
+    vars(inst).update(state or {})
+
+_BUILD = {
+    PersistentRecord: PersistentRecord.__setstate__,
+    PlainObject: PlainObject.__setstate__,
+    _DtypeRequest: _DtypeRequest.set_state,
+    np.ndarray: _set_array_state,
+    dnnlib.EasyDict: _set_instance_dict,
+    collections.OrderedDict: _set_instance_dict,
+}
+
+class _RestrictedUnpickler(pickle._Unpickler):
+    """The pure-Python unpickler (its opcodes are a table we can change, unlike the C one's)
+    with find_class on the allow-list, BUILD limited to _BUILD, and no persistent ids."""
+    dispatch = dict(pickle._Unpickler.dispatch)
+
     def __init__(self, f, allowed, encoding):
         super().__init__(f, encoding=encoding)
-        self.allowed = allowed
+        self.allowed = {key: _fresh(target) for key, target in allowed.items()}
 
     def find_class(self, module, name):
         target = self.allowed.get((module, name))
@@ -148,6 +262,16 @@ class _RestrictedUnpickler(pickle.Unpickler):
 
     def persistent_load(self, pid):
         raise UnsafePickleError('refusing to load: the pickle uses persistent ids, which these files do not')
+
+    def load_build(self):
+        state = self.stack.pop()
+        inst = self.stack[-1]
+        apply = _BUILD.get(type(inst))
+        if apply is None:
+            raise UnsafePickleError(f'refusing to load: the pickle sets the state of a {type(inst).__name__}, '
+                'which these files never do')
+        apply(inst, state)
+    dispatch[pickle.BUILD[0]] = load_build
 
 def restricted_load(f, allowed=ALLOWED_GLOBALS, encoding='ASCII'):
     """Unpickle with an allow-list (ALLOWED_GLOBALS or ARRAY_GLOBALS). Raises UnsafePickleError

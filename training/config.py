@@ -6,6 +6,7 @@ is checked here, once, before anything starts; the dataset and the resume state 
 here, once, and handed to the training loop.
 """
 
+import re
 import secrets
 import warnings
 import zipfile
@@ -14,18 +15,32 @@ import zlib
 import torch
 
 import dnnlib
+from fdm.loss import WARMUP_ITE_RANGE
 from fdm.methods import METHOD_SPECIFIC_OPTIONS, METHODS, method_kwargs
 from torch_utils import distributed
 from torch_utils.compile_modes import resolve_compile_mode
 from torch_utils.errors import UserError
+from torch_utils.options import Range, check_options
 from training.dataset import DatasetError, ImageFolderDataset
 from training.networks import ARCH_PRESETS
+from training.starting_point import check_resume_seed, read_transfer
 from training.training_state import find_resume_state
 
 class ConfigError(UserError):
     """An option combination that cannot work; the message says what to change."""
 
 MAX_LIST_ITEMS = 32  # --cres: more channel multipliers than any network has resolutions is a typo
+
+# The valid range of every numeric option of train.py; train.py's click types and
+# setup_training_config check the same ranges. Learning rates above 1 only ever diverge with Adam.
+TRAIN_RANGES = dict(
+    duration=Range(min=0, min_open=True), batch=Range(min=1, integer=True), batch_gpu=Range(min=1, integer=True),
+    cbase=Range(min=1, integer=True), lr=Range(min=0, max=1, min_open=True), ema=Range(min=0),
+    dropout=Range(min=0, max=1), augment=Range(min=0, max=1), lr_rampup=Range(min=0, max=1000),
+    warmup_ite=WARMUP_ITE_RANGE, fdm_multiplier=Range(min=0, max=100), ls=Range(min=0, min_open=True),
+    workers=Range(min=0, integer=True), tick=Range(min=0, min_open=True), snap=Range(min=1, integer=True),
+    dump=Range(min=1, integer=True), grid_images=Range(min=0, integer=True),
+    seed=Range(min=0, max=2**31 - 1, integer=True), timeout=Range(min=1, integer=True))
 
 # The reference's augmentation for --augment=p: every ADA transform but colour, x-flips always.
 AUGMENT_TRANSFORMS = dict(xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1)
@@ -38,8 +53,9 @@ def setup_training_config(data, outdir='training-runs', cond=False, arch='ddpmpp
         seed=None, transfer=None, resume=None, lr_rampup=10, warmup_ite=None, fdm_multiplier=2.0,
         grid_images=64, precision='fp32', compile=False, compile_mode=None, channels_last=False, data_on_device='auto', world_size=1, explicit=()):
     """Returns (config for training_loop, run). run: outdir, desc and nosubdir of the run directory,
-    and what the config read, for the loop: the opened `dataset` and the verified resume `state`
-    (None for a fresh start). `explicit`: the options the user set."""
+    and what the config read, for the loop: the opened `dataset`, the verified resume `state` and
+    the `transferred` weights (None when not given). `explicit`: the options the user set."""
+    check_options(TRAIN_RANGES, locals())
     c = dnnlib.EasyDict()
 
     # Dataset: opened here so that a bad path or format fails before anything starts.
@@ -125,12 +141,21 @@ def setup_training_config(data, outdir='training-runs', cond=False, arch='ddpmpp
     # Seed: the user's, the resumed run's, or a fresh random one shared by all ranks.
     if c.seed is None:
         c.seed = int(state['seed']) if state is not None else random_seed()
+    # The starting weights, read once and checked here: a mismatch costs no run folder.
+    transferred = read_transfer(transfer, dataset) if transfer is not None else None
+    if state is not None:
+        check_resume_seed(state, c.resume_state, c.seed)
 
     # Run directory name, as the reference: {id}-{dataset}-{cond}-{arch}-{precond}-gpus{W}-batch{B}-{dtype}[-{desc}].
+    # --desc is one plain name, so that the run folder stays inside --outdir.
+    if desc is not None and (not re.fullmatch(r'[A-Za-z0-9._-]*', desc) or desc.startswith('.')):
+        raise ConfigError(f'--desc {desc!r} may hold only letters, digits, ".", "_" and "-", and may not start with '
+            '"."; the run folder must stay inside --outdir')
     desc_str = f'{dataset.name}-{"cond" if cond else "uncond"}-{arch}-{precond}-gpus{world_size}-batch{batch}-{"fp16" if fp16 else "fp32"}'
     if desc is not None:
         desc_str += f'-{desc}'
-    return c, dnnlib.EasyDict(outdir=outdir, desc=desc_str, nosubdir=nosubdir, dataset=dataset, state=state)
+    return c, dnnlib.EasyDict(outdir=outdir, desc=desc_str, nosubdir=nosubdir, dataset=dataset, state=state,
+        transferred=transferred)
 
 #----------------------------------------------------------------------------
 # --cres: positive integers, at most MAX_LIST_ITEMS of them (ValueError otherwise).

@@ -10,6 +10,7 @@ are images, how one is opened, what dataset.json holds) are shared with the conv
 import functools
 import json
 import os
+import stat
 import types
 import zipfile
 
@@ -40,21 +41,69 @@ def image_extensions():
 def is_image_name(name):
     return os.path.splitext(name)[1].lower() in image_extensions()
 
+# Images larger than this are refused from their header, before any pixel is decoded: it is
+# Pillow's own decompression-bomb threshold (about 9459 x 9459), where Pillow only warns.
+MAX_IMAGE_PIXELS = 89_478_485
+
 # Open one image with Pillow and return use(image); a failure in either becomes one line,
-# "{what} (Type: message); replace or delete that file.", raised as `error`.
-def read_image(open_file, use, what, error=DatasetError):
+# "{what} (Type: message); replace or delete that file.", raised as `error`. Image.open reads only
+# the header, so the size is checked before use() decodes: at most MAX_IMAGE_PIXELS, and exactly
+# `size` (width, height) when given.
+def read_image(open_file, use, what, error=DatasetError, size=None):
     try:
         with open_file() as f, PIL.Image.open(f) as img:
-            return use(img)
+            width, height = img.size
+            if width * height <= MAX_IMAGE_PIXELS and (size is None or tuple(size) == img.size):
+                return use(img)
     except Exception as err:
         raise error(f'{what} ({describe_exception(err)}); replace or delete that file.') from None
+    if size is not None and tuple(size) != (width, height):
+        raise error(f'{what}: it is {width}x{height} but the dataset\'s images are {size[0]}x{size[1]}; '
+            'replace or delete that file, or convert it with dataset_tool.py.')
+    raise error(f'{what}: it is {width}x{height}, more than the {MAX_IMAGE_PIXELS:,} pixels read here; '
+        'shrink it (or delete it) and run again.')
 
-# dataset.json -> {relative path: label}, or None for "labels": null. `remedy` ends the message
-# for a file that is not JSON at all.
-def parse_labels_json(f, where, remedy, error=DatasetError):
+# A folder's files, walked recursively, as '/'-separated paths relative to it. Images and the
+# top-level dataset.json must be regular files (or links to one): opening a FIFO waits forever
+# for a writer, and a device never ends, so either is refused by name without being opened.
+def list_folder(path, error=DatasetError):
+    names = []
+    for root, _dirs, files in os.walk(path):
+        for fname in files:
+            name = os.path.relpath(os.path.join(root, fname), start=path).replace(os.sep, '/')
+            if is_image_name(fname) or name == 'dataset.json':
+                try:
+                    mode = os.stat(os.path.join(root, fname)).st_mode
+                except OSError:
+                    mode = stat.S_IFREG  # a dangling link: reported when it is opened
+                if not stat.S_ISREG(mode):
+                    kind = 'a FIFO' if stat.S_ISFIFO(mode) else 'a device' if stat.S_ISCHR(mode) or stat.S_ISBLK(mode) else 'not a regular file'
+                    raise error(f"'{name}' in '{path}' is {kind}, not a file that can be read; remove it or replace it with a regular file.")
+            names.append(name)
+    return names
+
+# dataset.json holds about 40 bytes per image ([path, class index]); this many per image, plus
+# 1 MiB, leaves room for long paths and short label vectors, and bounds what is read and parsed
+# by the dataset's size, whatever the file (or a zip header) claims.
+LABELS_BYTES_PER_IMAGE = 256
+LABELS_BYTES_EXTRA = 1 << 20
+
+# dataset.json -> {relative path: label}, or None for "labels": null. open_file: its reader;
+# declared_size: its size on disk or in the zip header, checked before reading, and the read
+# stops one byte past the limit in case the declaration lies. `remedy` ends the message for a
+# file that is not JSON at all. Labels are class indices, null, or lists of at most MAX_CLASSES numbers.
+def parse_labels_json(open_file, declared_size, num_images, where, remedy, error=DatasetError):
+    limit = LABELS_BYTES_PER_IMAGE * num_images + LABELS_BYTES_EXTRA
+    data = b''
+    if declared_size <= limit:
+        with open_file() as f:
+            data = f.read(limit + 1)
+    if declared_size > limit or len(data) > limit:
+        raise error(f'{where} is {max(declared_size, len(data)):,} bytes, more than the {limit:,} that labels of {num_images:,} images '
+            f'can take; it is not a labels file, {remedy}.')
     try:
-        data = json.load(f)
-    except (ValueError, UnicodeDecodeError) as err:
+        data = json.loads(data)
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:
         raise error(f'{where} is not valid JSON ({describe_exception(err)}); {remedy}.') from None
     if not isinstance(data, dict) or 'labels' not in data:
         raise error(f'{where} must be an object with a "labels" key; write {{"labels": [[relative path, label], ...]}}.')
@@ -63,6 +112,10 @@ def parse_labels_json(f, where, remedy, error=DatasetError):
         return None
     if not isinstance(labels, list) or not all(isinstance(e, list) and len(e) == 2 and isinstance(e[0], str) for e in labels):
         raise error(f'"labels" in {where} must be a list of [relative path, label] pairs; fix the file.')
+    for name, label in labels:
+        if isinstance(label, list) and len(label) > MAX_CLASSES:
+            raise error(f"The label of '{name}' in {where} is a list of {len(label):,} numbers, more than {MAX_CLASSES:,} classes; "
+                'use a class index or a shorter label vector.')
     return {name.replace('\\', '/'): label for name, label in labels}
 
 # Pillow modes that decode to uint8 arrays, and their channel counts. Palette ('P'), 1-bit,
@@ -92,8 +145,7 @@ class ImageFolderDataset(torch.utils.data.Dataset):
         # List the files.
         if os.path.isdir(self._path):
             self._type = 'dir'
-            self._all_fnames = {os.path.relpath(os.path.join(root, fname), start=self._path).replace(os.sep, '/')
-                for root, _dirs, files in os.walk(self._path) for fname in files}
+            self._all_fnames = set(list_folder(self._path))
         elif os.path.isfile(self._path) and self._path.lower().endswith('.zip'):
             self._type = 'zip'
             self._all_fnames = {name for name in self._get_zipfile().namelist() if not name.endswith('/')}
@@ -151,6 +203,12 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             return open(os.path.join(self._path, fname), 'rb')
         return self._get_zipfile().open(fname, 'r')
 
+    # Bytes of a file as the folder or the zip's directory declares them (nothing is read).
+    def _file_size(self, fname):
+        if self._type == 'dir':
+            return os.stat(os.path.join(self._path, fname)).st_size
+        return self._get_zipfile().getinfo(fname).file_size
+
     # [C, H, W] of one image from its header, without decoding the pixels.
     def _header_shape(self, fname):
         mode, (width, height) = read_image(lambda: self._open_file(fname), lambda img: (img.mode, img.size),
@@ -178,7 +236,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     # Decoded pixels of one raw image as uint8 [C, H, W].
     def _load_raw_image(self, raw_idx):
         fname = self._image_fnames[raw_idx]
-        image = read_image(lambda: self._open_file(fname), np.array, f"Cannot decode image '{fname}' in '{self._path}'")
+        image = read_image(lambda: self._open_file(fname), np.array, f"Cannot decode image '{fname}' in '{self._path}'",
+            size=self._raw_shape[:1:-1])  # (W, H), checked from the header before decoding
         if image.ndim == 2:
             image = image[:, :, np.newaxis] # HW => HWC
         image = image.transpose(2, 0, 1) # HWC => CHW
@@ -194,8 +253,8 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             raise DatasetError(f"Labels were requested but '{self._path}' has no dataset.json; add one with "
                 '{"labels": [[relative path, label], ...]} or train unconditionally (--cond=0).')
         try:
-            with self._open_file('dataset.json') as f:
-                by_name = parse_labels_json(f, where, 'fix it or regenerate the dataset with dataset_tool.py')
+            by_name = parse_labels_json(lambda: self._open_file('dataset.json'), self._file_size('dataset.json'),
+                len(self._image_fnames), where, 'fix it or regenerate the dataset with dataset_tool.py')
         except (zipfile.BadZipFile, OSError, NotImplementedError, RuntimeError) as err:
             raise DatasetError(f'Cannot read {where} ({describe_exception(err)}); the zip is damaged, recreate it with dataset_tool.py.') from None
         if by_name is None:

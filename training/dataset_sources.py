@@ -20,7 +20,7 @@ import PIL.Image
 from torch_utils import digits
 from torch_utils.errors import UserError, describe_exception
 from torch_utils.safe_pickle import ARRAY_GLOBALS, ForbiddenGlobalError, UnsafePickleError, restricted_load
-from training.dataset import is_image_name, parse_labels_json, read_image
+from training.dataset import is_image_name, list_folder, parse_labels_json, read_image
 
 #----------------------------------------------------------------------------
 # A problem with the user's source, destination or options: one sentence saying what to do.
@@ -42,8 +42,8 @@ def _decode_image(open_file, name):
             'convert it (e.g. drop the alpha channel) and run again.')
     return image
 
-def _labels_of(f, where):
-    return parse_labels_json(f, where, 'fix it or delete it', error=DatasetToolError)
+def _labels_of(open_file, declared_size, num_images, where):
+    return parse_labels_json(open_file, declared_size, num_images, where, 'fix it or delete it', error=DatasetToolError)
 
 #----------------------------------------------------------------------------
 # Image folders and zips.
@@ -51,14 +51,13 @@ def _labels_of(f, where):
 # A folder, walked recursively. Labels: its dataset.json, else the index of the sorted top-level
 # folder an image sits in, when there are several such folders and no image sits at the top.
 def open_image_folder(path, max_images=None):
-    fnames = sorted(os.path.relpath(os.path.join(root, fname), start=path).replace(os.sep, '/')
-        for root, _dirs, files in os.walk(path) for fname in files if is_image_name(fname))
+    names = list_folder(path, error=DatasetToolError)
+    fnames = sorted(name for name in names if is_image_name(name))
     if not fnames:
         raise DatasetToolError(f"No image files found in folder '{path}'; point --source at a folder of images Pillow can read (e.g. .png, .jpg).")
     json_path = os.path.join(path, 'dataset.json')
-    if os.path.isfile(json_path):
-        with open(json_path, 'rb') as f:
-            label_of = _labels_of(f, f"dataset.json in '{path}'") or {}
+    if 'dataset.json' in names:
+        label_of = _labels_of(lambda: open(json_path, 'rb'), os.stat(json_path).st_size, len(fnames), f"dataset.json in '{path}'") or {}
     else:
         class_names = sorted({fname.split('/')[0] for fname in fnames if '/' in fname})
         nested = all('/' in fname for fname in fnames)
@@ -84,8 +83,8 @@ def open_image_zip(path, max_images=None):
         raise DatasetToolError(f"No image files found in '{path}'; the zip must contain images Pillow can read (e.g. .png, .jpg).")
     label_of = {}
     if 'dataset.json' in archive.namelist():
-        with archive.open('dataset.json') as f:
-            label_of = _labels_of(f, f"dataset.json in '{path}'") or {}
+        label_of = _labels_of(lambda: archive.open('dataset.json'), archive.getinfo('dataset.json').file_size, len(names),
+            f"dataset.json in '{path}'") or {}
     names = names[:max_images]
 
     def iterate():
@@ -217,6 +216,9 @@ def open_source(source, max_images=None):
             raise DatasetToolError(f"'{source}' looks like an LSUN LMDB folder, which this codebase does not read (it needs lmdb and OpenCV); "
                 'export its images to a folder and pass that folder as --source.')
         return open_image_folder(source, max_images)
+    if not os.path.isfile(source):
+        raise DatasetToolError(f"Source '{source}' is neither a folder nor a regular file (a FIFO or a device cannot be read as a dataset); "
+            'pass a folder or an archive file.')
     basename = os.path.basename(source)
     if basename == 'cifar-10-python.tar.gz':
         return open_cifar10(source, max_images)

@@ -16,7 +16,7 @@ import PIL.Image
 from tqdm import tqdm
 
 from torch_utils.errors import describe_exception
-from torch_utils.fileio import atomic_write
+from torch_utils.fileio import atomic_write, check_destination
 from training.dataset_sources import DatasetToolError, make_transform, open_source, parse_resolution
 
 #----------------------------------------------------------------------------
@@ -34,6 +34,7 @@ def check_dest(dest):
         raise DatasetToolError(f"Destination '{dest}' is an existing file; pass a .zip path or a new or empty folder.")
     if not is_zip and os.path.isdir(dest) and os.listdir(dest):
         raise DatasetToolError(f"Destination folder '{dest}' is not empty; delete its contents or choose another --dest.")
+    check_destination(dest, '--dest', folder=not is_zip)
     return dest, is_zip
 
 # The missing folders above `path`, created top-down; returned so that a failure can remove them.

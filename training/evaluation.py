@@ -14,6 +14,7 @@ import tqdm
 from torch_utils import distributed as dist, precision as precision_lib
 from torch_utils.feature_stats import (FeatureSums, FIDError, check_dims, compute_stats, frechet_distance, load_stats,
     rate, save_stats, summarize)
+from torch_utils.fileio import check_destination
 from torch_utils.inception import load_detector
 from training import generation
 from training.dataset import DatasetError, ImageFolderDataset
@@ -33,12 +34,13 @@ def open_images(path, num=None, seed=0):
         raise FIDError(f"images in '{path}' have {dataset.num_channels} channels; FID needs grayscale or RGB images")
     return dataset
 
-def open_detector(spec, device=None):
-    """The detector, downloaded by rank 0 first so that the ranks do not race for the cache."""
+def open_detector(spec, device=None, trust=False):
+    """The detector, downloaded by rank 0 first so that the ranks do not race for the cache;
+    trust: run a TorchScript detector's code even if it is not a known official file."""
     if dist.get_rank() != 0:
         dist.barrier()
     try:
-        detector = load_detector(spec, device=device or dist.device(), verbose=(dist.get_rank() == 0))
+        detector = load_detector(spec, device=device or dist.device(), verbose=(dist.get_rank() == 0), trust=trust)
     finally:
         if dist.get_rank() == 0:
             dist.barrier()
@@ -108,12 +110,13 @@ def calc_fid(dataset, ref_stats, detector, batch=64, workers=3, progress=True):
 #----------------------------------------------------------------------------
 # fid.py's commands: each prints what it does on rank 0 and returns its result.
 
-def make_reference(data, dest, detector=None, batch=64, workers=3):
+def make_reference(data, dest, detector=None, batch=64, workers=3, trust_detector=False):
     """fid.py ref: write the statistics (mu, sigma) of every image of a dataset to `dest`."""
     if os.path.isdir(dest):
         raise FIDError(f"--dest '{dest}' is a folder; give the path of the .npz file to write")
+    check_destination(dest, '--dest')  # before the images and the detector are read
     dataset = open_images(data)
-    det = open_detector(detector)
+    det = open_detector(detector, trust=trust_detector)
     dist.print0(f"Calculating statistics of {len(dataset)} images in '{data}' with '{det.name}'...")
     start = time.perf_counter()
     mu, sigma = compute_stats(dataset, det, batch=batch, workers=workers)
@@ -123,11 +126,11 @@ def make_reference(data, dest, detector=None, batch=64, workers=3):
     dist.print0(f"Saved the statistics of {len(dataset)} images to '{dest}'")
     return mu, sigma
 
-def fid_of_images(images, ref_path, num=50000, seed=0, batch=64, workers=3, detector=None):
+def fid_of_images(images, ref_path, num=50000, seed=0, batch=64, workers=3, detector=None, trust_detector=False):
     """fid.py calc: the FID of `num` images of a folder or zip (a seeded subset if it has more)."""
     ref_stats = load_stats(ref_path)
     dataset = open_images(images, num=num, seed=seed)  # checked before the detector is fetched
-    det = open_detector(detector)
+    det = open_detector(detector, trust=trust_detector)
     check_dims(det, ref_stats[0], ref_path)
     dist.print0(f"Calculating features of {len(dataset)} images in '{images}' with '{det.name}'...")
     start = time.perf_counter()
@@ -137,12 +140,12 @@ def fid_of_images(images, ref_path, num=50000, seed=0, batch=64, workers=3, dete
     return fid
 
 def fid_of_network(network, ref_path, seeds, class_idx=None, solver='edm', steps=18, precision='fp32', outdir=None,
-        batch=64, detector=None, compile_mode=None):
+        batch=64, detector=None, compile_mode=None, trust_detector=False):
     """fid.py gen: the FID of the images of `seeds`, generated in memory (and saved to `outdir` if given)."""
     if len(seeds) < 2:
         raise FIDError(f'--seeds gives {len(seeds)} image; a covariance needs at least 2, e.g. --seeds=0-49999')
     ref_stats = load_stats(ref_path)
-    det = open_detector(detector)
+    det = open_detector(detector, trust=trust_detector)
     check_dims(det, ref_stats[0], ref_path)
     if outdir is not None:
         make_outdir(outdir)
@@ -165,11 +168,14 @@ def _print_summary(fids, ref_path):
     return lo, mean, std
 
 def protocol_of_network(network, ref_path, num=50000, solver='edm', steps=18, precision='fp32', outdir=None, batch=64,
-        detector=None, compile_mode=None):
+        detector=None, compile_mode=None, trust_detector=False):
     """fid.py protocol --network: the three seed ranges generated in memory (saved to OUTDIR/seeds-A-B
     if `outdir`); returns the three FIDs."""
+    if 3 * num > generation.MAX_SEEDS:  # before any work: the seed lists are materialised per range
+        raise FIDError(f'--num={num} asks for {3 * num} seeds, more than the {generation.MAX_SEEDS} a run may take; '
+            f'use --num <= {generation.MAX_SEEDS // 3}')
     ref_stats = load_stats(ref_path)
-    det = open_detector(detector)
+    det = open_detector(detector, trust=trust_detector)
     check_dims(det, ref_stats[0], ref_path)
     if outdir is not None:
         make_outdir(outdir)
@@ -186,11 +192,11 @@ def protocol_of_network(network, ref_path, num=50000, solver='edm', steps=18, pr
     _print_summary(fids, ref_path)
     return fids
 
-def protocol_of_images(images, ref_path, num=50000, seed=0, batch=64, workers=3, detector=None):
+def protocol_of_images(images, ref_path, num=50000, seed=0, batch=64, workers=3, detector=None, trust_detector=False):
     """fid.py protocol --images: the FIDs of three folders made by generate.py."""
     ref_stats = load_stats(ref_path)
     datasets = [open_images(path, num=num, seed=seed) for path in images]
-    det = open_detector(detector)
+    det = open_detector(detector, trust=trust_detector)
     check_dims(det, ref_stats[0], ref_path)
     fids = []
     for path, dataset in zip(images, datasets):

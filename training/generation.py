@@ -25,7 +25,8 @@ from fdm.samplers import SAMPLERS, PerSeedGenerator, sampler_nfe, sampler_settin
 from torch_utils import distributed, precision as precision_lib
 from torch_utils.compile_modes import resolve_compile_mode
 from torch_utils.errors import UserError
-from torch_utils.fileio import atomic_write, jsonable, write_json
+from torch_utils.fileio import atomic_write, check_destination, jsonable, write_json
+from torch_utils.options import Range, check_options
 from torch_utils.download import is_url
 
 class GenerateError(UserError):
@@ -50,10 +51,22 @@ def parse_seeds(s):
 
 DPM_IGNORED_DEFAULTS = dict(rho=7, S_churn=0, S_min=0, S_max=float('inf'), S_noise=1)
 
+# The valid range of each sampler option, checked here and by the click types of generate.py and
+# fid.py. sigma: the noise levels the networks know end at 80 (EDM), 100 (VE), 152 (VP) and ~2e4
+# (iDDPM's u_0), and DPM-Solver++ does not clamp to the network's range, so 1e-6..1e5 is generous;
+# sigma_max=1e30 gave black images. rho: sigma^(1/rho) must stay finite in float64.
+# S_max=inf means no upper limit on the noise levels that get churn.
+SAMPLER_RANGES = dict(
+    num_steps=Range(min=1, integer=True), sigma_min=Range(min=1e-6, max=1e5), sigma_max=Range(min=1e-6, max=1e5),
+    rho=Range(min=0.1, max=1000), S_churn=Range(min=0), S_min=Range(min=0), S_max=Range(min=0, allow_inf=True),
+    S_noise=Range(min=0, max=10), dpm_order=Range(min=1, max=3, integer=True), class_idx=Range(min=0, integer=True),
+    max_batch_size=Range(min=1, integer=True))
+
 def select_sampler(solver=None, disc=None, schedule=None, scaling=None, dpm_order=None, dpm_method=None,
         dpm_skip=None, num_steps=18, sigma_min=None, sigma_max=None, rho=7, S_churn=0, S_min=0,
         S_max=float('inf'), S_noise=1):
     """-> (sampler name in SAMPLERS, its kwargs, list of options it ignores)."""
+    check_options(SAMPLER_RANGES, locals())
     range_kwargs = {k: v for k, v in dict(sigma_min=sigma_min, sigma_max=sigma_max).items() if v is not None}
     common = dict(num_steps=num_steps, **range_kwargs, rho=rho, S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise)
     ablation = {k: v for k, v in dict(discretization=disc, schedule=schedule, scaling=scaling).items() if v is not None}
@@ -267,6 +280,7 @@ def generate(network, outdir, seeds=range(64), subdirs=False, class_idx=None, ma
     seeds = list(seeds)
     if not seeds:
         raise GenerateError('--seeds is empty; give seeds like 0-63')
+    check_options(SAMPLER_RANGES, dict(class_idx=class_idx, max_batch_size=max_batch_size))
     try:
         compile_mode = resolve_compile_mode(compile, compile_mode)
     except ValueError as err:
@@ -274,6 +288,9 @@ def generate(network, outdir, seeds=range(64), subdirs=False, class_idx=None, ma
     if grid is not None and os.path.commonpath([os.path.abspath(grid), os.path.abspath(outdir)]) == os.path.abspath(outdir):
         raise GenerateError(f'--grid {grid} lies inside --outdir, where fid.py would count it as a sample; '
             'put the grid somewhere else')
+    check_destination(outdir, '--outdir', folder=True)  # before the network is read: a bad path costs nothing
+    if grid is not None:
+        check_destination(grid, '--grid')
     sampler_name, sampler_kwargs, ignored = select_sampler(**sampler_options)
     try:
         device = torch.device(device) if device is not None else distributed.device()

@@ -1,11 +1,14 @@
-"""The run directory: its name, a check that it can be written, what an interrupted run left
-there, and training_options.json."""
+"""The run directory: its name, the checks before anything is written to it, the lock that keeps
+a second train.py out, what an interrupted run left there, training_options.json and log.txt."""
 
+import contextlib
+import fcntl
 import json
 import os
 import re
 
-from torch_utils.fileio import FileError, atomic_write
+import dnnlib
+from torch_utils.fileio import FileError, atomic_write, check_destination
 
 #----------------------------------------------------------------------------
 # Next free run directory: 1 + the largest leading number among existing subdirectories.
@@ -19,20 +22,83 @@ def next_run_dir(outdir, desc):
                 ids.append(int(m.group()))
     return os.path.join(outdir, f'{max(ids, default=-1) + 1:05d}-{desc}')
 
-# Made and test-written before training starts, so that a bad --outdir fails at once. Returns
-# what was tidied (see tidy_interrupted_run), for the log.
-def prepare_run_dir(run_dir, nosubdir):
-    if not nosubdir and os.path.exists(run_dir):
-        raise FileError(f'{run_dir} already exists; choose another --outdir')
+# Every file a run writes, by name: a folder in the place of one would fail a write mid-run.
+RUN_FILE = re.compile(r'^(training_options\.json|log\.txt|stats\.jsonl|(network-snapshot|training-state)-\d+\.pt|'
+    r'samples-\d+\.png)$')
+OWN_FILES = {'training_options.json', 'log.txt', '.lock'}  # what a run has written before its first tick
+
+# The run folder of rank 0 for the run's life: checked (before anything is written, so a bad
+# --outdir fails at once), made, locked, and tidied. The context is the notes for the log (see
+# tidy_interrupted_run); log.txt tees stdout and stderr inside it. A run that fails before it
+# has written more than its options and log removes the folder again, if it made it.
+@contextlib.contextmanager
+def open_run_dir(run_dir, nosubdir, options):
+    check_run_dir(run_dir, nosubdir)
+    created = not os.path.exists(run_dir)
     try:
         os.makedirs(run_dir, exist_ok=True)
-        probe = os.path.join(run_dir, '.write-test')
-        with open(probe, 'w') as f:
-            f.write('ok')
-        os.remove(probe)
     except OSError as err:
         raise FileError(f'cannot write to {run_dir} ({err.strerror}); choose a writable --outdir') from None
-    return tidy_interrupted_run(run_dir) if nosubdir else []
+    lock, logger = None, None
+    try:
+        lock = lock_run_dir(run_dir)
+        notes = tidy_interrupted_run(run_dir) if nosubdir else []
+        write_training_options(run_dir, options)
+        logger = dnnlib.util.Logger(os.path.join(run_dir, 'log.txt'), error=FileError)
+        yield notes
+    except BaseException:
+        if logger is not None:
+            logger.close()
+            logger = None
+        if created and lock is not None:
+            remove_if_unused(run_dir)
+        raise
+    finally:
+        if logger is not None:
+            logger.close()
+        if lock is not None:
+            os.close(lock)
+
+# Nothing is written yet: --outdir can be written, and no folder stands where a run file goes.
+def check_run_dir(run_dir, nosubdir):
+    if not nosubdir and os.path.exists(run_dir):
+        raise FileError(f'{run_dir} already exists; choose another --outdir')
+    check_destination(run_dir, '--outdir', folder=True, remedy='choose a writable --outdir')
+    if not os.path.isdir(run_dir):
+        return
+    for name in sorted(os.listdir(run_dir)):
+        if RUN_FILE.match(name) and os.path.isdir(os.path.join(run_dir, name)):
+            raise FileError(f"'{os.path.join(run_dir, name)}' is a folder where the run writes a file; "
+                'remove it or choose another --outdir')
+    for name in ['log.txt', 'stats.jsonl']:
+        check_destination(os.path.join(run_dir, name), name, append=True, remedy='fix it or choose another --outdir')
+
+# One train.py per run folder: a second one would delete the first's temporary files and
+# interleave its files. An exclusive lock on run_dir/.lock, held until the returned descriptor
+# is closed (the system releases it when the process dies); the file names the holder's pid.
+def lock_run_dir(run_dir):
+    path = os.path.join(run_dir, '.lock')
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
+    except OSError as err:
+        raise FileError(f'cannot write {path} ({err.strerror}); choose a writable --outdir') from None
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        holder = os.pread(fd, 32, 0).decode('ascii', 'replace').strip() or 'unknown'
+        os.close(fd)
+        raise FileError(f'another train.py is using {run_dir} (pid {holder}); wait for it or choose another --outdir') from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f'{os.getpid()}\n'.encode(), 0)
+    return fd
+
+# Only when the folder holds nothing but what this run wrote before failing: never a user's file.
+def remove_if_unused(run_dir):
+    names = set(os.listdir(run_dir))
+    if names <= OWN_FILES:
+        for name in names:
+            os.remove(os.path.join(run_dir, name))
+        os.rmdir(run_dir)
 
 # A run killed mid-write leaves temporary files (never a damaged result) and perhaps half a
 # stats.jsonl line; clear both before writing into the same folder again. Returns what it did.

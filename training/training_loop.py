@@ -25,6 +25,7 @@ from fdm.loss import build_loss
 from fdm.preconditioning import build_precond
 from torch_utils import distributed
 from torch_utils import precision as precision_lib
+from torch_utils.fileio import append_line
 from torch_utils.training_stats import StatsCollector
 from training.augment import AugmentPipe
 from training.config import ConfigError, batch_split
@@ -84,6 +85,7 @@ def training_loop(
     max_steps           = None,     # Stop after this many optimizer steps of this process (tests, kill drills).
     dataset             = None,     # The dataset opened by setup_training_config, None = open dataset_kwargs here.
     resume              = None,     # The state read from resume_state by setup_training_config, None = read it here.
+    transferred         = None,     # The weights read from transfer by setup_training_config, None = read them here.
 ):
     start_time = time.time()
     device = torch.device(device) if device is not None else distributed.device()
@@ -107,7 +109,7 @@ def training_loop(
     augment_pipe = AugmentPipe(**augment_kwargs) if augment_kwargs else None
     optimizer = make_optimizer(net.parameters(), device, precision, **optimizer_kwargs)
     if transfer is not None:
-        _transfer_weights(net, ema, transfer)
+        _transfer_weights(net, ema, transfer, transferred)
         ema_rampup_ratio = None  # transferred weights are already good: no EMA warm-up
     if resume is not None:
         _restore(net, ema, optimizer, resume, resume_state, seed)
@@ -196,10 +198,14 @@ def _networks(network_kwargs, dataset, seed, device, memory_format):
     return net, copy.deepcopy(net).eval().requires_grad_(False)
 
 # --transfer: a network file's weights start the training (tensors it lacks keep their initialisation).
-def _transfer_weights(net, ema, transfer):
+def _transfer_weights(net, ema, transfer, weights=None):
     distributed.print0(f'Loading network weights from "{transfer}"...')
-    weights = load_network_file(transfer)['ema'].state_dict()
-    _missing, unexpected = net.load_state_dict(weights, strict=False)
+    weights = weights if weights is not None else load_network_file(transfer)['ema'].state_dict()
+    try:
+        _missing, unexpected = net.load_state_dict(weights, strict=False)
+    except RuntimeError as err:  # a tensor of another shape
+        raise CheckpointError(f'{transfer} does not fit the configured network ({str(err).strip().splitlines()[-1][:200]}); '
+            'check --arch/--precond/--cbase/--cres against the transferred network') from None
     if unexpected:
         raise CheckpointError(f'{transfer}: tensors {unexpected[:3]} do not exist in the configured network; '
             'check --arch/--precond/--cond against the transferred network')
@@ -272,9 +278,9 @@ def _report_tick(run_dir, stats, progress, lr, total_nimg, device, start_time, t
             'Progress/lr': _stat(lr), 'Timing/sec_per_tick': _stat(tick_time),
             'Timing/img_per_sec': _stat(tick_images / max(tick_time, 1e-9)),
             'Train/nonfinite_grads_total': _stat(progress.nonfinite_total)})
-        # Appended, one line per tick: a kill leaves at most half a line, which train.py clears on resume.
-        with open(os.path.join(run_dir, 'stats.jsonl'), 'a') as f:
-            f.write(json.dumps(entry) + '\n')
+        # Appended, one whole line per tick (a full disk stops the run, the file unchanged); a kill
+        # leaves at most half a line, which train.py clears on resume.
+        append_line(os.path.join(run_dir, 'stats.jsonl'), json.dumps(entry) + '\n')
 
 # The snapshot holds the EMA network; the state, written after the tick, makes the resumed run
 # start a new tick exactly where this one ended.

@@ -7,14 +7,17 @@ import os
 import re
 import warnings
 
+import torch
+
 from fdm.checkpoint import CheckpointError
-from torch_utils.fileio import atomic_save, check_digest, check_envelope, load_plain, nested_digest
+from torch_utils.fileio import atomic_save, check_digest, check_envelope, load_plain, nested_digest, tree_error
 
 STATE_FORMAT = 'fdm-training-state'
 STATE_VERSION = 2  # 2: with a SHA-256 over everything in the file
 STATE_NAME = re.compile(r'^training-state-(\d+)\.pt$')
-STATE_KEYS = dict(cur_nimg=int, step=int, cur_tick=int, tick_start_nimg=int, nonfinite_total=int, seed=int, net=dict,
-    ema=dict, optimizer=dict)
+MAX_NIMG = 10**12  # images: far more than any run (EDM's longest, ImageNet-64, is 2.5e9); steps too
+COUNTER_LIMITS = dict(cur_nimg=MAX_NIMG, step=MAX_NIMG, cur_tick=MAX_NIMG, tick_start_nimg=MAX_NIMG,
+    nonfinite_total=2**63, seed=2**64)
 REMEDY = 'resume from an earlier state'
 
 #----------------------------------------------------------------------------
@@ -39,20 +42,58 @@ def find_resume_state(path):
         'resume from a run directory or file that has an intact state')
 
 # Version 1 (before the checksum) is still read; every part is checked, so a file that lacks one
-# fails here and not in the middle of restoring the optimizer.
+# fails here (and find_resume_state takes an older one) and not in the middle of restoring the optimizer.
 def load_training_state(path):
-    """A training state, checked: complete, of a known version, and (version 2) matching its SHA-256."""
+    """A training state, checked: complete, of a known version, every field of the type and
+    range the training loop needs, and (version 2) matching its SHA-256."""
     name = os.path.basename(path)
     state = load_plain(path, name, REMEDY, error=CheckpointError)
     check_envelope(state, STATE_FORMAT, (1, STATE_VERSION), name, 'an FDM training state',
         '--resume takes a training-state-*.pt file written by this code', error=CheckpointError)
-    wrong = [key for key, kind in STATE_KEYS.items() if not isinstance(state.get(key), kind)]
-    if wrong:
-        raise CheckpointError(f'{name}: incomplete training state (no valid {", ".join(wrong)}); {REMEDY}')
+    error = _fields_error(state) or tree_error(state)
+    if error is not None:
+        raise CheckpointError(f'{name}: {error}; {REMEDY}')
     digest = state.pop('sha256', None)
     if state['version'] >= 2:
-        check_digest(digest, nested_digest(state), name, REMEDY, error=CheckpointError)
+        try:
+            actual = nested_digest(state)
+        except (TypeError, ValueError, RecursionError) as err:
+            raise CheckpointError(f'{name}: holds something other than plain data ({err}); {REMEDY}') from None
+        check_digest(digest, actual, name, REMEDY, error=CheckpointError)
     return state
+
+# The fields as the loop uses them: counters are ints in range and consistent; net and ema are
+# {name: tensor} of the same names and shapes; the optimizer is Adam's
+# {'state': {index: {name: tensor or number}}, 'param_groups': [{'params': [index, ...], ...}]}.
+def _fields_error(state):
+    wrong = [key for key, hi in COUNTER_LIMITS.items() if type(state.get(key)) is not int or not 0 <= state[key] < hi]
+    wrong += [key for key in ('net', 'ema', 'optimizer') if not isinstance(state.get(key), dict)]
+    if wrong:
+        return f'incomplete training state (no valid {", ".join(wrong)})'
+    if state['step'] > state['cur_nimg'] or state['tick_start_nimg'] > state['cur_nimg']:
+        return 'inconsistent counters (more steps than images, or a tick that starts after the last image)'
+    shapes = {}
+    for key in ('net', 'ema'):
+        if not all(isinstance(k, str) and isinstance(v, torch.Tensor) for k, v in state[key].items()):
+            return f'{key} is not a dict of named tensors'
+        shapes[key] = {k: v.shape for k, v in state[key].items()}
+    if shapes['net'] != shapes['ema']:
+        return 'net and ema differ in tensor names or shapes'
+    optimizer = state['optimizer']
+    groups, entries = optimizer.get('param_groups'), optimizer.get('state')
+    if set(optimizer) != {'state', 'param_groups'} or not isinstance(groups, list) or not isinstance(entries, dict):
+        return 'the optimizer state is not {"state": dict, "param_groups": list}'
+    if not all(isinstance(g, dict) and isinstance(g.get('params'), list) and all(type(i) is int for i in g['params'])
+            for g in groups):
+        return 'an optimizer parameter group has no list of parameter indices'
+    params = [i for g in groups for i in g['params']]
+    if len(set(params)) != len(params) or not all(0 <= i < len(state['net']) for i in params):
+        return 'the optimizer names a parameter twice or one the network does not have'
+    params = set(params)
+    if not all(i in params and isinstance(v, dict) and all(isinstance(k, str) and (isinstance(x, torch.Tensor)
+            or type(x) in (int, float)) for k, x in v.items()) for i, v in entries.items()):
+        return 'the optimizer state has an entry that is not {name: tensor or number} of a known parameter'
+    return None
 
 def save_training_state(path, **fields):
     state = dict(format=STATE_FORMAT, version=STATE_VERSION, **fields)

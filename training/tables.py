@@ -1,0 +1,540 @@
+"""The paper's tables from one command each: FID against training images, FID against NFE, and
+training curves.
+
+    python -m training.tables kimg RUN_DIR... --kimg=50000,100000,150000,200000 --ref=REF.npz --outdir=DIR
+    python -m training.tables nfe SNAPSHOT... --nfe=25,49,79 --solver=edm,dpm --ref=REF.npz --outdir=DIR
+    python -m training.tables curves RUN_DIR... --stat=Loss/loss --out=training-curves.png
+
+Each evaluation (one snapshot, sampler, seed range, detector and reference) is stored in
+OUTDIR/cache/ the moment it is done, keyed by the snapshot's SHA-256 and those settings, so a
+rerun computes only what is missing and a killed run loses at most the evaluation in progress.
+Under torchrun every evaluation is shared among the processes (as fid.py gen shares it) and
+rank 0 writes the files: results.md (the table in the paper's shape), results.json (every
+number with its provenance) and results.png (with matplotlib installed).
+"""
+
+import datetime
+import hashlib
+import json
+import math
+import os
+import re
+import time
+
+import click
+import torch
+import tqdm
+
+import dnnlib
+from fdm.checkpoint import CheckpointError, load_network_file
+from fdm.methods import METHODS, TITLES
+from fdm.samplers import sampler_nfe, sampler_settings
+from torch_utils import distributed as dist, precision as precision_lib
+from torch_utils.digits import WEIGHTS as DIGITS_WEIGHTS
+from torch_utils.download import download_cached, is_url
+from torch_utils.errors import UserError, one_line
+from torch_utils.feature_stats import check_dims, frechet_distance, load_stats, summarize
+from torch_utils.fileio import jsonable, write_json, atomic_write
+from training import evaluation, generation, plots
+
+class TableError(UserError):
+    """A problem with a table's runs, snapshots or options; the message says what to do."""
+
+SOLVER_TITLES = dict(edm='EDM Heun', dpm='DPM-Solver++', euler='Euler (EDM ablation)', heun='Heun (EDM ablation)')
+
+#----------------------------------------------------------------------------
+# Snapshots: which files a run holds, and each one checked before any evaluation starts.
+
+SNAPSHOT_NAME = re.compile(r'^network-snapshot-(\d+)\.(pt|pkl)$')
+CLASS_TO_PRECOND = {precond_class: name for name, (precond_class, _loss) in METHODS.items()}
+
+def file_sha256(path):
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for block in iter(lambda: f.read(1 << 20), b''):
+            h.update(block)
+    return h.hexdigest()
+
+def list_snapshots(run_dir):
+    """[(kimg from the file name, path)] of a run folder, oldest first; ours (.pt) before a
+    reference pickle (.pkl) of the same kimg."""
+    if not os.path.isdir(run_dir):
+        raise TableError(f'{run_dir}: no such run folder; give the folders train.py made')
+    found = {}
+    for name in sorted(os.listdir(run_dir), key=lambda n: n.endswith('.pt')):
+        m = SNAPSHOT_NAME.match(name)
+        if m:
+            found[int(m.group(1))] = os.path.join(run_dir, name)
+    if not found:
+        raise TableError(f'{run_dir}: no network-snapshot-*.pt or .pkl files; train longer or give another folder')
+    return sorted(found.items())
+
+def pick_snapshots(run_dir, targets, tolerance=0.05):
+    """{target kimg: path} of the snapshot nearest to each target, which must lie within
+    `tolerance` (relative) of it; targets None: every snapshot, keyed by its file name's kimg."""
+    snapshots = list_snapshots(run_dir)
+    if targets is None:
+        return {kimg: path for kimg, path in snapshots}
+    picked = {}
+    for target in targets:
+        kimg, path = min(snapshots, key=lambda s: abs(s[0] - target))
+        if abs(kimg - target) > tolerance * target:
+            raise TableError(f'{run_dir}: no snapshot within {tolerance:.0%} of {target:g} kimg (the nearest is '
+                f'{os.path.basename(path)}); drop that --kimg, raise --tolerance, or train longer')
+        picked[target] = path
+    return picked
+
+def inspect_snapshot(path):
+    """The snapshot read end to end (format, checksum, network) before any work is spent on it:
+    dict(path, sha256, kimg (images seen / 1000, where recorded), class_name, precond, title)."""
+    if not os.path.isfile(path):
+        raise TableError(f'{path}: no such snapshot file; give a network-snapshot-*.pt or .pkl')
+    try:
+        data = load_network_file(path, name=path)
+        sha256 = file_sha256(path)
+    except CheckpointError as err:
+        raise TableError(one_line(err)) from None
+    except OSError as err:
+        raise TableError(f'{path}: cannot be read ({err.strerror}); check the file and its permissions') from None
+    class_name = type(data['ema']).__name__
+    extra = data.get('extra') if isinstance(data.get('extra'), dict) else {}
+    m = SNAPSHOT_NAME.match(os.path.basename(path))
+    kimg = extra['cur_nimg'] / 1000 if isinstance(extra.get('cur_nimg'), int) else (int(m.group(1)) if m else None)
+    precond = CLASS_TO_PRECOND.get(class_name)
+    return dict(path=path, sha256=sha256, kimg=kimg, class_name=class_name, precond=precond,
+        title=TITLES.get(precond, class_name))
+
+# Column labels as the paper's tables name the methods; a repeated one gets its folder's or file's name.
+def unique_labels(titles, names):
+    return [f'{t} ({n})' if titles.count(t) > 1 else t for t, n in zip(titles, names)]
+
+#----------------------------------------------------------------------------
+# The result cache and the evaluation loop.
+
+def canonical(key):
+    """The key as it reads back from JSON (tuples as lists, infinities as strings)."""
+    return json.loads(json.dumps(jsonable(key), sort_keys=True))
+
+class ResultCache:
+    """One small JSON per finished evaluation, named by the SHA-256 of its key. `computed`
+    counts the results stored by this process."""
+    def __init__(self, folder):
+        self.folder, self.computed = folder, 0
+
+    def path(self, key):
+        return os.path.join(self.folder, hashlib.sha256(json.dumps(canonical(key), sort_keys=True).encode()).hexdigest() + '.json')
+
+    def get(self, key):
+        try:
+            with open(self.path(key), encoding='utf-8') as f:
+                record = json.load(f)
+        except (OSError, ValueError):
+            return None  # missing, or damaged by hand: computed again
+        return record if isinstance(record, dict) and record.get('key') == canonical(key) else None
+
+    def put(self, key, record):
+        os.makedirs(self.folder, exist_ok=True)
+        write_json(self.path(key), dict(record, key=canonical(key)))
+        self.computed += 1
+
+# Rank 0's list, so that every process runs the same evaluations even if they see the folder differently.
+def _broadcast(obj):
+    if dist.is_distributed():
+        holder = [obj]
+        torch.distributed.broadcast_object_list(holder, src=0)
+        return holder[0]
+    return obj
+
+def run_jobs(jobs, compute, cache, progress=True):
+    """The record of each job (dict with 'key' and 'images'): read from the cache, or
+    compute(job, advance) -> result dict, stored at once by rank 0. advance(n) moves the bar
+    (images, over the whole table) as the evaluation proceeds. Other ranks get None for the
+    cached jobs (only rank 0 writes the outputs)."""
+    rank = dist.get_rank()
+    records = [cache.get(job['key']) for job in jobs] if rank == 0 else [None] * len(jobs)
+    todo = _broadcast([i for i, record in enumerate(records) if record is None])
+    if rank == 0 and len(todo) < len(jobs):
+        print(f'{len(jobs) - len(todo)} of {len(jobs)} evaluations found in {cache.folder}', flush=True)
+    bar = tqdm.tqdm(total=sum(jobs[i]['images'] for i in todo), unit='img', disable=(rank != 0 or not progress),
+        dynamic_ncols=True)
+    try:
+        for i in todo:
+            left = [jobs[i]['images']]
+            def advance(n, left=left):
+                n = min(n, left[0])
+                left[0] -= n
+                bar.update(n)
+            start = time.time()
+            result = compute(jobs[i], advance)
+            advance(left[0])
+            records[i] = dict(result=result, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
+                seconds=round(time.time() - start, 3), world_size=dist.get_world_size(), key=canonical(jobs[i]['key']))
+            if rank == 0:
+                cache.put(jobs[i]['key'], records[i])
+    finally:
+        bar.close()
+    dist.barrier()
+    return records
+
+#----------------------------------------------------------------------------
+# FID evaluations: the detector and reference checked once, then fid.py gen's computation per job.
+
+def open_scoring(ref, detector=None):
+    """(detector, reference (mu, sigma), provenance of both), everything checked before any work."""
+    ref_stats = load_stats(ref)
+    det = evaluation.open_detector(detector)
+    check_dims(det, ref_stats[0], ref)
+    ref_file = download_cached(ref, verbose=False) if is_url(ref) else ref
+    spec = detector or 'nvidia'
+    det_file = DIGITS_WEIGHTS if spec == 'digits' else spec if os.path.isfile(spec) else None
+    info = dict(metric='FD-digits' if spec == 'digits' else 'FID', detector=spec, detector_name=det.name,
+        detector_sha256=file_sha256(det_file) if det_file else None, reference=ref, reference_sha256=file_sha256(ref_file))
+    return det, ref_stats, info
+
+class _CountingDetector:
+    """The detector, moving the table's progress bar by each batch it scores (times the number of
+    processes: rank 0 scores its share)."""
+    def __init__(self, detector, advance):
+        self.detector, self.advance = detector, advance
+
+    def __getattr__(self, name):
+        return getattr(self.detector, name)
+
+    def __call__(self, images):
+        self.advance(len(images) * dist.get_world_size())
+        return self.detector(images)
+
+def seed_ranges(seeds, protocol_num=None):
+    """The seed lists of one cell: `seeds`, or the protocol's 0..n-1, n..2n-1, 2n..3n-1."""
+    if protocol_num is not None:
+        return [list(range(k * protocol_num, (k + 1) * protocol_num)) for k in range(3)]
+    seeds = list(seeds)
+    if len(seeds) < 2:
+        raise TableError(f'--seeds gives {len(seeds)} image; an FID needs at least 2, e.g. --seeds=0-49999')
+    return [seeds]
+
+def sampler_of(solver, steps):
+    """(sampler name, kwargs, NFE) as generate.py and fid.py gen choose them for --solver/--steps."""
+    try:
+        name, kwargs, _ignored = generation.select_sampler(solver=solver, num_steps=steps)
+    except generation.GenerateError as err:
+        raise TableError(str(err)) from None
+    return name, kwargs, sampler_nfe(name, **kwargs)
+
+def steps_for_nfe(solver, nfe):
+    """The step count at which `solver` makes exactly `nfe` network evaluations per image: EDM
+    Heun 2N - 1 (its last step is Euler), DPM-Solver++ and Euler N."""
+    heun = sampler_of(solver, 2)[2] == 3  # two Heun steps cost three evaluations
+    steps = (nfe + 1) // 2 if heun else nfe
+    if sampler_of(solver, steps)[2] != nfe:
+        raise TableError(f'--nfe {nfe}: the {SOLVER_TITLES[solver]} sampler makes 2N-1 network evaluations with N '
+            f'steps, so only odd NFE are possible; use {nfe - 1} or {nfe + 1}')
+    return steps
+
+def fid_jobs(snapshot, solver, steps, ranges, info, batch, precision):
+    """One job per seed range: the settings that decide the FID form its key."""
+    name, kwargs, nfe = sampler_of(solver, steps)
+    jobs = []
+    for seeds in ranges:
+        key = dict(kind='fid', snapshot_sha256=snapshot['sha256'], solver=solver, sampler=name,
+            sampler_kwargs=sampler_settings(name, **kwargs), seeds=dnnlib.util.format_int_list(seeds), batch=batch,
+            precision=precision, detector=info['detector'], detector_sha256=info['detector_sha256'],
+            reference_sha256=info['reference_sha256'])
+        jobs.append(dict(key=key, images=len(seeds), seeds=seeds, snapshot=snapshot, solver=solver, num_steps=steps,
+            nfe=nfe))
+    return jobs
+
+def fid_compute(det, ref_stats, batch, precision):
+    """compute(job, advance) for run_jobs: exactly fid.py gen's images, features and distance."""
+    def compute(job, advance):
+        try:
+            net, sampler_name, sampler_kwargs = evaluation.open_generator(job['snapshot']['path'], det.device, precision,
+                solver=job['solver'], num_steps=job['num_steps'])
+        except UserError as err:
+            raise TableError(f"{job['snapshot']['path']}: {one_line(err)}") from None
+        mu, sigma = evaluation.generated_stats(net, sampler_name, sampler_kwargs, job['seeds'],
+            _CountingDetector(det, advance), batch=batch, precision=precision, progress=False)
+        return dict(fid=float(frechet_distance(mu, sigma, *ref_stats)))
+    return compute
+
+#----------------------------------------------------------------------------
+# Cells, tables and files.
+
+def markdown_table(row_title, columns, results, fmt='{:.2f}'):
+    """A Markdown table: one row per key of any results[column], one column per entry of `columns`;
+    a missing value is an empty cell."""
+    rows = sorted({row for column in columns for row in results.get(column, {})})
+    lines = [f'| {row_title} | ' + ' | '.join(columns) + ' |', '|---:|' + '---:|' * len(columns)]
+    for row in rows:
+        cells = [fmt.format(results[c][row]) if row in results.get(c, {}) else '' for c in columns]
+        lines.append(f'| {row:g} | ' + ' | '.join(cells) + ' |')
+    return '\n'.join(lines) + '\n'
+
+def fid_cell(jobs, records, info):
+    """One cell: its FID (the minimum over the protocol's three seed ranges) and where it came from."""
+    fids = [float(r['result']['fid']) for r in records]
+    job = jobs[0]
+    cell = dict(fid=min(fids), snapshot=job['snapshot']['path'], snapshot_sha256=job['snapshot']['sha256'],
+        snapshot_kimg=job['snapshot']['kimg'], network=job['snapshot']['class_name'], solver=job['solver'],
+        sampler_kwargs=job['key']['sampler_kwargs'], num_steps=job['num_steps'], nfe=job['nfe'],
+        seeds=[j['key']['seeds'] for j in jobs], num_images=[j['images'] for j in jobs], batch=job['key']['batch'],
+        precision=job['key']['precision'], **info, dates=[r['date'] for r in records],
+        seconds=[r['seconds'] for r in records], world_sizes=[r['world_size'] for r in records])
+    if len(fids) == 3:
+        lo, mean, std = summarize(fids)
+        cell.update(fids=fids, min=lo, mean=mean, std=std)
+    return cell
+
+def write_outputs(outdir, text, data, panels, xlabel, plot_size, dashed=()):
+    """results.md, results.json and (with matplotlib) results.png; returns the PNG's path, or None
+    after a one-line message saying what to install."""
+    atomic_write(os.path.join(outdir, 'results.md'), lambda f: f.write(text.encode('utf-8')))
+    write_json(os.path.join(outdir, 'results.json'), data)
+    png = os.path.join(outdir, 'results.png')
+    try:
+        plots.line_plots(panels, png, xlabel, size=plot_size, dashed=dashed)
+    except plots.PlotError as err:
+        print(f'results.png not drawn: {err}')
+        return None
+    return png
+
+def _evaluate_cells(cells, det, ref_stats, info, outdir, batch, precision, progress):
+    """{cell id: cell dict} of [(cell id, jobs)] through the cache in outdir (on rank 0; None elsewhere).
+    The folder is made only now, after every input has been checked."""
+    if dist.get_rank() == 0:
+        try:
+            os.makedirs(os.path.join(outdir, 'cache'), exist_ok=True)
+        except OSError as err:
+            raise TableError(f'cannot create --outdir {outdir} ({err.strerror}); choose a writable folder') from None
+    dist.barrier()
+    cache = ResultCache(os.path.join(outdir, 'cache'))
+    flat = [job for _cell_id, jobs in cells for job in jobs]
+    records = run_jobs(flat, fid_compute(det, ref_stats, batch, precision), cache, progress)
+    out, i = {}, 0
+    for cell_id, jobs in cells:
+        out[cell_id] = fid_cell(jobs, records[i:i + len(jobs)], info) if dist.get_rank() == 0 else None
+        i += len(jobs)
+    return out
+
+# The line above a table: what is measured, on how many images, against what.
+def _header(what, ranges, info, protocol):
+    images = f'{len(ranges[0])} images per FID'
+    seeds = ', '.join(dnnlib.util.format_int_list(s) for s in ranges)
+    rule = 'minimum over three seed ranges' if protocol else 'one seed range'
+    return (f'{what} (lower is better): {images} (seeds {seeds}; {rule}), detector {info["detector"]}, '
+        f'reference {info["reference"]}.\n\n')
+
+#----------------------------------------------------------------------------
+# The three tables.
+
+def fid_vs_training(runs, outdir, ref, kimg=None, seeds=range(50000), protocol_num=None, solver='edm', steps=18,
+        batch=64, precision='fp32', detector=None, tolerance=0.05, plot_size=(800, 500), progress=True):
+    """FID of the snapshots nearest to each training duration (kimg; None: every snapshot), one
+    column per run. Returns the results.json data."""
+    picked = [pick_snapshots(run, kimg, tolerance) for run in runs]
+    snaps = [{row: inspect_snapshot(path) for row, path in p.items()} for p in picked]
+    if kimg is None:  # every snapshot: rows are the images each one has seen
+        snaps = [{s['kimg']: s for s in per_run.values()} for per_run in snaps]
+    titles = [next(iter(s.values()))['title'] for s in snaps]
+    labels = unique_labels(titles, [os.path.basename(os.path.normpath(r)) for r in runs])
+    ranges = seed_ranges(seeds, protocol_num)
+    _name, _kwargs, nfe = sampler_of(solver, steps)
+    det, ref_stats, info = open_scoring(ref, detector)
+    cells = [((label, row), fid_jobs(snap, solver, steps, ranges, info, batch, precision))
+        for label, per_run in zip(labels, snaps) for row, snap in per_run.items()]
+    done = _evaluate_cells(cells, det, ref_stats, info, outdir, batch, precision, progress)
+    if dist.get_rank() != 0:
+        return None
+    rows = sorted({row for _label, row in done})
+    mimg = all(row >= 1000 for row in rows)
+    scale, unit = (1000, 'Mimg') if mimg else (1, 'kimg')
+    results = {label: {row / scale: cell['fid'] for (lab, row), cell in done.items() if lab == label} for label in labels}
+    text = (_header(f'{info["metric"]} against training images, {SOLVER_TITLES[solver]} sampler, {steps} steps = {nfe} NFE', ranges,
+        info, protocol_num) + markdown_table(f'Training images ({unit})', labels, results))
+    data = dict(table='fid-vs-training-images', unit=unit, columns=[dict(label=l, run=r, title=t)
+        for l, r, t in zip(labels, runs, titles)], rows=[row / scale for row in rows],
+        cells=[dict(column=label, row=row / scale, target_kimg=row, **cell) for (label, row), cell in done.items()])
+    dashed = [l for l, t in zip(labels, titles) if t.endswith('-FDM')]
+    png = write_outputs(outdir, text, data, [(info['metric'], {l: results[l].items() for l in labels})],
+        f'training images ({unit})', plot_size, dashed)
+    print(text, end='')
+    return dict(data, png=png)
+
+def fid_vs_nfe(networks, outdir, ref, nfe=(25, 49, 79), solvers=('edm', 'dpm'), seeds=range(50000), protocol_num=None,
+        batch=64, precision='fp32', detector=None, plot_size=(800, 500), progress=True):
+    """FID of each network at each NFE, one table per solver (rows NFE, columns networks)."""
+    steps = {(solver, n): steps_for_nfe(solver, n) for solver in solvers for n in nfe}
+    snaps = [inspect_snapshot(path) for path in networks]
+    labels = unique_labels([s['title'] for s in snaps], [os.path.basename(p) for p in networks])
+    ranges = seed_ranges(seeds, protocol_num)
+    det, ref_stats, info = open_scoring(ref, detector)
+    cells = [((solver, label, n), fid_jobs(snap, solver, steps[solver, n], ranges, info, batch, precision))
+        for solver in solvers for label, snap in zip(labels, snaps) for n in nfe]
+    done = _evaluate_cells(cells, det, ref_stats, info, outdir, batch, precision, progress)
+    if dist.get_rank() != 0:
+        return None
+    text = _header(f'{info["metric"]} against the number of network evaluations (NFE)', ranges, info, protocol_num)
+    panels = []
+    for solver in solvers:
+        results = {label: {n: done[solver, label, n]['fid'] for n in nfe} for label in labels}
+        counts = ', '.join(f'{n} NFE = {steps[solver, n]} steps' for n in nfe)
+        text += f'{SOLVER_TITLES[solver]} sampler ({counts}):\n\n' + markdown_table('NFE', labels, results) + '\n'
+        panels.append((f'{info["metric"]}, {SOLVER_TITLES[solver]}', {label: results[label].items() for label in labels}))
+    data = dict(table='fid-vs-nfe', solvers=list(solvers), nfe=list(nfe), columns=[dict(label=l, network=p, title=s['title'])
+        for l, p, s in zip(labels, networks, snaps)],
+        cells=[dict(column=label, row=n, **cell) for (_solver, label, n), cell in done.items()])
+    dashed = [l for l, s in zip(labels, snaps) if s['title'].endswith('-FDM')]
+    png = write_outputs(outdir, text, data, panels, 'network evaluations per image (NFE)', plot_size, dashed)
+    print(text, end='')
+    return dict(data, png=png)
+
+def read_stats(path):
+    """{kimg: entry} of a stats.jsonl: a line that a resume repeated counts once (the later one wins);
+    a last line cut short by a kill is skipped."""
+    try:
+        with open(path, 'rb') as f:
+            data = f.read()
+    except OSError as err:
+        raise TableError(f'{path}: cannot be read ({err.strerror}); give run folders that train.py wrote') from None
+    lines = data.split(b'\n')
+    if lines and lines[-1].strip():
+        lines = lines[:-1]  # a kill can leave half a line at the end
+    entries = {}
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            entry = json.loads(line)
+            entries[float(entry['Progress/kimg']['mean'])] = entry
+        except (ValueError, KeyError, TypeError):
+            raise TableError(f'{path}: line {number} is not a stats.jsonl entry of train.py; the file is damaged') from None
+    return entries
+
+# A statistic's value in one entry: the tick's mean (training_stats), or a plain number.
+def _stat_value(entry, stat):
+    value = entry.get(stat)
+    value = value.get('mean') if isinstance(value, dict) else value
+    return float(value) if isinstance(value, (int, float)) else None
+
+def _run_title(run_dir):
+    try:
+        with open(os.path.join(run_dir, 'training_options.json'), encoding='utf-8') as f:
+            class_name = json.load(f)['network_kwargs']['class_name']
+        return TITLES.get(CLASS_TO_PRECOND.get(class_name), class_name)
+    except (OSError, ValueError, KeyError, TypeError):
+        return os.path.basename(os.path.normpath(run_dir))
+
+def training_curves(runs, out, stats=('Loss/loss',), plot_size=(800, 500)):
+    """training-curves.png: each statistic of stats.jsonl against training images, runs overlaid."""
+    per_run = []
+    for run in runs:
+        if not os.path.isfile(os.path.join(run, 'stats.jsonl')):
+            raise TableError(f'{run}: no stats.jsonl; give run folders that train.py wrote')
+        per_run.append(read_stats(os.path.join(run, 'stats.jsonl')))
+    known = sorted({k for entries in per_run for e in entries.values() for k in e if _stat_value(e, k) is not None})
+    for stat in stats:
+        if stat not in known:
+            raise TableError(f'--stat {stat}: not in stats.jsonl; choose from {", ".join(known)}')
+    labels = unique_labels([_run_title(r) for r in runs], [os.path.basename(os.path.normpath(r)) for r in runs])
+    panels = [(stat, {label: [(k, _stat_value(e, stat)) for k, e in entries.items() if _stat_value(e, stat) is not None]
+        for label, entries in zip(labels, per_run)}) for stat in stats]
+    plots.line_plots(panels, out, 'training images (kimg)', size=plot_size,
+        dashed=[l for l in labels if l.split(' (')[0].endswith('-FDM')])
+    return labels
+
+#----------------------------------------------------------------------------
+# Command line: python -m training.tables kimg|nfe|curves ...
+
+def _run(fn, *args, **kwargs):
+    """Join torchrun's process group, run, and show the user's mistakes as one line."""
+    dist.init()
+    try:
+        return fn(*args, **kwargs)
+    except UserError as err:
+        raise click.ClickException(one_line(err)) from None
+    finally:
+        dist.shutdown()
+
+def _float_list(ctx, param, value):
+    if value is None or value == 'all':
+        return None
+    try:
+        out = [float(v) for v in value.split(',') if v.strip()]
+    except ValueError:
+        raise click.BadParameter(f'{value!r} is not "all" or a list of numbers like 50000,100000') from None
+    if not out or not all(math.isfinite(v) and v > 0 for v in out):
+        raise click.BadParameter(f'{value!r}: give positive numbers of kimg, e.g. 50000,100000')
+    return sorted(set(out))
+
+def _int_list(ctx, param, value):
+    try:
+        return sorted(set(dnnlib.util.parse_int_list(value, minimum=1, max_items=1000)))
+    except ValueError as err:
+        raise click.BadParameter(str(err)) from None
+
+def _solvers(ctx, param, value):
+    out = [s.strip() for s in value.split(',') if s.strip()]
+    wrong = [s for s in out if s not in SOLVER_TITLES]
+    if not out or wrong:
+        raise click.BadParameter(f'{value!r}: give solvers among {",".join(SOLVER_TITLES)}')
+    return out
+
+def _size(ctx, param, value):
+    m = re.fullmatch(r'(\d+)x(\d+)', value)
+    if not m or not all(64 <= int(v) <= 8000 for v in m.groups()):
+        raise click.BadParameter(f'{value!r}: give WIDTHxHEIGHT in pixels, each 64..8000, e.g. 800x500')
+    return int(m.group(1)), int(m.group(2))
+
+def _scoring_options(fn):
+    options = [
+        click.option('--ref', 'ref', help='Reference statistics (fid.py ref)', metavar='NPZ|URL', required=True),
+        click.option('--outdir', help='Where results.md/json/png and the cache go', metavar='DIR', required=True),
+        click.option('--seeds', help='Seeds of each FID', metavar='LIST', type=generation.parse_seeds, default='0-49999', show_default=True),
+        click.option('--protocol', 'protocol_num', help='Instead: three seed ranges of N images, minimum (and mean, std) as fid.py protocol', metavar='N', type=click.IntRange(min=2)),
+        click.option('--batch', help='Maximum batch size per GPU', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True),
+        click.option('--precision', help='Network precision while sampling', type=click.Choice(list(precision_lib.PRECISIONS)), default='fp32', show_default=True),
+        click.option('--detector', help='Feature detector as in fid.py: URL, path, "nvidia", "pytorch-fid" or "digits"', metavar='URL|PATH'),
+        click.option('--plot-size', 'plot_size', help='results.png size in pixels', metavar='WxH', callback=_size, default='800x500', show_default=True),
+    ]
+    for option in reversed(options):
+        fn = option(fn)
+    return fn
+
+@click.group()
+def main():
+    """The paper's tables: FID against training images, FID against NFE, training curves."""
+
+@main.command()
+@click.argument('runs', nargs=-1, required=True, metavar='RUN_DIR...')
+@click.option('--kimg', help='Training durations (kimg), or "all" snapshots', metavar='LIST|all', callback=_float_list, default='all', show_default=True)
+@click.option('--tolerance', help='Largest relative distance of a snapshot from its --kimg', metavar='FLOAT', type=click.FloatRange(min=0), default=0.05, show_default=True)
+@click.option('--solver', help='Sampler, as in generate.py', type=click.Choice(list(SOLVER_TITLES)), default='edm', show_default=True)
+@click.option('--steps', help='Sampling steps', metavar='INT', type=click.IntRange(min=1), default=18, show_default=True)
+@_scoring_options
+def kimg(runs, kimg, tolerance, solver, steps, **kwargs):
+    """FID against training images: one column per run, one row per duration."""
+    _run(fid_vs_training, list(runs), kimg=kimg, tolerance=tolerance, solver=solver, steps=steps, **kwargs)
+
+@main.command()
+@click.argument('networks', nargs=-1, required=True, metavar='SNAPSHOT...')
+@click.option('--nfe', help='Network evaluations per image', metavar='LIST', callback=_int_list, default='25,49,79', show_default=True)
+@click.option('--solver', 'solvers', help='Samplers, one table each', metavar='LIST', callback=_solvers, default='edm,dpm', show_default=True)
+@_scoring_options
+def nfe(networks, nfe, solvers, **kwargs):
+    """FID against NFE: one table per solver, one column per network, one row per NFE."""
+    _run(fid_vs_nfe, list(networks), nfe=nfe, solvers=solvers, **kwargs)
+
+@main.command()
+@click.argument('runs', nargs=-1, required=True, metavar='RUN_DIR...')
+@click.option('--stat', 'stats', help='Statistic of stats.jsonl (repeatable)', metavar='NAME', multiple=True, default=['Loss/loss'], show_default=True)
+@click.option('--out', help='The PNG to write', metavar='PNG', default='training-curves.png', show_default=True)
+@click.option('--plot-size', 'plot_size', help='Size in pixels', metavar='WxH', callback=_size, default='800x500', show_default=True)
+def curves(runs, stats, out, plot_size):
+    """Training curves: statistics of stats.jsonl against training images, runs overlaid."""
+    _run(training_curves, list(runs), out, stats=stats, plot_size=plot_size)
+    click.echo(f'Wrote {out}')
+
+if __name__ == '__main__':
+    main()
+
+#----------------------------------------------------------------------------

@@ -164,10 +164,21 @@ def test_options_json(nets, tmp_path):
     s = strict(tmp_path / 'f' / 'generate_options.json')
     assert s['solver'] == 'euler' and s['sampler'] == 'ablation' and s['nfe'] == 3 and s['sigma_max'] == 80  # clamped
 
+def test_make_grid_native_and_upscaled():
+    images = np.random.RandomState(0).randint(0, 256, [5, 4, 6, 1]).astype(np.uint8)
+    native = generation.make_grid(images, gw=2)
+    assert native.shape == (12, 12, 1) and np.array_equal(native[4:8, 6:12], images[3]) and not native[8:, 6:].any()
+    assert np.array_equal(generation.make_grid(images, gw=2, min_width=12), native)  # already wide enough
+    big = generation.make_grid(images, gw=2, min_width=25)  # 12 -> 36: the factor is 3
+    assert big.shape == (36, 36, 1) and np.array_equal(big[::3, ::3], native)
+
 def test_grid(nets, tmp_path):
     run('--network', nets['cond'], '--outdir', tmp_path / 'o', '--seeds', '0-4', '--steps', 2, '--grid', tmp_path / 'g.png')
-    grid = read_png(tmp_path / 'g.png')
-    assert grid.shape == (16, 24, 3)  # 3 columns, 2 rows
+    upscaled = read_png(tmp_path / 'g.png')
+    # 3 columns, 2 rows of 8x8, repeated 22 times (the smallest factor reaching 512 pixels wide).
+    assert upscaled.shape == (16 * 22, 24 * 22, 3)
+    grid = upscaled[::22, ::22]
+    assert np.array_equal(grid.repeat(22, axis=0).repeat(22, axis=1), upscaled)  # nearest: pixels only repeated
     images = read_images(tmp_path / 'o', range(5))
     for i, image in enumerate(images):
         y, x = divmod(i, 3)

@@ -62,11 +62,11 @@ def test_generate_checks_outputs_before_sampling(tmp_path, net_file, case):
     (tmp_path / 'file').write_text('x')
     (tmp_path / 'folder').mkdir()
     outdir, grid = tmp_path / 'out', tmp_path / 'g.png'
-    outdir, grid, fragment = dict(zip(['grid-below-file', 'grid-is-folder', 'outdir-below-file', 'outdir-is-file'], [
-        (outdir, tmp_path / 'file' / 'g.png', "--grid '.*' lies below"),
-        (outdir, tmp_path / 'folder', "--grid '.*folder' is a folder"),
-        (tmp_path / 'file' / 'out', grid, "--outdir '.*' lies below"),
-        (tmp_path / 'file', grid, "--outdir '.*file' is a file")]))[case]
+    outdir, grid, fragment = {
+        'grid-below-file': (outdir, tmp_path / 'file' / 'g.png', "--grid '.*' lies below"),
+        'grid-is-folder': (outdir, tmp_path / 'folder', "--grid '.*folder' is a folder"),
+        'outdir-below-file': (tmp_path / 'file' / 'out', grid, "--outdir '.*' lies below"),
+        'outdir-is-file': (tmp_path / 'file', grid, "--outdir '.*file' is a file")}[case]
     result = CliRunner().invoke(generate.main, ['--network', net_file, '--outdir', str(outdir), '--grid', str(grid),
         '--seeds', '0-1', '--steps', '2', '--device', 'cpu'])
     assert re.search(fragment, one_line_error(result)), result.output

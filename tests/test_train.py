@@ -36,7 +36,7 @@ def test_cli_one_tick_writes_every_file(tmp_path, tiny_zip):
     assert 'tick 0' in (run_dir / 'log.txt').read_text()
     net = fdm.load_network(run_dir / 'network-snapshot-000000.pt')
     assert type(net).__name__ == 'FDM_EDMPrecond' and net.label_dim == 4
-    assert PIL.Image.open(run_dir / 'samples-000000.png').size == (4 * 8, 8)
+    assert PIL.Image.open(run_dir / 'samples-000000.png').size == (4 * 8 * 16, 8 * 16)  # one column per class, x16 to 512 wide
 
 def test_resume_is_bit_exact(tmp_path, tiny_zip):
     # 6 steps straight, against 3 steps, then a resume for the other 3.

@@ -20,7 +20,7 @@ from torch_utils.inception import load_detector
 from training.dataset import ImageFolderDataset
 from training.dataset_sources import DIGITS_SOURCE
 from training.dataset_writer import convert_dataset
-from training.generation import make_grid, save_png, to_uint8
+from training.generation import GRID_MIN_WIDTH, make_grid, save_png, to_uint8
 from training.training_loop import training_loop
 
 RESOLUTION = 16
@@ -89,11 +89,11 @@ def evaluate(images, classes, ref, device='cpu'):
     fd = feature_stats.frechet_distance(mu, sigma, *feature_stats.load_stats(ref))
     return float(fd), digits.class_accuracy(images, classes, device=device)
 
-def save_grid(images, path):
-    """Grid PNG of `sample`'s images: one column per class, up to 10 rows."""
+def save_grid(images, path, min_width=GRID_MIN_WIDTH):
+    """Grid PNG of `sample`'s images: one column per class, up to 10 rows, upscaled to min_width."""
     rows = min(len(images) // 10, 10)
     order = [c + 10 * r for r in range(rows) for c in range(10)]  # seed = class + 10 * row
-    save_png(make_grid(to_uint8(images[order].to(torch.float32) / 127.5 - 1), 10), path)
+    save_png(make_grid(to_uint8(images[order].to(torch.float32) / 127.5 - 1), 10, min_width), path)
 
 def evaluate_snapshot(path, ref, per_class, device, num_steps=18):
     net = load_network(path, device=device)

@@ -118,9 +118,12 @@ def save_png(array, path):
     array = np.ascontiguousarray(array[:, :, 0] if array.shape[2] == 1 else array)
     atomic_write(path, lambda f: PIL.Image.fromarray(array).save(f, format='PNG'), durable=False)
 
-def make_grid(images, gw=None):
-    """uint8 images [N, H, W, C] -> one grid [gh H, gw W, C], row by row; gw columns (default:
-    a roughly square grid, ceil(sqrt(N)))."""
+GRID_MIN_WIDTH = 512  # grids of 16x16 or 32x32 samples are upscaled to at least this width to be judged by eye
+
+def make_grid(images, gw=None, min_width=0):
+    """uint8 images [N, H, W, C] -> one grid [k gh H, k gw W, C], row by row; gw columns (default:
+    a roughly square grid, ceil(sqrt(N))); k: the smallest whole factor, nearest-neighbour, that
+    makes it at least min_width wide (k = 1 keeps the native size). Pixels are only repeated."""
     n, h, w, c = images.shape
     gw = gw or math.ceil(math.sqrt(n))
     gh = math.ceil(n / gw)
@@ -128,7 +131,8 @@ def make_grid(images, gw=None):
     for i, image in enumerate(images):
         y, x = divmod(i, gw)
         grid[y * h:(y + 1) * h, x * w:(x + 1) * w] = image
-    return grid
+    k = max(1, math.ceil(min_width / grid.shape[1]))
+    return grid.repeat(k, axis=0).repeat(k, axis=1) if k > 1 else grid
 
 def save_images(images, batch_seeds, outdir, subdirs):
     """uint8 images [N, H, W, C] -> one PNG per seed."""
@@ -138,11 +142,11 @@ def save_images(images, batch_seeds, outdir, subdirs):
         save_png(image, path)
 
 # Read the saved images back (any rank may have written them) and tile them into one PNG.
-def save_grid(outdir, seeds, subdirs, path):
+def save_grid(outdir, seeds, subdirs, path, min_width=GRID_MIN_WIDTH):
     images = np.stack([np.asarray(PIL.Image.open(image_path(outdir, s, subdirs))) for s in seeds])
     images = images[..., None] if images.ndim == 3 else images  # grayscale -> [N, H, W, 1]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    save_png(make_grid(images), path)
+    save_png(make_grid(images, min_width=min_width), path)
 
 #----------------------------------------------------------------------------
 # Latents, labels and the per-step noise for one batch, in the reference's order: each

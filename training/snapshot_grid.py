@@ -6,14 +6,14 @@ import math
 import torch
 
 from fdm.samplers import edm_sampler
-from training.generation import make_grid, save_png, to_uint8
+from training.generation import GRID_MIN_WIDTH, make_grid, save_png, to_uint8
 
 #----------------------------------------------------------------------------
 
 @torch.no_grad()
-def save_sample_grid(path, net, num_images, device, num_steps=18, seed=0):
+def save_sample_grid(path, net, num_images, device, num_steps=18, seed=0, min_width=GRID_MIN_WIDTH):
     """Sample `num_images` from `net` (class i % label_dim for image i) and save a grid PNG with
-    one column per class (a square grid for unconditional nets)."""
+    one column per class (a square grid for unconditional nets), upscaled to min_width."""
     g = torch.Generator().manual_seed(seed)
     latents = torch.randn([num_images, net.img_channels, net.img_resolution, net.img_resolution], generator=g).to(device)
     labels = None
@@ -24,4 +24,4 @@ def save_sample_grid(path, net, num_images, device, num_steps=18, seed=0):
     randn_like = lambda x: torch.randn(x.shape, dtype=x.dtype, generator=g).to(x.device)
     images = edm_sampler(net, latents, labels, randn_like=randn_like, num_steps=num_steps)
     gw = net.label_dim if 0 < net.label_dim <= num_images else max(int(math.sqrt(num_images)), 1)
-    save_png(make_grid(to_uint8(images), gw), path)
+    save_png(make_grid(to_uint8(images), gw, min_width), path)

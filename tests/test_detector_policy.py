@@ -5,11 +5,11 @@ is the official NVIDIA file as downloaded over HTTPS and recorded in the cache."
 
 import io
 import json
-import os
 import pickle
 import warnings
 from typing import Tuple
 
+import PIL.Image
 import pytest
 import requests
 import torch
@@ -52,6 +52,7 @@ class WritesAtLoad(torch.nn.Module):
     def forward(self, x: torch.Tensor, return_features: bool = False) -> torch.Tensor:
         return x.to(torch.float32).flatten(1)[:, :4]
 
+# The archive torch.jit.save writes for a module.
 def torchscript_bytes(module):
     buf = io.BytesIO()
     with warnings.catch_warnings():  # torch.jit is deprecated; NVIDIA's detector is TorchScript nonetheless
@@ -67,6 +68,7 @@ class _PersistentRecordWriter:
     def __reduce__(self):
         return (torch_utils.persistence._reconstruct_persistent_obj, (self.meta,))
 
+# A detector pickle in the layout of NVIDIA's, with `archive` as its TorchScript.
 def nvidia_style_pickle(archive):
     meta = dict(type='class', version=6, class_name='InceptionWrapper', module_src='class InceptionWrapper: pass\n',
         state=dict(training=False, _modules={}, _parameters={}, detector=archive))
@@ -106,7 +108,6 @@ def test_cli_refuses_then_trusts(hostile, tmp_path):
     path, marker = hostile
     data = tmp_path / 'data'
     data.mkdir()
-    import PIL.Image
     for i in range(4):
         PIL.Image.new('RGB', (4, 4), (i * 40, 0, 0)).save(data / f'{i}.png')
     dest = tmp_path / 'ref.npz'
@@ -132,6 +133,7 @@ def test_builtin_list_trusts_by_content(hostile, monkeypatch):
 # replaced by a stand-in server; the "official" file is a hostile one, to see when it runs.
 
 class FakeResponse:
+    """What download_cached uses of a streamed requests response."""
     def __init__(self, body):
         self.body = body
 

@@ -12,6 +12,7 @@ import json
 import os
 import stat
 import types
+import warnings
 import zipfile
 
 import numpy as np
@@ -51,10 +52,14 @@ MAX_IMAGE_PIXELS = 89_478_485
 # `size` (width, height) when given.
 def read_image(open_file, use, what, error=DatasetError, size=None):
     try:
-        with open_file() as f, PIL.Image.open(f) as img:
-            width, height = img.size
-            if width * height <= MAX_IMAGE_PIXELS and (size is None or tuple(size) == img.size):
-                return use(img)
+        with open_file() as f:
+            with warnings.catch_warnings():
+                warnings.simplefilter('ignore', PIL.Image.DecompressionBombWarning)  # refused below instead
+                img = PIL.Image.open(f)
+            with img:
+                width, height = img.size
+                if width * height <= MAX_IMAGE_PIXELS and (size is None or tuple(size) == img.size):
+                    return use(img)
     except Exception as err:
         raise error(f'{what} ({describe_exception(err)}); replace or delete that file.') from None
     if size is not None and tuple(size) != (width, height):

@@ -26,6 +26,7 @@ from fdm.preconditioning import build_precond
 from torch_utils import distributed
 from torch_utils import precision as precision_lib
 from torch_utils.fileio import append_line
+from torch_utils.tensorboard import open_writer, write_stats
 from torch_utils.training_stats import StatsCollector
 from training.augment import AugmentPipe
 from training.config import ConfigError, batch_split
@@ -82,6 +83,7 @@ def training_loop(
     channels_last       = False,    # Keep the network and images in channels-last memory format?
     compile             = False,    # torch.compile the network: False, True or a mode ('reduce-overhead': CUDA graphs).
     data_on_device      = None,     # Keep the whole dataset on the device? None = on CUDA when it fits easily.
+    tensorboard         = False,    # Also write each tick's statistics to run_dir/runs for TensorBoard (rank 0)?
     max_steps           = None,     # Stop after this many optimizer steps of this process (tests, kill drills).
     dataset             = None,     # The dataset opened by setup_training_config, None = open dataset_kwargs here.
     resume              = None,     # The state read from resume_state by setup_training_config, None = read it here.
@@ -128,37 +130,42 @@ def training_loop(
     tick_start_time = time.time()
     maintenance_time = tick_start_time - start_time
     process_steps = 0
-    while True:
-        # One optimizer step; all randomness of this step comes from (seed, rank, step).
-        torch.manual_seed(step_seed(seed, rank, progress.step))
-        lr = learning_rate(optimizer_kwargs['lr'], progress.cur_nimg, lr_rampup_kimg)
-        optimizer_step(net, model, optimizer, loss_fn, next_batch, stats, step=progress.step, lr=lr,
-            num_rounds=num_accumulation_rounds, batch_gpu_total=batch_size // world, device=device,
-            ddp=(ddp if ddp is not net else None), augment_pipe=augment_pipe, precision=precision,
-            memory_format=memory_format, loss_scaling=loss_scaling)
-        if process_steps == 0:
-            _after_first_step(net, ddp, compile, device, tick_start_time)
-        update_ema(ema.parameters(), net.parameters(),
-            ema_beta(batch_size, progress.cur_nimg, ema_halflife_kimg, ema_rampup_ratio))
-        progress.cur_nimg += batch_size
-        progress.step += 1
-        process_steps += 1
-        done = progress.cur_nimg >= total_nimg or (max_steps is not None and process_steps >= max_steps)
+    board = open_writer(os.path.join(run_dir, 'runs')) if tensorboard and rank == 0 else None
+    try:
+        while True:
+            # One optimizer step; all randomness of this step comes from (seed, rank, step).
+            torch.manual_seed(step_seed(seed, rank, progress.step))
+            lr = learning_rate(optimizer_kwargs['lr'], progress.cur_nimg, lr_rampup_kimg)
+            optimizer_step(net, model, optimizer, loss_fn, next_batch, stats, step=progress.step, lr=lr,
+                num_rounds=num_accumulation_rounds, batch_gpu_total=batch_size // world, device=device,
+                ddp=(ddp if ddp is not net else None), augment_pipe=augment_pipe, precision=precision,
+                memory_format=memory_format, loss_scaling=loss_scaling)
+            if process_steps == 0:
+                _after_first_step(net, ddp, compile, device, tick_start_time)
+            update_ema(ema.parameters(), net.parameters(),
+                ema_beta(batch_size, progress.cur_nimg, ema_halflife_kimg, ema_rampup_ratio))
+            progress.cur_nimg += batch_size
+            progress.step += 1
+            process_steps += 1
+            done = progress.cur_nimg >= total_nimg or (max_steps is not None and process_steps >= max_steps)
 
-        # Maintenance once per tick.
-        if not done and progress.cur_tick != 0 and progress.cur_nimg < progress.tick_start_nimg + kimg_per_tick * 1000:
-            continue
-        tick_end_time = time.time()
-        _report_tick(run_dir, stats, progress, lr, total_nimg, device, start_time, tick_start_time, tick_end_time,
-            maintenance_time)
-        _save(run_dir, progress, done, snapshot_ticks, state_dump_ticks, grid_images, net, ema, optimizer, loss_fn,
-            augment_pipe, dataset_kwargs, seed, device)
-        progress.cur_tick += 1
-        progress.tick_start_nimg = progress.cur_nimg
-        tick_start_time = time.time()
-        maintenance_time = tick_start_time - tick_end_time
-        if done:
-            break
+            # Maintenance once per tick.
+            if not done and progress.cur_tick != 0 and progress.cur_nimg < progress.tick_start_nimg + kimg_per_tick * 1000:
+                continue
+            tick_end_time = time.time()
+            _report_tick(run_dir, stats, progress, lr, total_nimg, device, start_time, tick_start_time, tick_end_time,
+                maintenance_time, board)
+            _save(run_dir, progress, done, snapshot_ticks, state_dump_ticks, grid_images, net, ema, optimizer, loss_fn,
+                augment_pipe, dataset_kwargs, seed, device)
+            progress.cur_tick += 1
+            progress.tick_start_nimg = progress.cur_nimg
+            tick_start_time = time.time()
+            maintenance_time = tick_start_time - tick_end_time
+            if done:
+                break
+    finally:
+        if board is not None:
+            board.close()
 
     distributed.print0('Exiting...')
     return dict(net=net, ema=ema, cur_nimg=progress.cur_nimg, step=progress.step)
@@ -252,7 +259,7 @@ def _after_first_step(net, ddp, compile, device, start):
 # Once per tick: the progress line, a stats.jsonl entry, snapshot and training state.
 
 def _report_tick(run_dir, stats, progress, lr, total_nimg, device, start_time, tick_start_time, tick_end_time,
-        maintenance_time):
+        maintenance_time, board=None):
     world = distributed.get_world_size()
     results = stats.collect()
     nonfinite_tick = int(round(results['Train/nonfinite_grads']['mean'] * results['Train/nonfinite_grads']['num'] / world))
@@ -281,6 +288,8 @@ def _report_tick(run_dir, stats, progress, lr, total_nimg, device, start_time, t
         # Appended, one whole line per tick (a full disk stops the run, the file unchanged); a kill
         # leaves at most half a line, which train.py clears on resume.
         append_line(os.path.join(run_dir, 'stats.jsonl'), json.dumps(entry) + '\n')
+        if board is not None:
+            write_stats(board, entry, progress.cur_nimg)
 
 # The snapshot holds the EMA network; the state, written after the tick, makes the resumed run
 # start a new tick exactly where this one ended.

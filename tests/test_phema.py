@@ -54,7 +54,7 @@ def test_reconstruction_equals_a_directly_tracked_ema():
         if step % 200 == 0:
             snapshots += [((gamma, t), {k: v.clone() for k, v in ema.items()}) for gamma, ema in zip(stored.gammas, stored.emas)]
     weights = solve_weights([profile for profile, _ in snapshots], (target.gammas[0], steps * batch))
-    rebuilt = combine([sd for _, sd in snapshots], weights)
+    rebuilt = combine(zip([sd for _, sd in snapshots], weights))
     error = (rebuilt['w'] - target.emas[0]['w']).abs().max().item()
     between = (target.emas[0]['w'] - stored.emas[1]['w']).abs().max().item()
     # Measured: error 1.4e-4 against 0.21 between the 0.07 and 0.10 EMAs (the continuous profile

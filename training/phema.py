@@ -8,8 +8,16 @@ profile's standard deviation relative to t, sigma_rel (Eq. 3). Time is counted i
 so the update is theta_hat <- beta theta_hat + (1 - beta) theta with beta = (1 - batch / t)^(gamma + 1).
 """
 
+import copy
+import os
+import re
+
+import click
 import numpy as np
 import torch
+
+from fdm.checkpoint import load_network_file, save_snapshot
+from torch_utils.errors import UserError, one_line
 
 #----------------------------------------------------------------------------
 # sigma_rel <-> gamma (Eq. 3): sigma_rel^2 = (gamma + 1) / ((gamma + 2)^2 (gamma + 3)).
@@ -59,19 +67,18 @@ def solve_weights(stored, target):
     x, *_ = np.linalg.lstsq(A, b, rcond=None)
     return x
 
-def combine(state_dicts, weights):
-    """sum_i x_i theta_i of state dicts with the same keys (float64 accumulation; floating
-    tensors come back in their own dtype, other tensors are taken from the last, the newest)."""
-    out = {}
-    for name, first in state_dicts[0].items():
-        if not torch.is_floating_point(first):
-            out[name] = state_dicts[-1][name].clone()
-            continue
-        acc = torch.zeros(first.shape, dtype=torch.float64)
-        for sd, x in zip(state_dicts, weights):
-            acc += float(x) * sd[name].to(torch.float64)
-        out[name] = acc.to(first.dtype)
-    return out
+def combine(pairs):
+    """sum_i x_i theta_i over (state dict, x_i) pairs with the same keys, streamed (one state dict in
+    memory at a time); float64 accumulation, floating tensors come back in their own dtype, other
+    tensors (integer buffers) are taken from the last pair, the newest."""
+    acc, last = None, None
+    for sd, x in pairs:
+        if acc is None:
+            acc = {k: torch.zeros(v.shape, dtype=torch.float64) for k, v in sd.items() if torch.is_floating_point(v)}
+        for k in acc:
+            acc[k] += float(x) * sd[k].detach().cpu().to(torch.float64)
+        last = sd
+    return {k: acc[k].to(v.dtype) if k in acc else v.detach().cpu().clone() for k, v in last.items()}
 
 #----------------------------------------------------------------------------
 # The tracked EMAs during training.
@@ -104,3 +111,69 @@ class PowerEMAs:
         for ema, stored in zip(self.emas, state['emas']):
             for k, v in ema.items():
                 v.copy_(stored[k])
+
+#----------------------------------------------------------------------------
+# Files: with each network snapshot, one snapshot per tracked std, an ordinary network file
+# whose 'extra' says which profile it holds.
+
+PHEMA_NAME = re.compile(r'^phema-(\d+)-(\d+\.\d+)\.pt$')
+
+def save_phema_snapshots(run_dir, kimg_name, phema, ema, cur_nimg, **snapshot_kwargs):
+    module = copy.deepcopy(ema)
+    for std, gamma, state in zip(phema.stds, phema.gammas, phema.emas):
+        module.load_state_dict(state)
+        save_snapshot(os.path.join(run_dir, f'phema-{kimg_name}-{std:.3f}.pt'), module,
+            extra=dict(phema=dict(std=std, gamma=gamma, cur_nimg=int(cur_nimg))), **snapshot_kwargs)
+
+def reconstruct(run_dir, std, out, kimg=None, log=print):
+    """Write to `out` the snapshot of the power-function EMA of relative std `std` at `kimg` (default:
+    the newest stored profiles), as the least-squares combination of the stored ones up to then."""
+    paths = sorted(os.path.join(run_dir, name) for name in os.listdir(run_dir) if PHEMA_NAME.match(name)) \
+        if os.path.isdir(run_dir) else []
+    if not paths:
+        raise UserError(f'{run_dir}: no phema-*.pt snapshots; train with --phema-std to store post-hoc EMA profiles')
+    profiles = []
+    for path in paths:  # first pass: which profile each file holds
+        info = (load_network_file(path).get('extra') or {}).get('phema')
+        if not isinstance(info, dict) or not {'gamma', 'cur_nimg'} <= set(info):
+            raise UserError(f'{path}: not a post-hoc EMA snapshot (no profile in its description); remove it from {run_dir}')
+        profiles.append((float(info['gamma']), float(info['cur_nimg'])))
+    t_r = max(t for _, t in profiles) if kimg is None else kimg * 1000
+    used = [(path, profile) for path, profile in zip(paths, profiles) if profile[1] <= t_r]
+    if not used:
+        raise UserError(f'no post-hoc EMA profile stored at or before {kimg} kimg in {run_dir}')
+    try:
+        gamma_r = gamma_from_std(std)
+    except ValueError as err:
+        raise UserError(str(err)) from None
+    weights = solve_weights([profile for _, profile in used], (gamma_r, t_r))
+    log(f'Combining {len(used)} stored profiles into sigma_rel {std:g} (gamma {gamma_r:.3f}) at {t_r / 1000:g} kimg...')
+    last = load_network_file(used[-1][0])
+    state = combine((load_network_file(path)['ema'].state_dict(), x) for (path, _), x in zip(used, weights))
+    last['ema'].load_state_dict(state)
+    save_snapshot(out, last['ema'], loss_fn=last['loss_fn'], augment_pipe=last['augment_pipe'],
+        dataset_kwargs=last['dataset_kwargs'], extra=dict(phema_reconstruction=dict(std=std, gamma=gamma_r,
+        cur_nimg=t_r, sources=[os.path.basename(p) for p, _ in used], weights=[float(x) for x in weights])))
+    return weights
+
+#----------------------------------------------------------------------------
+
+@click.command()
+@click.option('--run', 'run_dir', help='Run directory with phema-*.pt snapshots', metavar='DIR', required=True)
+@click.option('--std', help='Relative std of the EMA to build, e.g. 0.07', metavar='FLOAT', type=float, required=True)
+@click.option('--kimg', help='Training time of the EMA  [default: the newest snapshot]', metavar='KIMG', type=float)
+@click.option('--out', help='Network snapshot to write', metavar='PT', required=True)
+def main(run_dir, std, kimg, out):
+    """Post-hoc EMA: build the EMA of any length from the profiles stored by train.py --phema-std.
+
+    \b
+    python -m training.phema --run=training-runs/00000-... --std=0.07 --out=network-phema-0.070.pt
+    """
+    try:
+        reconstruct(run_dir, std, out, kimg=kimg, log=click.echo)
+    except UserError as err:
+        raise click.ClickException(one_line(err)) from None
+    click.echo(f'Wrote {out}')
+
+if __name__ == '__main__':
+    main()

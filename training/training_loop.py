@@ -31,6 +31,7 @@ from torch_utils.training_stats import StatsCollector
 from training.augment import AugmentPipe
 from training.config import ConfigError, batch_split
 from training.dataset import DeviceBatches, ImageFolderDataset, InfiniteSampler, dataset_nbytes
+from training.phema import PowerEMAs, save_phema_snapshots
 from training.snapshot_grid import save_sample_grid
 from training.train_step import (ema_beta, flatten_gradients, learning_rate, make_optimizer, optimizer_step, step_seed,
     update_ema)
@@ -84,6 +85,7 @@ def training_loop(
     compile             = False,    # torch.compile the network: False, True or a mode ('reduce-overhead': CUDA graphs).
     data_on_device      = None,     # Keep the whole dataset on the device? None = on CUDA when it fits easily.
     tensorboard         = False,    # Also write each tick's statistics to run_dir/runs for TensorBoard (rank 0)?
+    phema_stds          = None,     # Post-hoc EMA (EDM2): relative stds of the power-function EMAs to keep, None = off.
     max_steps           = None,     # Stop after this many optimizer steps of this process (tests, kill drills).
     dataset             = None,     # The dataset opened by setup_training_config, None = open dataset_kwargs here.
     resume              = None,     # The state read from resume_state by setup_training_config, None = read it here.
@@ -113,8 +115,9 @@ def training_loop(
     if transfer is not None:
         _transfer_weights(net, ema, transfer, transferred)
         ema_rampup_ratio = None  # transferred weights are already good: no EMA warm-up
+    phema = PowerEMAs(net, phema_stds) if phema_stds else None
     if resume is not None:
-        _restore(net, ema, optimizer, resume, resume_state, seed)
+        _restore(net, ema, optimizer, resume, resume_state, seed, phema)
     ddp, model = _wrap(net, device, compile)
 
     stats = StatsCollector(device)
@@ -144,6 +147,8 @@ def training_loop(
                 _after_first_step(net, ddp, compile, device, tick_start_time)
             update_ema(ema.parameters(), net.parameters(),
                 ema_beta(batch_size, progress.cur_nimg, ema_halflife_kimg, ema_rampup_ratio))
+            if phema is not None:
+                phema.update(net, progress.cur_nimg + batch_size, batch_size)
             progress.cur_nimg += batch_size
             progress.step += 1
             process_steps += 1
@@ -156,7 +161,7 @@ def training_loop(
             _report_tick(run_dir, stats, progress, lr, total_nimg, device, start_time, tick_start_time, tick_end_time,
                 maintenance_time, board)
             _save(run_dir, progress, done, snapshot_ticks, state_dump_ticks, grid_images, net, ema, optimizer, loss_fn,
-                augment_pipe, dataset_kwargs, seed, device)
+                augment_pipe, dataset_kwargs, seed, device, phema)
             progress.cur_tick += 1
             progress.tick_start_nimg = progress.cur_nimg
             tick_start_time = time.time()
@@ -219,7 +224,7 @@ def _transfer_weights(net, ema, transfer, weights=None):
     ema.load_state_dict(net.state_dict())
 
 # --resume: network, EMA and Adam as the state file has them (its counters are in Progress).
-def _restore(net, ema, optimizer, state, path, seed):
+def _restore(net, ema, optimizer, state, path, seed, phema=None):
     name = os.path.basename(path)
     distributed.print0(f'Resuming from "{path}" ({state["cur_nimg"]} images seen)...')
     if state['seed'] != seed:
@@ -229,6 +234,11 @@ def _restore(net, ema, optimizer, state, path, seed):
         net.load_state_dict(state['net'])
         ema.load_state_dict(state['ema'])
         optimizer.load_state_dict(state['optimizer'])
+        if phema is not None:
+            if state.get('phema') is None:
+                raise CheckpointError(f'{name} was written without --phema-std, so the post-hoc EMA profiles since '
+                    'the start cannot be recovered; resume without --phema-std, or start a new run')
+            phema.load_state_dict(state['phema'])
     except (RuntimeError, ValueError, KeyError, TypeError) as err:
         raise CheckpointError(f'{name} does not fit the configured network '
             f'({str(err).strip().splitlines()[0][:200]}); resume with the options of the run that wrote it') from None
@@ -294,7 +304,7 @@ def _report_tick(run_dir, stats, progress, lr, total_nimg, device, start_time, t
 # The snapshot holds the EMA network; the state, written after the tick, makes the resumed run
 # start a new tick exactly where this one ended.
 def _save(run_dir, progress, done, snapshot_ticks, state_dump_ticks, grid_images, net, ema, optimizer, loss_fn,
-        augment_pipe, dataset_kwargs, seed, device):
+        augment_pipe, dataset_kwargs, seed, device, phema=None):
     rank, tick = distributed.get_rank(), progress.cur_tick
     kimg_name = f'{progress.cur_nimg // 1000:06d}'
     if snapshot_ticks is not None and (done or tick % snapshot_ticks == 0):
@@ -305,11 +315,14 @@ def _save(run_dir, progress, done, snapshot_ticks, state_dump_ticks, grid_images
                 extra=dict(cur_nimg=progress.cur_nimg, step=progress.step))
             if grid_images:
                 save_sample_grid(os.path.join(run_dir, f'samples-{kimg_name}.png'), ema, grid_images, device)
+            if phema is not None:
+                save_phema_snapshots(run_dir, kimg_name, phema, ema, progress.cur_nimg, loss_fn=loss_fn,
+                    augment_pipe=augment_pipe, dataset_kwargs=dataset_kwargs)
     if state_dump_ticks is not None and (done or (tick % state_dump_ticks == 0 and tick != 0)) and rank == 0:
         save_training_state(os.path.join(run_dir, f'training-state-{kimg_name}.pt'), cur_nimg=progress.cur_nimg,
             step=progress.step, cur_tick=tick + 1, tick_start_nimg=progress.cur_nimg,
             nonfinite_total=progress.nonfinite_total, seed=seed, net=net.state_dict(), ema=ema.state_dict(),
-            optimizer=optimizer.state_dict())
+            optimizer=optimizer.state_dict(), **(dict(phema=phema.state_dict()) if phema is not None else {}))
     distributed.barrier()
 
 #----------------------------------------------------------------------------

@@ -7,6 +7,7 @@ range is therefore a `Range`, checked by `Range.check` in the library and by the
 """
 
 import math
+import numbers
 
 import click
 
@@ -42,7 +43,7 @@ class Range:
     def problem(self, value):
         """None if `value` is valid, else why not (one phrase)."""
         kind = 'an integer' if self.integer else ('a number' if self.allow_inf else 'a finite number')
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or (self.integer and not float(value).is_integer()):
+        if isinstance(value, bool) or not isinstance(value, numbers.Real) or (self.integer and not float(value).is_integer()):
             return f'{value!r} is not {kind} in the range {self.describe()}'
         if math.isnan(value) or (math.isinf(value) and not self.allow_inf):
             return f'{value} is not {kind} in the range {self.describe()}'

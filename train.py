@@ -78,6 +78,8 @@ def _number(name):
 @click.option('--snap', help='How often to save snapshots', metavar='TICKS', type=_number('snap'), default=200, show_default=True)
 @click.option('--dump', help='How often to dump state', metavar='TICKS', type=_number('dump'), default=500, show_default=True)
 @click.option('--grid-images', help='Sample grid PNG size per snapshot (0 = none)', metavar='INT', type=_number('grid_images'), default=64, show_default=True)
+@click.option('--phema-std', 'phema_std', help='Post-hoc EMA: relative stds of the EMA profiles to store (EDM2: 0.050,0.100)  [default: off]', metavar='LIST', type=str)
+@click.option('--tensorboard', help='Also write the statistics of each tick to <run>/runs for TensorBoard', is_flag=True)
 @click.option('--seed', help='Random seed  [default: random]', metavar='INT', type=_number('seed'))
 @click.option('--transfer', help='Transfer learning from network file', metavar='PT|PKL|URL', type=str)
 @click.option('--resume', help='Resume from training state file or run directory', metavar='PT|DIR', type=str)

@@ -1,6 +1,8 @@
 """Post-hoc EMA (training/phema.py): the std <-> exponent map, the least-squares weights against a
 hand computation, and a reconstruction against an EMA tracked directly."""
 
+import os
+
 import numpy as np
 import pytest
 import torch
@@ -74,3 +76,55 @@ def test_state_round_trip_and_mismatch():
     assert all(torch.equal(a[k], b[k]) for a, b in zip(again.emas, emas.emas) for k in a)
     with pytest.raises(ValueError, match='stds'):
         PowerEMAs(Weights(), [0.07]).load_state_dict(emas.state_dict())
+
+#----------------------------------------------------------------------------
+# In the training loop: stored with each snapshot, kept in the training state (a resumed run
+# continues the profiles bit for bit), and rebuilt by the reconstruction command.
+
+def test_training_resume_and_reconstruction(tmp_path, tiny_zip, one_thread):
+    from fdm import load_network
+    from train_helpers import loop_config
+    from training.phema import reconstruct
+    from training.training_loop import training_loop
+    from training.training_state import load_training_state
+    stds = [0.05, 0.10]
+    for name in ('a', 'b1', 'b2'):
+        os.makedirs(tmp_path / name)
+    training_loop(run_dir=str(tmp_path / 'a'), **loop_config(tiny_zip, total_kimg=0.048), phema_stds=stds)
+    training_loop(run_dir=str(tmp_path / 'b1'), **loop_config(tiny_zip, total_kimg=0.024), phema_stds=stds)
+    training_loop(run_dir=str(tmp_path / 'b2'), **loop_config(tiny_zip, total_kimg=0.048,
+        resume_state=str(tmp_path / 'b1')), phema_stds=stds)
+    straight = load_training_state(str(tmp_path / 'a' / 'training-state-000000.pt'))
+    resumed = load_training_state(str(tmp_path / 'b2' / 'training-state-000000.pt'))
+    assert straight['cur_nimg'] == resumed['cur_nimg'] == 48 and straight['phema']['stds'] == stds
+    for a, b in zip(straight['phema']['emas'], resumed['phema']['emas']):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # The two profiles differ from each other and from the plain EMA: the comparison means something.
+    key = 'model.enc.8x8_conv.weight'
+    assert not torch.equal(straight['phema']['emas'][0][key], straight['phema']['emas'][1][key])
+    assert not torch.equal(straight['phema']['emas'][0][key], straight['ema'][key])
+
+    # A stored profile is rebuilt as itself (weights 0 and 1), and the result is an ordinary snapshot.
+    out = tmp_path / 'phema-0.100.pt'
+    weights = reconstruct(str(tmp_path / 'a'), 0.10, str(out), log=lambda *args: None)
+    assert weights == pytest.approx([0, 1], abs=1e-6)
+    rebuilt, stored = load_network(out), load_network(tmp_path / 'a' / 'phema-000000-0.100.pt')
+    for (k, x), (_, y) in zip(rebuilt.state_dict().items(), stored.state_dict().items()):
+        assert torch.allclose(x, y, rtol=0, atol=1e-6), k
+
+def test_resume_without_stored_profiles_is_refused(tmp_path, tiny_zip, one_thread):
+    from fdm.checkpoint import CheckpointError
+    from train_helpers import loop_config
+    from training.training_loop import training_loop
+    os.makedirs(tmp_path / 'a')
+    training_loop(run_dir=str(tmp_path / 'a'), **loop_config(tiny_zip, total_kimg=0.016))
+    with pytest.raises(CheckpointError, match='without --phema-std'):
+        training_loop(run_dir=str(tmp_path / 'a'), **loop_config(tiny_zip, total_kimg=0.032,
+            resume_state=str(tmp_path / 'a')), phema_stds=[0.05])
+
+def test_reconstruction_errors_are_one_line(tmp_path):
+    from click.testing import CliRunner
+    from training.phema import main
+    result = CliRunner().invoke(main, ['--run', str(tmp_path), '--std', '0.07', '--out', str(tmp_path / 'x.pt')])
+    assert result.exit_code == 1 and 'no phema-*.pt snapshots' in result.output and 'Traceback' not in result.output
+    assert not os.path.exists(tmp_path / 'x.pt')

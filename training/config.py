@@ -23,6 +23,7 @@ from torch_utils.errors import UserError
 from torch_utils.options import Range, check_options
 from training.dataset import DatasetError, ImageFolderDataset
 from training.networks import ARCH_PRESETS
+from training.phema import gamma_from_std
 from training.starting_point import check_resume_seed, read_transfer
 from training.training_state import find_resume_state
 
@@ -51,7 +52,8 @@ def setup_training_config(data, outdir='training-runs', cond=False, arch='ddpmpp
         batch=512, batch_gpu=None, cbase=None, cres=None, lr=10e-4, ema=0.5, dropout=0.13, augment=0.12, xflip=False,
         fp16=False, ls=1, bench=True, cache=True, workers=8, desc=None, nosubdir=False, tick=50, snap=200, dump=500,
         seed=None, transfer=None, resume=None, lr_rampup=10, warmup_ite=None, fdm_multiplier=2.0,
-        grid_images=64, precision='fp32', compile=False, compile_mode=None, channels_last=False, data_on_device='auto', world_size=1, explicit=()):
+        grid_images=64, precision='fp32', compile=False, compile_mode=None, channels_last=False, data_on_device='auto',
+        phema_std=None, tensorboard=False, world_size=1, explicit=()):
     """Returns (config for training_loop, run). run: outdir, desc and nosubdir of the run directory,
     and what the config read, for the loop: the opened `dataset`, the verified resume `state` and
     the `transferred` weights (None when not given). `explicit`: the options the user set."""
@@ -130,6 +132,12 @@ def setup_training_config(data, outdir='training-runs', cond=False, arch='ddpmpp
     c.snapshot_ticks = snap
     c.state_dump_ticks = dump
     c.grid_images = grid_images
+    # Post-hoc EMA profiles (EDM2's pair is 0.050,0.100) and the live TensorBoard view: both off by
+    # default, and then absent from the config, which stays as it was.
+    if phema_std:
+        c.phema_stds = parse_phema_stds(phema_std)
+    if tensorboard:
+        c.tensorboard = True
     c.seed = seed
     batch_split(batch, batch_gpu, world_size)
 
@@ -159,6 +167,21 @@ def setup_training_config(data, outdir='training-runs', cond=False, arch='ddpmpp
 
 #----------------------------------------------------------------------------
 # --cres: positive integers, at most MAX_LIST_ITEMS of them (ValueError otherwise).
+
+def parse_phema_stds(s):
+    """--phema-std: relative stds such as '0.050,0.100' (or a list), each in (0, 0.2887] (training/phema.py)."""
+    try:
+        stds = [float(part) for part in (s.split(',') if isinstance(s, str) else s) if str(part).strip()]
+    except (TypeError, ValueError):
+        raise ConfigError(f'--phema-std={s!r} is not a list of numbers such as 0.050,0.100') from None
+    if not stds or len(stds) > 8 or len({f'{std:.3f}' for std in stds}) != len(stds):
+        raise ConfigError(f'--phema-std={s!r}: give one to eight different relative stds (to 3 decimals), such as 0.050,0.100')
+    for std in stds:
+        try:
+            gamma_from_std(std)
+        except ValueError as err:
+            raise ConfigError(f'--phema-std: {err}') from None
+    return stds
 
 def parse_cres(s):
     return dnnlib.util.parse_int_list(s, minimum=1, max_items=MAX_LIST_ITEMS,

@@ -14,7 +14,7 @@ import click
 from torch_utils import distributed, precision as precision_lib
 from torch_utils.compile_modes import COMPILE_MODES
 from torch_utils.errors import UserError, one_line
-from torch_utils.options import option_type
+from torch_utils.options import Range, option_type
 from training.generation import SAMPLER_RANGES, generate, parse_seeds
 
 #----------------------------------------------------------------------------
@@ -49,6 +49,7 @@ def _number(name):
 @click.option('--dpm-skip', 'dpm_skip', help='DPM-Solver++ time steps  [default: logSNR]', type=click.Choice(['logSNR', 'time_uniform', 'time_quadratic']))
 
 @click.option('--grid', help='Also save all images as one grid PNG (outside --outdir)', metavar='PNG', type=str)
+@click.option('--grid-width', 'grid_width', help='Upscale the grid (nearest neighbour) to at least this width; 0 = native size', metavar='PIXELS', type=option_type(Range(min=0, max=65536, integer=True)), default=512, show_default=True)
 @click.option('--device', help='Device  [default: this rank\'s GPU, else cpu]', metavar='DEVICE', type=str)
 @click.option('--precision', help='Network precision: fp32 is exact (the reference); tf32, bf16, fp16 are faster on GPUs',
     type=click.Choice(list(precision_lib.PRECISIONS)), default='fp32', show_default=True)

@@ -184,6 +184,9 @@ def test_grid(nets, tmp_path):
         y, x = divmod(i, 3)
         assert np.array_equal(grid[8 * y:8 * y + 8, 8 * x:8 * x + 8], image)
     assert not grid[8:, 16:].any()  # the empty sixth cell
+    run('--network', nets['cond'], '--outdir', tmp_path / 'n', '--seeds', '0-4', '--steps', 2, '--grid', tmp_path / 'n.png',
+        '--grid-width', 0)
+    assert np.array_equal(read_png(tmp_path / 'n.png'), grid)  # --grid-width=0: the native size
     r = run('--network', nets['cond'], '--outdir', tmp_path / 'o', '--grid', tmp_path / 'o' / 'g.png', ok=False)
     assert r.exit_code == 1 and 'inside --outdir' in r.output
 

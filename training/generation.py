@@ -280,7 +280,8 @@ def _sample_to_pngs(net, sampler_name, sampler_kwargs, batches, outdir, subdirs,
 # outdir/generate_options.json.
 
 def generate(network, outdir, seeds=range(64), subdirs=False, class_idx=None, max_batch_size=None, device=None,
-        grid=None, precision='fp32', verbose=True, compile=False, compile_mode=None, **sampler_options):
+        grid=None, precision='fp32', verbose=True, compile=False, compile_mode=None, grid_width=GRID_MIN_WIDTH,
+        **sampler_options):
     seeds = list(seeds)
     if not seeds:
         raise GenerateError('--seeds is empty; give seeds like 0-63')
@@ -340,7 +341,7 @@ def generate(network, outdir, seeds=range(64), subdirs=False, class_idx=None, ma
 
     distributed.barrier()
     if grid is not None and rank == 0:
-        save_grid(outdir, seeds, subdirs, grid)
+        save_grid(outdir, seeds, subdirs, grid, min_width=grid_width)
         log(f'Grid of {len(seeds)} images saved to "{grid}"')
     log('Done.')
     return settings

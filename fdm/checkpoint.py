@@ -27,6 +27,7 @@ from torch_utils.fileio import (FileError, atomic_save, check_digest, check_enve
     tensors_digest, tree_error)
 from torch_utils.safe_pickle import PersistentRecord, PlainObject, UnsafePickleError, restricted_load
 from fdm.preconditioning import IgnoredOptionWarning, build_precond
+from fdm.safetensors_format import is_safetensors, read_safetensors, write_safetensors
 from torch_utils.download import download_cached
 
 FORMAT_NAME = 'fdm-snapshot'
@@ -45,7 +46,8 @@ def describe(obj):
     return dict(class_name=type(obj).__name__, init_kwargs=dict(obj.init_kwargs))
 
 def save_snapshot(path, ema, loss_fn=None, augment_pipe=None, dataset_kwargs=None, extra=None):
-    """Write a network snapshot: the EMA denoiser plus descriptions of how it was trained."""
+    """Write a network snapshot: the EMA denoiser plus descriptions of how it was trained. A path
+    ending in .safetensors gets the same content as safetensors (tensors, description in the metadata)."""
     state = {name: t.detach().cpu().clone() for name, t in ema.state_dict().items()}
     description = dict(
         ema=describe(ema),
@@ -54,6 +56,9 @@ def save_snapshot(path, ema, loss_fn=None, augment_pipe=None, dataset_kwargs=Non
         dataset_kwargs=dict(dataset_kwargs) if dataset_kwargs is not None else None,
         extra=extra,
     )
+    if str(path).endswith('.safetensors'):
+        write_safetensors(path, json.dumps(description), state)
+        return
     data = dict(format=FORMAT_NAME, version=FORMAT_VERSION, description=json.dumps(description), ema=state)
     atomic_save(dict(data, sha256=nested_digest(data)), path)
 
@@ -84,15 +89,19 @@ def _check_tensors(tensors, name):
 def load_snapshot(f, name='snapshot'):
     """Read one of our snapshots: {'ema': module, 'loss_fn', 'augment_pipe', 'dataset_kwargs', 'extra'}."""
     data = _read_snapshot(f, name)
+    return _from_description(data['description'], data['ema'], name)
+
+# The description (JSON) and tensors of a snapshot, .pt or .safetensors, -> the loaded snapshot.
+def _from_description(description_json, tensors, name):
     try:
-        description = json.loads(data['description'])
+        description = json.loads(description_json)
         class_name, init_kwargs = description['ema']['class_name'], description['ema']['init_kwargs']
         if not isinstance(class_name, str) or not isinstance(init_kwargs, dict):
             raise TypeError('class_name or init_kwargs has the wrong type')
     except (KeyError, TypeError, ValueError, RecursionError) as err:
         raise CheckpointError(f'{name}: the network description in the snapshot is damaged ({type(err).__name__}: {err}); '
             'use another snapshot') from None
-    ema = _rebuild(class_name, init_kwargs, data['ema'], name)
+    ema = _rebuild(class_name, init_kwargs, tensors, name)
     return dict(description, ema=ema)
 
 def _rebuild(class_name, init_kwargs, state, name):
@@ -269,6 +278,8 @@ def load_network_file(path_or_url, name=None):
         local = download_cached(path_or_url)
     except FileNotFoundError as err:
         raise CheckpointError(str(err)) from None
+    if is_safetensors(local):
+        return _from_description(*read_safetensors(local, name, error=CheckpointError), name)
     with open(local, 'rb') as f:
         magic = f.read(4)
         f.seek(0)
@@ -276,7 +287,7 @@ def load_network_file(path_or_url, name=None):
             return load_snapshot(f, name)
         if magic[:1] == b'\x80':  # a plain pickle: the reference format
             return load_reference_pickle(f, name)
-    raise CheckpointError(f'{name}: neither an FDM snapshot nor an EDM/FDM network pickle')
+    raise CheckpointError(f'{name}: neither an FDM snapshot (.pt or .safetensors) nor an EDM/FDM network pickle')
 
 def load_network(path_or_url, device='cpu'):
     """The EMA denoiser from a snapshot (ours or EDM/FDM's .pkl), in eval mode, no gradients."""
@@ -284,7 +295,8 @@ def load_network(path_or_url, device='cpu'):
     return net.eval().requires_grad_(False).to(device)
 
 def convert_reference_pickle(src, dst):
-    """Rewrite a reference pickle in our safe format; returns the loaded description."""
+    """Rewrite any network file (a reference pickle, or one of ours) as our .pt snapshot or, for a DST
+    ending in .safetensors, as safetensors; returns what was loaded."""
     data = load_network_file(src)
     save_snapshot(dst, data['ema'], loss_fn=data['loss_fn'], augment_pipe=data['augment_pipe'],
         dataset_kwargs=data['dataset_kwargs'], extra=dict(converted_from=os.path.basename(str(src))))

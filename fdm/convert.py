@@ -1,6 +1,8 @@
-"""Convert a reference EDM/FDM network pickle into our safe snapshot format.
+"""Convert a network file: a reference EDM/FDM pickle (or one of our snapshots) into our safe
+snapshot format, or into .safetensors (tensors, with the network description in the metadata).
 
     python -m fdm.convert network-snapshot-200000.pkl network-snapshot-200000.pt
+    python -m fdm.convert network-snapshot-200000.pt network-snapshot-200000.safetensors
 """
 
 import os
@@ -16,7 +18,8 @@ from torch_utils.errors import UserError, one_line
 @click.argument('src')
 @click.argument('dst', type=click.Path(dir_okay=False))
 def main(src, dst):
-    """Read SRC (a path or URL to an EDM/FDM .pkl) without executing it and write DST."""
+    """Read SRC (a path or URL: an EDM/FDM .pkl, or our .pt/.safetensors) without executing it and write DST
+    (.safetensors by its extension, else our .pt format)."""
     if os.path.exists(dst):
         raise click.ClickException(f'{dst} exists; choose another output path or remove it first')
     try:

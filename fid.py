@@ -14,25 +14,15 @@ The work is done by training/evaluation.py and torch_utils/feature_stats.py.
 
 import click
 
-from torch_utils import distributed as dist, precision as precision_lib
+from torch_utils import precision as precision_lib
 from torch_utils.compile_modes import COMPILE_MODES, resolve_compile_mode
-from torch_utils.errors import UserError, one_line
+from torch_utils.errors import run_command
 from training import evaluation
 from torch_utils.options import Range, option_type
 from training.generation import SAMPLER_RANGES, parse_seeds
 
 #----------------------------------------------------------------------------
 # Command line.
-
-def _run(fn, *args, **kwargs):
-    """Join torchrun's process group, run, and turn the user's mistakes into one-line click errors."""
-    dist.init()
-    try:
-        return fn(*args, **kwargs)
-    except UserError as err:
-        raise click.ClickException(one_line(err)) from None
-    finally:
-        dist.shutdown()  # an undestroyed gloo group can abort the process at exit
 
 # fid.py's own numeric options (the sampler's ranges are training/generation.py's); seeds are taken mod 2^31.
 FID_RANGES = dict(workers=Range(min=0, integer=True), batch=Range(min=1, integer=True), num=Range(min=2, integer=True),
@@ -85,7 +75,7 @@ def main():
 @detector_option
 def ref(data, dest, batch, workers, detector, trust_detector):
     """Write the reference statistics (mu, sigma) of all images of a dataset."""
-    _run(evaluation.make_reference, data, dest, detector, batch=batch, workers=workers, trust_detector=trust_detector)
+    run_command(evaluation.make_reference, data, dest, detector, batch=batch, workers=workers, trust_detector=trust_detector)
 
 @main.command()
 @click.option('--images', help='Folder or zip of generated images', metavar='PATH|ZIP', type=str, required=True)
@@ -97,7 +87,7 @@ def ref(data, dest, batch, workers, detector, trust_detector):
 @detector_option
 def calc(images, ref_path, num, seed, batch, workers, detector, trust_detector):
     """Calculate the FID of a folder of images against reference statistics."""
-    _run(evaluation.fid_of_images, images, ref_path, num=num, seed=seed, batch=batch, workers=workers, detector=detector,
+    run_command(evaluation.fid_of_images, images, ref_path, num=num, seed=seed, batch=batch, workers=workers, detector=detector,
         trust_detector=trust_detector)
 
 @main.command()
@@ -121,7 +111,7 @@ def gen(network, ref_path, seeds, class_idx, solver, steps, precision, outdir, b
     --batch; with another --batch, float rounding (which depends on the batch shape) may move a few pixels by one level.
     """
     compile_mode = resolve_compile(compile_net, compile_mode)
-    _run(evaluation.fid_of_network, network, ref_path, seeds, class_idx=class_idx, solver=solver, steps=steps,
+    run_command(evaluation.fid_of_network, network, ref_path, seeds, class_idx=class_idx, solver=solver, steps=steps,
         precision=precision, outdir=outdir, batch=batch, detector=detector, compile_mode=compile_mode,
         trust_detector=trust_detector)
 
@@ -155,10 +145,10 @@ def protocol(images, network, outdir, solver, steps, precision, ref_path, num, s
     if compile_mode is not None and network is None:
         raise click.UsageError('--compile applies only with --network (it compiles the sampling network)')
     if network is not None:
-        _run(evaluation.protocol_of_network, network, ref_path, num=num, solver=solver, steps=steps, precision=precision,
+        run_command(evaluation.protocol_of_network, network, ref_path, num=num, solver=solver, steps=steps, precision=precision,
             outdir=outdir, batch=batch, detector=detector, compile_mode=compile_mode, trust_detector=trust_detector)
     else:
-        _run(evaluation.protocol_of_images, images, ref_path, num=num, seed=seed, batch=batch, workers=workers,
+        run_command(evaluation.protocol_of_images, images, ref_path, num=num, seed=seed, batch=batch, workers=workers,
             detector=detector, trust_detector=trust_detector)
 
 #----------------------------------------------------------------------------

@@ -11,9 +11,9 @@ the GPU if there is one, else on the CPU. The work is done by training/generatio
 
 import click
 
-from torch_utils import distributed, precision as precision_lib
+from torch_utils import precision as precision_lib
 from torch_utils.compile_modes import COMPILE_MODES
-from torch_utils.errors import UserError, one_line
+from torch_utils.errors import run_command
 from torch_utils.options import Range, option_type
 from training.generation import SAMPLER_RANGES, generate, parse_seeds
 
@@ -71,13 +71,7 @@ def main(**opts):
     python generate.py --outdir=out --seeds=0-49999 --subdirs --network=network-snapshot-200000.pt \\
         --precision=bf16 --compile
     """
-    distributed.init()
-    try:
-        generate(**opts)
-    except UserError as err:
-        raise click.ClickException(one_line(err)) from None
-    finally:
-        distributed.shutdown()
+    run_command(generate, **opts)
 
 #----------------------------------------------------------------------------
 

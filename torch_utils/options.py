@@ -72,29 +72,26 @@ def check_options(ranges, values):
 # The click types: click's own range types (so --help shows the range) whose conversion is
 # replaced by Range.problem, which also refuses NaN and infinity.
 
-class Float(click.FloatRange):
+class _Checked:
+    """Mixed into click's range types: click parses the number, Range.problem judges it."""
+    parse = None
+
     def __init__(self, bounds):
         super().__init__(min=bounds.min, max=bounds.max, min_open=bounds.min_open, max_open=bounds.max_open)
         self.bounds = bounds
 
     def convert(self, value, param, ctx):
-        number = click.FLOAT.convert(value, param, ctx)
+        number = self.parse.convert(value, param, ctx)
         problem = self.bounds.problem(number)
         if problem is not None:
             self.fail(problem, param, ctx)
         return number
 
-class Int(click.IntRange):
-    def __init__(self, bounds):
-        super().__init__(min=bounds.min, max=bounds.max, min_open=bounds.min_open, max_open=bounds.max_open)
-        self.bounds = bounds
+class Float(_Checked, click.FloatRange):
+    parse = click.FLOAT
 
-    def convert(self, value, param, ctx):
-        number = click.INT.convert(value, param, ctx)
-        problem = self.bounds.problem(number)
-        if problem is not None:
-            self.fail(problem, param, ctx)
-        return number
+class Int(_Checked, click.IntRange):
+    parse = click.INT
 
 def option_type(bounds):
     """The click type of a Range: Int for integer ranges, else Float."""

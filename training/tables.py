@@ -31,8 +31,8 @@ from fdm.methods import METHODS, TITLES
 from fdm.samplers import sampler_nfe, sampler_settings
 from torch_utils import distributed as dist, precision as precision_lib
 from torch_utils.digits import WEIGHTS as DIGITS_WEIGHTS
-from torch_utils.download import download_cached, is_url
-from torch_utils.errors import UserError, one_line
+from torch_utils.download import download_cached, file_sha256, is_url
+from torch_utils.errors import UserError, one_line, run_command
 from torch_utils.feature_stats import check_dims, frechet_distance, load_stats, summarize
 from torch_utils.fileio import jsonable, write_json, atomic_write
 from training import evaluation, generation, plots
@@ -47,13 +47,6 @@ SOLVER_TITLES = dict(edm='EDM Heun', dpm='DPM-Solver++', euler='Euler (EDM ablat
 
 SNAPSHOT_NAME = re.compile(r'^network-snapshot-(\d+)\.(pt|pkl)$')
 CLASS_TO_PRECOND = {precond_class: name for name, (precond_class, _loss) in METHODS.items()}
-
-def file_sha256(path):
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-            h.update(block)
-    return h.hexdigest()
 
 def list_snapshots(run_dir):
     """[(kimg from the file name, path)] of a run folder, oldest first; ours (.pt) before a
@@ -445,16 +438,6 @@ def training_curves(runs, out, stats=('Loss/loss',), plot_size=(800, 500)):
 #----------------------------------------------------------------------------
 # Command line: python -m training.tables kimg|nfe|curves ...
 
-def _run(fn, *args, **kwargs):
-    """Join torchrun's process group, run, and show the user's mistakes as one line."""
-    dist.init()
-    try:
-        return fn(*args, **kwargs)
-    except UserError as err:
-        raise click.ClickException(one_line(err)) from None
-    finally:
-        dist.shutdown()
-
 def _float_list(ctx, param, value):
     if value is None or value == 'all':
         return None
@@ -513,7 +496,7 @@ def main():
 @_scoring_options
 def kimg(runs, kimg, tolerance, solver, steps, **kwargs):
     """FID against training images: one column per run, one row per duration."""
-    _run(fid_vs_training, list(runs), kimg=kimg, tolerance=tolerance, solver=solver, steps=steps, **kwargs)
+    run_command(fid_vs_training, list(runs), kimg=kimg, tolerance=tolerance, solver=solver, steps=steps, **kwargs)
 
 @main.command()
 @click.argument('networks', nargs=-1, required=True, metavar='SNAPSHOT...')
@@ -522,7 +505,7 @@ def kimg(runs, kimg, tolerance, solver, steps, **kwargs):
 @_scoring_options
 def nfe(networks, nfe, solvers, **kwargs):
     """FID against NFE: one table per solver, one column per network, one row per NFE."""
-    _run(fid_vs_nfe, list(networks), nfe=nfe, solvers=solvers, **kwargs)
+    run_command(fid_vs_nfe, list(networks), nfe=nfe, solvers=solvers, **kwargs)
 
 @main.command()
 @click.argument('runs', nargs=-1, required=True, metavar='RUN_DIR...')
@@ -531,7 +514,7 @@ def nfe(networks, nfe, solvers, **kwargs):
 @click.option('--plot-size', 'plot_size', help='Size in pixels', metavar='WxH', callback=_size, default='800x500', show_default=True)
 def curves(runs, stats, out, plot_size):
     """Training curves: statistics of stats.jsonl against training images, runs overlaid."""
-    _run(training_curves, list(runs), out, stats=stats, plot_size=plot_size)
+    run_command(training_curves, list(runs), out, stats=stats, plot_size=plot_size)
     click.echo(f'Wrote {out}')
 
 if __name__ == '__main__':

@@ -101,10 +101,10 @@ def _from_description(description_json, tensors, name):
     except (KeyError, TypeError, ValueError, RecursionError) as err:
         raise CheckpointError(f'{name}: the network description in the snapshot is damaged ({type(err).__name__}: {err}); '
             'use another snapshot') from None
-    ema = _rebuild(class_name, init_kwargs, tensors, name)
+    ema = rebuild_network(class_name, init_kwargs, tensors, name)
     return dict(description, ema=ema)
 
-def _rebuild(class_name, init_kwargs, state, name):
+def rebuild_network(class_name, init_kwargs, state, name):
     _check_tensors(state, name)
     _check_image_kwargs(init_kwargs, name)
     net = _build_within_budget(class_name, init_kwargs, state, name)
@@ -208,7 +208,7 @@ def read_reference_pickle(f, name='pickle'):
         raise CheckpointError(f'{name}: cannot be read as an EDM/FDM network pickle '
             f'({type(err).__name__}: {err}); the file may be damaged or truncated') from None
 
-def _record_tensors(node, prefix=''):
+def record_tensors(node, prefix=''):
     """Flatten a record tree's parameters and persistent buffers into {dotted name: tensor}."""
     state = node.state
     out = {}
@@ -221,7 +221,7 @@ def _record_tensors(node, prefix=''):
                 out[prefix + key] = value.detach()
     for key, child in (state.get('_modules') or {}).items():
         if isinstance(child, (PersistentRecord, PlainObject)):
-            out.update(_record_tensors(child, f'{prefix}{key}.'))
+            out.update(record_tensors(child, f'{prefix}{key}.'))
         elif child is not None:
             raise CheckpointError(f'{prefix}{key} is not a module record')
     return out
@@ -238,7 +238,7 @@ def _plain(value):
         return value
     raise CheckpointError(f'unexpected {type(value).__name__} among constructor arguments')
 
-def _record_description(record):
+def record_description(record):
     if record is None:
         return None
     if not isinstance(record, PersistentRecord):
@@ -255,17 +255,17 @@ def load_reference_pickle(f, name='pickle'):
     if not isinstance(data, dict) or not isinstance(data.get('ema'), PersistentRecord):
         raise CheckpointError(f'{name}: not an EDM/FDM network snapshot (expected a dict with an "ema" network)')
     try:
-        ema_desc = _record_description(data['ema'])
-        tensors = _record_tensors(data['ema'])
-        loss_desc = _record_description(data.get('loss_fn'))
-        augment_desc = _record_description(data.get('augment_pipe'))
+        ema_desc = record_description(data['ema'])
+        tensors = record_tensors(data['ema'])
+        loss_desc = record_description(data.get('loss_fn'))
+        augment_desc = record_description(data.get('augment_pipe'))
         dataset_kwargs = _plain(data['dataset_kwargs']) if data.get('dataset_kwargs') is not None else None
     except CheckpointError as err:
         raise CheckpointError(f'{name}: {err}') from None
     except (AttributeError, KeyError, TypeError, ValueError, RecursionError) as err:  # a tree of the wrong shape
         raise CheckpointError(f'{name}: not an EDM/FDM network snapshot (unexpected structure: '
             f'{type(err).__name__}: {err})') from None
-    ema = _rebuild(ema_desc['class_name'], ema_desc['init_kwargs'], tensors, name)
+    ema = rebuild_network(ema_desc['class_name'], ema_desc['init_kwargs'], tensors, name)
     return dict(ema=ema, loss_fn=loss_desc, augment_pipe=augment_desc, dataset_kwargs=dataset_kwargs, extra=None)
 
 #----------------------------------------------------------------------------

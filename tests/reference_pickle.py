@@ -5,6 +5,7 @@ pytest collects nothing here."""
 import collections
 import pickle
 import struct
+import types
 
 import numpy as np
 import torch
@@ -18,8 +19,8 @@ from torch_utils import persistence, safe_pickle
 MARKER_SOURCE = "open({path!r}, 'w').write('pwned')\n"
 
 class ReferenceFormatPickler(pickle.Pickler):
-    def __init__(self, f, top, module_src='', top_class_name=None):
-        super().__init__(f, protocol=4)
+    def __init__(self, f, top, module_src='', top_class_name=None, protocol=4):
+        super().__init__(f, protocol=protocol)
         self.top = top
         self.module_src = module_src
         self.top_class_name = top_class_name or type(top).__name__
@@ -49,6 +50,19 @@ def write_reference_pickle(path, net, module_src='', class_name=None):
     with open(path, 'wb') as f:
         ReferenceFormatPickler(f, net, module_src, class_name).dump(dict(ema=net, loss_fn=FakeLoss(), augment_pipe=None,
             dataset_kwargs=dnnlib.EasyDict(class_name='training.dataset.ImageFolderDataset', path='x.zip', resolution=8)))
+
+# A reference training state: torch.save (a zip of data.pkl and storage files, pickle protocol 2)
+# of {net: the live network as persistence records, optimizer_state}, as the reference's loop
+# dumps it. torch.save subclasses the given module's Pickler to add the storage ids; `edit_state`
+# may change each module's state (a test reorders parameters with it).
+def write_reference_training_state(path, net, optimizer_state, edit_state=None):
+    class Pickler(ReferenceFormatPickler):
+        def __init__(self, f, protocol=2):
+            super().__init__(f, net, protocol=protocol)
+
+        def record(self, class_name, state):
+            return super().record(class_name, edit_state(state) if edit_state else state)
+    torch.save(dict(net=net, optimizer_state=optimizer_state), path, pickle_module=types.SimpleNamespace(__name__="pickle", Pickler=Pickler))
 
 #----------------------------------------------------------------------------
 # Hand-assembled pickles (protocol 2 opcodes), for the files no pickler writes: state set on a

@@ -3,7 +3,6 @@ hand computation, and a reconstruction against an EMA tracked directly."""
 
 import os
 
-import numpy as np
 import pytest
 import torch
 

@@ -13,13 +13,22 @@ memory they do not own: each load gets its own wrappers of the allowed functions
 (setting an object's state) works only on the few kinds of object the load itself created,
 a numpy dtype is a plain numeric scalar type whose state never reaches numpy, and a tensor
 must be dense (a stride-0 view of a few bytes would stand for gigabytes).
+
+`restricted_load_torch_zip` reads a `torch.save` file (the reference's training states) with the
+same unpickler: its storages are the only persistent ids allowed, each exactly the bytes its
+zip member holds, of a storage type from a short list; the zip is checked before anything is read.
 """
 
+import _compat_pickle
 import collections
 import importlib
 import io
+import os
 import pickle
+import re
+import sys
 import types
+import zipfile
 
 import numpy as np
 import torch
@@ -246,22 +255,33 @@ _BUILD = {
 
 class _RestrictedUnpickler(pickle._Unpickler):
     """The pure-Python unpickler (its opcodes are a table we can change, unlike the C one's)
-    with find_class on the allow-list, BUILD limited to _BUILD, and no persistent ids."""
+    with find_class on the allow-list, BUILD limited to _BUILD, and persistent ids only for the
+    storages of a torch.save zip (`archive`), none otherwise."""
     dispatch = dict(pickle._Unpickler.dispatch)
 
-    def __init__(self, f, allowed, encoding):
+    def __init__(self, f, allowed, encoding, archive=None):
         super().__init__(f, encoding=encoding)
         self.allowed = {key: _fresh(target) for key, target in allowed.items()}
+        if archive is not None:  # this load's own storage-type tokens
+            self.allowed.update({('torch', name): _StorageType(name, dtype) for name, dtype in STORAGE_TYPES.items()})
+        self.archive = archive
 
+    # Protocols < 3 write Python 2 names (__builtin__.set); they are looked up as Python 3 names,
+    # as pickle does, and named in errors as the file wrote them.
     def find_class(self, module, name):
         target = self.allowed.get((module, name))
+        if target is None and self.proto < 3:
+            target = self.allowed.get(_compat_pickle.NAME_MAPPING.get((module, name),
+                (_compat_pickle.IMPORT_MAPPING.get(module, module), name)))
         if target is None:
             raise ForbiddenGlobalError(f'refusing to load: the pickle references {module}.{name}, which such a file '
                 'never needs (it could run code)', f'{module}.{name}')
         return target
 
     def persistent_load(self, pid):
-        raise UnsafePickleError('refusing to load: the pickle uses persistent ids, which these files do not')
+        if self.archive is None:
+            raise UnsafePickleError('refusing to load: the pickle uses persistent ids, which these files do not')
+        return self.archive.storage(pid)
 
     def load_build(self):
         state = self.stack.pop()
@@ -279,5 +299,82 @@ def restricted_load(f, allowed=ALLOWED_GLOBALS, encoding='ASCII'):
     other exceptions (damaged or truncated data) through for the caller to word. encoding:
     how Python 2 8-bit strings are decoded ('latin1' keeps numpy array bytes intact)."""
     return _RestrictedUnpickler(f, allowed, encoding).load()
+
+#----------------------------------------------------------------------------
+# torch.save files: a zip of <folder>/data.pkl and <folder>/data/<key>, the raw bytes of each
+# storage, which data.pkl names by ('storage', storage type, key, location, numel). Storages are
+# read to the CPU whatever their location.
+
+STORAGE_TYPES = dict(FloatStorage=torch.float32, DoubleStorage=torch.float64, HalfStorage=torch.float16,
+    BFloat16Storage=torch.bfloat16, LongStorage=torch.int64, IntStorage=torch.int32, ShortStorage=torch.int16,
+    CharStorage=torch.int8, ByteStorage=torch.uint8, BoolStorage=torch.bool)
+
+class _StorageType:
+    """What torch.FloatStorage etc. name in data.pkl: the dtype of a persistent id, never called."""
+    def __init__(self, name, dtype):
+        self.name, self.dtype = name, dtype
+
+    def __call__(self, *args, **kwargs):
+        raise UnsafePickleError(f'refusing to call torch.{self.name}, which a torch.save file never does')
+
+class _TorchZip:
+    """The members of a torch.save zip, checked before any is read: stored uncompressed, in one
+    folder, no path tricks, each and all together no larger than the file; a storage is exactly
+    the bytes of its member, and each is read once."""
+    def __init__(self, zf, file_size):
+        infos = zf.infolist()
+        names = [info.filename for info in infos]
+        tops = {name.split('/')[0] for name in names}
+        if len(tops) != 1 or len(set(names)) != len(names):
+            raise UnsafePickleError('not a torch.save file (its members are not in exactly one folder, once each)')
+        for info in infos:
+            parts = info.filename.split('/')
+            if len(parts) < 2 or any(part in ('', '.', '..') for part in parts) or '\\' in info.filename:
+                raise UnsafePickleError(f'refusing a torch.save member named {info.filename!r}')
+            if info.compress_type != zipfile.ZIP_STORED or info.flag_bits & 1 or info.compress_size != info.file_size:
+                raise UnsafePickleError(f'refusing the compressed or encrypted torch.save member {info.filename!r}')
+            if info.file_size > file_size:
+                raise UnsafePickleError(f'the torch.save member {info.filename!r} claims more bytes than the file has')
+        if sum(info.file_size for info in infos) > file_size:
+            raise UnsafePickleError('the torch.save members claim more bytes than the file has')
+        self.zf, self.top, self.members = zf, tops.pop(), set(names)
+        if f'{self.top}/data.pkl' not in self.members:
+            raise UnsafePickleError('not a torch.save file (no data.pkl)')
+        byteorder = self.read('byteorder') if f'{self.top}/byteorder' in self.members else b'little'
+        if byteorder.decode('ascii', 'replace') != sys.byteorder:
+            raise UnsafePickleError(f'refusing a torch.save file of byte order {byteorder[:16]!r} on a '
+                f'{sys.byteorder}-endian machine')
+        self.storages = {}
+
+    def read(self, name):
+        return self.zf.read(f'{self.top}/{name}')
+
+    def storage(self, pid):
+        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == 'storage' and isinstance(pid[1], _StorageType)
+                and isinstance(pid[2], str) and re.fullmatch(r'[0-9A-Za-z_]{1,64}', pid[2]) and isinstance(pid[3], str)
+                and type(pid[4]) is int and pid[4] >= 0):
+            raise UnsafePickleError('refusing a persistent id that is not a torch storage (storage, type, key, location, numel)')
+        _, storage_type, key, _location, numel = pid
+        if key not in self.storages:
+            if f'{self.top}/data/{key}' not in self.members:
+                raise UnsafePickleError(f'the torch.save file has no storage {key!r}')
+            raw = bytearray(self.read(f'data/{key}'))
+            if len(raw) != numel * storage_type.dtype.itemsize:
+                raise UnsafePickleError(f'storage {key!r} holds {len(raw)} bytes, not {numel} elements of {storage_type.dtype}')
+            untyped = torch.frombuffer(raw, dtype=torch.uint8).untyped_storage() if raw else torch.UntypedStorage(0)
+            self.storages[key] = (storage_type.dtype, numel,
+                torch.TypedStorage(wrap_storage=untyped, dtype=storage_type.dtype, _internal=True))
+        dtype, size, storage = self.storages[key]
+        if (dtype, size) != (storage_type.dtype, numel):
+            raise UnsafePickleError(f'storage {key!r} is named with two different types or sizes')
+        return storage
+
+def restricted_load_torch_zip(path, allowed=ALLOWED_GLOBALS):
+    """Load a torch.save file with the allow-list of restricted_load (storages come from the zip).
+    Raises UnsafePickleError for what the allow-list or the zip checks refuse, and lets other
+    exceptions (a damaged zip or pickle) through for the caller to word."""
+    with open(path, 'rb') as f, zipfile.ZipFile(f) as zf:
+        archive = _TorchZip(zf, os.fstat(f.fileno()).st_size)
+        return _RestrictedUnpickler(io.BytesIO(archive.read('data.pkl')), allowed, 'ASCII', archive).load()
 
 #----------------------------------------------------------------------------

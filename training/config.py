@@ -145,7 +145,8 @@ def setup_training_config(data, outdir='training-runs', cond=False, arch='ddpmpp
     if transfer is not None and resume is not None:
         raise ConfigError('--transfer and --resume cannot be combined; --resume continues a run, --transfer starts a new one')
     c.transfer = transfer
-    c.resume_state, state = find_resume_state(resume) if resume is not None else (None, None)
+    c.resume_state, state = (find_resume_state(resume, batch_size=batch, seed=c.seed, draw_seed=random_seed)
+        if resume is not None else (None, None))
     # Seed: the user's, the resumed run's, or a fresh random one shared by all ranks.
     if c.seed is None:
         c.seed = int(state['seed']) if state is not None else random_seed()

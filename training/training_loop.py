@@ -102,7 +102,7 @@ def training_loop(
     distributed.print0('Loading dataset...')
     dataset = dataset if dataset is not None else ImageFolderDataset(**dataset_kwargs)
     if resume is None and resume_state is not None:
-        resume_state, resume = find_resume_state(resume_state)
+        resume_state, resume = find_resume_state(resume_state, batch_size=batch_size, seed=seed)
     progress = Progress.of_state(resume) if resume is not None else Progress()
     next_batch = _batches(dataset, progress.cur_nimg, seed, batch_gpu, device, data_on_device, data_loader_kwargs)
 

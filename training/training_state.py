@@ -1,6 +1,7 @@
 """The training-state file: everything the next optimizer step depends on, so that a resumed
 run continues bit for bit. Plain data in our file envelope (torch.load(weights_only=True)),
-written atomically, with a SHA-256 over all of it; read once, by `find_resume_state`.
+written atomically, with a SHA-256 over all of it; read once, by `find_resume_state`, which
+also takes the reference's training states (training.reference_state) in the same shape.
 """
 
 import os
@@ -24,22 +25,31 @@ REMEDY = 'resume from an earlier state'
 # --resume takes a file or a run directory; a kill can leave the newest state of a directory
 # damaged, so the newest one that verifies is taken and each one skipped is named.
 
-def find_resume_state(path):
-    """(state file, its verified contents): `path` itself, or the newest valid state in a run directory."""
+def find_resume_state(path, batch_size=None, seed=None, draw_seed=None):
+    """(state file, its verified contents): `path` itself, or the newest valid state in a run directory.
+    A reference state's step is its images // batch_size, its seed `seed` or else draw_seed()."""
+    read = lambda file: _read_state(file, batch_size, seed, draw_seed)
     if not os.path.isdir(path):
         if not os.path.isfile(path):
             raise CheckpointError(f'{path}: no such file; --resume takes a training-state-*.pt file or a run directory')
-        return path, load_training_state(path)
+        return path, read(path)
     found = sorted((int(m.group(1)), name) for name in os.listdir(path) if (m := STATE_NAME.match(name)))
     if not found:
         raise CheckpointError(f'{path}: no training-state-*.pt in this directory; pass a state file or a run directory that has one')
     for _kimg, name in reversed(found):
         try:
-            return os.path.join(path, name), load_training_state(os.path.join(path, name))
+            return os.path.join(path, name), read(os.path.join(path, name))
         except CheckpointError as err:
             warnings.warn(f'skipping {err}', UserWarning)
     raise CheckpointError(f'{path}: none of its {len(found)} training-state files is valid; '
         'resume from a run directory or file that has an intact state')
+
+# Ours, or the reference's (imported here: that reader builds on this module).
+def _read_state(path, batch_size, seed, draw_seed):
+    from training.reference_state import is_reference_state, read_reference_state
+    if is_reference_state(path):
+        return read_reference_state(path, batch_size, seed, draw_seed)
+    return load_training_state(path)
 
 # Version 1 (before the checksum) is still read; every part is checked, so a file that lacks one
 # fails here (and find_resume_state takes an older one) and not in the middle of restoring the optimizer.
@@ -50,7 +60,7 @@ def load_training_state(path):
     state = load_plain(path, name, REMEDY, error=CheckpointError)
     check_envelope(state, STATE_FORMAT, (1, STATE_VERSION), name, 'an FDM training state',
         '--resume takes a training-state-*.pt file written by this code', error=CheckpointError)
-    error = _fields_error(state) or tree_error(state)
+    error = state_error(state)
     if error is not None:
         raise CheckpointError(f'{name}: {error}; {REMEDY}')
     digest = state.pop('sha256', None)
@@ -61,6 +71,10 @@ def load_training_state(path):
             raise CheckpointError(f'{name}: holds something other than plain data ({err}); {REMEDY}') from None
         check_digest(digest, actual, name, REMEDY, error=CheckpointError)
     return state
+
+def state_error(state):
+    """None, or why a state (ours or the reference's, read) cannot be resumed: see _fields_error."""
+    return _fields_error(state) or tree_error(state)
 
 # The fields as the loop uses them: counters are ints in range and consistent; net and ema are
 # {name: tensor} of the same names and shapes; the optimizer is Adam's
@@ -86,6 +100,10 @@ def _fields_error(state):
     if not all(isinstance(g, dict) and isinstance(g.get('params'), list) and all(type(i) is int for i in g['params'])
             for g in groups):
         return 'an optimizer parameter group has no list of parameter indices'
+    plain = (type(None), bool, int, float, str)
+    if not all(isinstance(v, plain) or (isinstance(v, (list, tuple)) and all(isinstance(x, plain) for x in v))
+            for g in groups for v in g.values()):
+        return 'an optimizer parameter group holds something other than numbers, flags and names'
     params = [i for g in groups for i in g['params']]
     if len(set(params)) != len(params) or not all(0 <= i < len(state['net']) for i in params):
         return 'the optimizer names a parameter twice or one the network does not have'

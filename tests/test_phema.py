@@ -50,8 +50,8 @@ def test_reconstruction_equals_a_directly_tracked_ema():
         with torch.no_grad():
             net.w.copy_(torch.sin(torch.arange(64) * 0.1 + step / 700) + 0.3 * torch.randn(64, dtype=torch.float64) + step / steps)
             net.count.fill_(step)
-        stored.update(net, t, batch)
-        target.update(net, t, batch)
+        stored.update(t, batch)
+        target.update(t, batch)
         if step % 200 == 0:
             snapshots += [((gamma, t), {k: v.clone() for k, v in ema.items()}) for gamma, ema in zip(stored.gammas, stored.emas)]
     weights = solve_weights([profile for profile, _ in snapshots], (target.gammas[0], steps * batch))
@@ -69,7 +69,7 @@ def test_state_round_trip_and_mismatch():
     emas = PowerEMAs(net, [0.05, 0.10])
     with torch.no_grad():
         net.w.fill_(1.0)
-    emas.update(net, 8, 4)
+    emas.update(8, 4)
     again = PowerEMAs(Weights(), [0.05, 0.10])
     again.load_state_dict(emas.state_dict())
     assert all(torch.equal(a[k], b[k]) for a, b in zip(again.emas, emas.emas) for k in a)

@@ -84,23 +84,27 @@ def combine(pairs):
 # The tracked EMAs during training.
 
 class PowerEMAs:
-    """Power-function EMAs of a network's parameters and buffers, one per relative std."""
+    """Power-function EMAs of a network's parameters and buffers, one per relative std. The
+    network's tensors are looked up once: its parameters are updated in place (optimizer steps,
+    load_state_dict), so the step pays two multi-tensor kernels per std and no lookups."""
     def __init__(self, net, stds):
         self.stds = [float(s) for s in stds]
         self.gammas = [gamma_from_std(s) for s in self.stds]
-        self.emas = [{k: v.detach().clone() for k, v in net.state_dict().items()} for _ in self.stds]
+        current = net.state_dict()  # detached views of the live tensors
+        self.emas = [{k: v.detach().clone() for k, v in current.items()} for _ in self.stds]
+        self._floats = [k for k, v in current.items() if torch.is_floating_point(v)]
+        self._others = [k for k, v in current.items() if not torch.is_floating_point(v)]
+        self._sources = [current[k] for k in self._floats]
+        self._other_sources = [current[k] for k in self._others]
 
     @torch.no_grad()
-    def update(self, net, cur_nimg, batch_size):
+    def update(self, cur_nimg, batch_size):
         """After the step that brought the images seen to cur_nimg."""
-        current = net.state_dict()
         for gamma, ema in zip(self.gammas, self.emas):
             beta = power_beta(gamma, cur_nimg, batch_size)
-            floats = [k for k, v in ema.items() if torch.is_floating_point(v)]
-            torch._foreach_lerp_([ema[k] for k in floats], [current[k].detach() for k in floats], 1 - beta)
-            for k, v in ema.items():
-                if not torch.is_floating_point(v):
-                    v.copy_(current[k])
+            torch._foreach_lerp_([ema[k] for k in self._floats], self._sources, 1 - beta)
+            if self._others:
+                torch._foreach_copy_([ema[k] for k in self._others], self._other_sources)
 
     def state_dict(self):
         return dict(stds=list(self.stds), emas=[{k: v.detach().cpu().clone() for k, v in ema.items()} for ema in self.emas])
@@ -148,8 +152,14 @@ def reconstruct(run_dir, std, out, kimg=None, log=print):
         raise UserError(str(err)) from None
     weights = solve_weights([profile for _, profile in used], (gamma_r, t_r))
     log(f'Combining {len(used)} stored profiles into sigma_rel {std:g} (gamma {gamma_r:.3f}) at {t_r / 1000:g} kimg...')
-    last = load_network_file(used[-1][0])
-    state = combine((load_network_file(path)['ema'].state_dict(), x) for (path, _), x in zip(used, weights))
+    # Second pass, one file in memory at a time (two reads in all: the weights need every profile first).
+    loaded = {}
+    def stream():
+        for (path, _), x in zip(used, weights):
+            loaded['last'] = load_network_file(path)
+            yield loaded['last']['ema'].state_dict(), x
+    state = combine(stream())
+    last = loaded['last']
     last['ema'].load_state_dict(state)
     save_snapshot(out, last['ema'], loss_fn=last['loss_fn'], augment_pipe=last['augment_pipe'],
         dataset_kwargs=last['dataset_kwargs'], extra=dict(phema_reconstruction=dict(std=std, gamma=gamma_r,

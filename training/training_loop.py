@@ -148,7 +148,7 @@ def training_loop(
             update_ema(ema.parameters(), net.parameters(),
                 ema_beta(batch_size, progress.cur_nimg, ema_halflife_kimg, ema_rampup_ratio))
             if phema is not None:
-                phema.update(net, progress.cur_nimg + batch_size, batch_size)
+                phema.update(progress.cur_nimg + batch_size, batch_size)
             progress.cur_nimg += batch_size
             progress.step += 1
             process_steps += 1

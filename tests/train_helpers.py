@@ -22,6 +22,7 @@ def loop_config(data, total_kimg=0.048, **overrides):
     return c
 
 def assert_same_state(a, b):
+    assert list(a) == list(b)  # zip below would stop at the shorter one
     for (ka, va), (kb, vb) in zip(a.items(), b.items()):
         assert ka == kb and torch.equal(va, vb), ka
 

@@ -369,12 +369,12 @@ class _TorchZip:
             raise UnsafePickleError(f'storage {key!r} is named with two different types or sizes')
         return storage
 
-def restricted_load_torch_zip(path, allowed=ALLOWED_GLOBALS):
+def restricted_load_torch_zip(path):
     """Load a torch.save file with the allow-list of restricted_load (storages come from the zip).
     Raises UnsafePickleError for what the allow-list or the zip checks refuse, and lets other
     exceptions (a damaged zip or pickle) through for the caller to word."""
     with open(path, 'rb') as f, zipfile.ZipFile(f) as zf:
         archive = _TorchZip(zf, os.fstat(f.fileno()).st_size)
-        return _RestrictedUnpickler(io.BytesIO(archive.read('data.pkl')), allowed, 'ASCII', archive).load()
+        return _RestrictedUnpickler(io.BytesIO(archive.read('data.pkl')), ALLOWED_GLOBALS, 'ASCII', archive).load()
 
 #----------------------------------------------------------------------------

@@ -149,7 +149,7 @@ def setup_training_config(data, outdir='training-runs', cond=False, arch='ddpmpp
         if resume is not None else (None, None))
     # Seed: the user's, the resumed run's, or a fresh random one shared by all ranks.
     if c.seed is None:
-        c.seed = int(state['seed']) if state is not None else random_seed()
+        c.seed = state['seed'] if state is not None else random_seed()
     # The starting weights, read once and checked here: a mismatch costs no run folder.
     transferred = read_transfer(transfer, dataset) if transfer is not None else None
     if state is not None:
@@ -167,7 +167,6 @@ def setup_training_config(data, outdir='training-runs', cond=False, arch='ddpmpp
         transferred=transferred)
 
 #----------------------------------------------------------------------------
-# --cres: positive integers, at most MAX_LIST_ITEMS of them (ValueError otherwise).
 
 def parse_phema_stds(s):
     """--phema-std: relative stds such as '0.050,0.100' (or a list), each in (0, 0.2887] (training/phema.py)."""
@@ -184,6 +183,7 @@ def parse_phema_stds(s):
             raise ConfigError(f'--phema-std: {err}') from None
     return stds
 
+# --cres: positive integers, at most MAX_LIST_ITEMS of them (ValueError otherwise).
 def parse_cres(s):
     return dnnlib.util.parse_int_list(s, minimum=1, max_items=MAX_LIST_ITEMS,
         too_many='; give one channel multiplier per resolution')

@@ -93,7 +93,8 @@ def _read_pt(path, name):
             f'{type(err).__name__}: {err})') from None
     net = rebuild_network(description['class_name'], description['init_kwargs'], tensors, name)
     ours = [key for key, _ in net.named_parameters()]
-    theirs = [key for key in tensors if key in set(ours)]
+    known = set(ours)
+    theirs = [key for key in tensors if key in known]
     if theirs != ours:
         first = next(i for i, (a, b) in enumerate(zip(ours, theirs)) if a != b)
         raise CheckpointError(f'{name}: the parameter order of {description["class_name"]} differs from ours '

@@ -11,6 +11,7 @@ import numpy as np
 import torch
 
 from torch_utils import precision as precision_lib
+from torch_utils.fileio import is_dense
 
 #----------------------------------------------------------------------------
 # Seed of step k on rank r: independent streams, reproducible from (seed, rank, k) alone.
@@ -30,7 +31,7 @@ def flatten_gradients(params):
     now on zero the gradients in place (zero_grad(set_to_none=False)) to keep the views."""
     groups = {}
     for p in params:
-        if p.grad is not None and not p.grad.is_sparse and _dense(p):
+        if p.grad is not None and not p.grad.is_sparse and is_dense(p):
             groups.setdefault((p.grad.device, p.grad.dtype), []).append(p)
     for (device, dtype), members in groups.items():
         flat = torch.empty(sum(p.numel() for p in members), device=device, dtype=dtype)
@@ -40,10 +41,6 @@ def flatten_gradients(params):
             view.copy_(p.grad)
             p.grad = view
             offset += p.numel()
-
-# Elements packed without gaps (row-major or channels-last): the tensor spans exactly numel() slots.
-def _dense(t):
-    return t.is_contiguous() or (t.dim() == 4 and t.is_contiguous(memory_format=torch.channels_last))
 
 def gradient_buffers(grads):
     """1-D tensors that together hold exactly the elements of `grads`: the whole storage where a
@@ -55,7 +52,7 @@ def gradient_buffers(grads):
     for members in by_storage.values():
         storage = members[0].untyped_storage()
         dtype = members[0].dtype
-        tiles = (all(g.dtype == dtype and _dense(g) for g in members)
+        tiles = (all(g.dtype == dtype and is_dense(g) for g in members)
             and sum(g.numel() for g in members) * members[0].element_size() == storage.nbytes())
         if tiles:
             numel = storage.nbytes() // members[0].element_size()

@@ -35,6 +35,7 @@ from training.phema import PowerEMAs, save_phema_snapshots
 from training.snapshot_grid import save_sample_grid
 from training.train_step import (ema_beta, flatten_gradients, learning_rate, make_optimizer, optimizer_step, step_seed,
     update_ema)
+from training.starting_point import check_resume_seed, read_transfer
 from training.training_state import find_resume_state, save_training_state
 
 DEVICE_DATA_FRACTION = 0.1  # auto data_on_device: the dataset's pixels take at most this share of GPU memory
@@ -113,7 +114,7 @@ def training_loop(
     augment_pipe = AugmentPipe(**augment_kwargs) if augment_kwargs else None
     optimizer = make_optimizer(net.parameters(), device, precision, **optimizer_kwargs)
     if transfer is not None:
-        _transfer_weights(net, ema, transfer, transferred)
+        _transfer_weights(net, ema, transfer, dataset, transferred)
         ema_rampup_ratio = None  # transferred weights are already good: no EMA warm-up
     phema = PowerEMAs(net, phema_stds) if phema_stds else None
     if resume is not None:
@@ -210,9 +211,9 @@ def _networks(network_kwargs, dataset, seed, device, memory_format):
     return net, copy.deepcopy(net).eval().requires_grad_(False)
 
 # --transfer: a network file's weights start the training (tensors it lacks keep their initialisation).
-def _transfer_weights(net, ema, transfer, weights=None):
+def _transfer_weights(net, ema, transfer, dataset, weights=None):
     distributed.print0(f'Loading network weights from "{transfer}"...')
-    weights = weights if weights is not None else load_network_file(transfer)['ema'].state_dict()
+    weights = weights if weights is not None else read_transfer(transfer, dataset)
     try:
         _missing, unexpected = net.load_state_dict(weights, strict=False)
     except RuntimeError as err:  # a tensor of another shape
@@ -227,9 +228,7 @@ def _transfer_weights(net, ema, transfer, weights=None):
 def _restore(net, ema, optimizer, state, path, seed, phema=None):
     name = os.path.basename(path)
     distributed.print0(f'Resuming from "{path}" ({state["cur_nimg"]} images seen)...')
-    if state['seed'] != seed:
-        raise CheckpointError(f'{name} was trained with seed {state["seed"]}, not {seed}; '
-            'pass --seed with the original value to resume exactly')
+    check_resume_seed(state, name, seed)  # setup_training_config checked it already; direct callers too
     try:
         net.load_state_dict(state['net'])
         ema.load_state_dict(state['ema'])

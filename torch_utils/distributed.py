@@ -1,5 +1,6 @@
 """Process groups that work under torchrun and as one plain process, on GPU or CPU."""
 
+import contextlib
 import datetime
 import os
 import re
@@ -70,6 +71,18 @@ def print0(*args, **kwargs):
 def barrier():
     if is_distributed():
         dist.barrier()
+
+# Rank 0 first, the others after it (e.g. rank 0 downloads into the cache that the others then
+# read). Rank 0 releases the others even when its own work fails, so nobody waits for --timeout.
+@contextlib.contextmanager
+def rank0_first():
+    if get_rank() != 0:
+        barrier()
+    try:
+        yield
+    finally:
+        if get_rank() == 0:
+            barrier()
 
 def shutdown():
     if is_distributed():

@@ -3,7 +3,6 @@ read from there afterwards; local paths and file:// URLs pass through. Next to e
 `<file>.sha256` records its URL and the SHA-256 of the bytes received, so that a caller can tell
 a cached file from one changed since (recorded_sha256)."""
 
-import contextlib
 import hashlib
 import json
 import os
@@ -80,9 +79,3 @@ def download_cached(url, cache=True, timeout=60, verbose=True, verify=False):
     # verify fetches again.
     write_json(dest + '.sha256', dict(url=url, sha256=digest.hexdigest()))
     return dest
-
-@contextlib.contextmanager
-def open_url(url, cache=True, verbose=True):
-    """Open a path or URL for binary reading; URLs are downloaded once into the cache."""
-    with open(download_cached(url, cache=cache, verbose=verbose), 'rb') as f:
-        yield f

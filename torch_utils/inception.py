@@ -36,7 +36,7 @@ from torch import nn
 
 from torch_utils.errors import UserError
 from torch_utils.safe_pickle import PersistentRecord, PlainObject, UnsafePickleError, restricted_load
-from torch_utils.download import download_cached, file_sha256, recorded_sha256
+from torch_utils.download import download_cached, file_sha256
 
 NVIDIA_INCEPTION_URL = 'https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/inception-2015-12-05.pkl'
 PYTORCH_FID_URL = 'https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth'
@@ -338,11 +338,10 @@ def torchscript_in_pickle(path, name=None):
 
 TRUSTED_DETECTOR_SHA256 = {}
 
-def check_trusted(local, spec, name, trust=False):
-    """Refuse, before any of it runs, a TorchScript detector file that nobody vouched for."""
-    if trust:
-        return
-    if spec == NVIDIA_INCEPTION_URL and recorded_sha256(spec) is not None:  # the bytes received over HTTPS, unchanged
+def check_trusted(local, name, trust=False, official=False):
+    """Refuse, before any of it runs, a TorchScript detector file that nobody vouched for.
+    official: `local` is the official download, just checked against its record by download_cached."""
+    if trust or official:  # the bytes received over HTTPS from the official URL, unchanged
         return
     digest = file_sha256(local)
     if digest in TRUSTED_DETECTOR_SHA256:
@@ -366,7 +365,8 @@ def load_detector(spec=None, device='cpu', verbose=True, trust=False):
     spec = ALIASES.get(spec or 'nvidia', spec)
     name = os.path.basename(str(spec))
     try:
-        local = download_cached(spec, verbose=verbose, verify=(spec == NVIDIA_INCEPTION_URL))
+        official = spec == NVIDIA_INCEPTION_URL  # fetched again unless the cached file matches its record
+        local = download_cached(spec, verbose=verbose, verify=official)
     except (FileNotFoundError, IOError) as err:
         raise DetectorError(f'detector {err}') from None
     with open(local, 'rb') as f:
@@ -374,7 +374,7 @@ def load_detector(spec=None, device='cpu', verbose=True, trust=False):
     call_kwargs, feature_dim = {}, None
     if head.startswith(b'PK\x03\x04'):
         if is_torchscript_archive(local):  # inception-2015-12-05.pt, or any TorchScript called the same way
-            check_trusted(local, spec, name, trust)
+            check_trusted(local, name, trust, official)
             net, call_kwargs = _load_torchscript(local, name), dict(return_features=True)
         else:  # a torch.save zip: pytorch-fid weights
             net, feature_dim = load_fid_inception(local, name), 2048
@@ -382,7 +382,7 @@ def load_detector(spec=None, device='cpu', verbose=True, trust=False):
         net, feature_dim = load_fid_inception(local, name), 2048
     elif head[:1] == b'\x80':  # a plain pickle: NVIDIA's detector
         archive = torchscript_in_pickle(local, name)
-        check_trusted(local, spec, name, trust)
+        check_trusted(local, name, trust, official)
         net, call_kwargs = _load_torchscript(archive, name), dict(return_features=True)
     else:
         raise DetectorError(f'{name}: not a detector file (NVIDIA inception-2015-12-05.pkl/.pt or pytorch-fid '

@@ -37,21 +37,15 @@ def open_images(path, num=None, seed=0):
 def open_detector(spec, device=None, trust=False):
     """The detector, downloaded by rank 0 first so that the ranks do not race for the cache;
     trust: run a TorchScript detector's code even if it is not a known official file."""
-    if dist.get_rank() != 0:
-        dist.barrier()
-    try:
-        detector = load_detector(spec, device=device or dist.device(), verbose=(dist.get_rank() == 0), trust=trust)
-    finally:
-        if dist.get_rank() == 0:
-            dist.barrier()
-    return detector
+    with dist.rank0_first():
+        return load_detector(spec, device=device or dist.device(), verbose=(dist.get_rank() == 0), trust=trust)
 
 def open_generator(network, device, precision='fp32', class_idx=None, compile_mode=None, **sampler_options):
     """(net, sampler name, sampler kwargs) chosen as generate.py chooses them; its errors become FIDErrors.
     compile_mode: the net's U-Net compiled as generate.py --compile does."""
     try:
         sampler_name, sampler_kwargs, _ignored = generation.select_sampler(**sampler_options)
-        net, _name = generation.load_net(network, device, dist.get_rank(), log=dist.print0)
+        net, _name = generation.load_net(network, device, log=dist.print0)
     except generation.GenerateError as err:
         raise FIDError(str(err)) from None
     if net.img_channels not in (1, 3):

@@ -209,22 +209,19 @@ def _out_of_memory(err):
 #----------------------------------------------------------------------------
 # Load the denoiser, rank 0 first (it may download into the cache that the others then read).
 
-def load_net(network, device, rank=0, log=print):
+def load_net(network, device, log=print):
     """-> (net, name). `network` is a path, a URL, or an already loaded denoiser."""
     if isinstance(network, torch.nn.Module):
         return network.eval().requires_grad_(False).to(device), type(network).__name__
     name = str(network)
     if not is_url(name) and not name.startswith('file://') and not os.path.isfile(name):
         raise GenerateError(f'--network {name}: no such file; give a network snapshot (.pt/.pkl) or a URL')
-    if rank != 0:
-        distributed.barrier()
-    log(f'Loading network from "{name}"...')
-    try:
-        net = load_network(name, device)
-    except (CheckpointError, OSError) as err:
-        raise GenerateError(f'--network: {err}') from None
-    if rank == 0:
-        distributed.barrier()
+    with distributed.rank0_first():
+        log(f'Loading network from "{name}"...')
+        try:
+            net = load_network(name, device)
+        except (CheckpointError, OSError) as err:
+            raise GenerateError(f'--network: {err}') from None
     return net, name
 
 # Everything that decides the images, as written to generate_options.json.
@@ -305,7 +302,7 @@ def generate(network, outdir, seeds=range(64), subdirs=False, class_idx=None, ma
     rank, world_size = distributed.get_rank(), distributed.get_world_size()
     log = (lambda *args: print(*args, flush=True)) if (verbose and rank == 0) else (lambda *args: None)
 
-    net, network_name = load_net(network, device, rank, log)
+    net, network_name = load_net(network, device, log)
     if class_idx is not None and not net.label_dim:
         raise GenerateError(f'--class {class_idx} given, but the network is unconditional (label_dim 0); drop --class')
     if class_idx is not None and not 0 <= class_idx < net.label_dim:

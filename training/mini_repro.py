@@ -27,14 +27,14 @@ METHODS = ['edm', 'fdm_edm', 'vp', 'fdm_vp', 've', 'fdm_ve']
 # One evaluation per snapshot (but the one after the first step), through the tables' result
 # cache in outdir/cache: a rerun on the same snapshots recomputes nothing.
 def evaluate_runs(outdir, methods, ref, per_class, min_kimg, device):
-    jobs = []
+    jobs, hashes = [], dict(reference_sha256=tables.file_sha256(ref), detector_sha256=tables.file_sha256(DIGITS_WEIGHTS))
     for m in methods:
         for _kimg, path in tables.list_snapshots(os.path.join(outdir, f'run-{m}')):
             snap = tables.inspect_snapshot(path)
             if snap['kimg'] < min_kimg:
                 continue  # the snapshot after the first step
             key = dict(kind='fd-digits-balanced', snapshot_sha256=snap['sha256'], per_class=per_class, num_steps=18,
-                reference_sha256=tables.file_sha256(ref), detector_sha256=tables.file_sha256(DIGITS_WEIGHTS))
+                **hashes)
             jobs.append(dict(key=key, images=10 * per_class, method=m, kimg=round(snap['kimg'], 3), path=path))
     def compute(job, advance):
         fd, accuracy, _, _ = dp.evaluate_snapshot(job['path'], ref, per_class, device)

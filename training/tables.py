@@ -31,7 +31,7 @@ from fdm.methods import METHODS, TITLES
 from fdm.samplers import sampler_nfe, sampler_settings
 from torch_utils import distributed as dist, precision as precision_lib
 from torch_utils.digits import WEIGHTS as DIGITS_WEIGHTS
-from torch_utils.download import download_cached, file_sha256, is_url
+from torch_utils.download import download_cached, file_sha256
 from torch_utils.errors import UserError, one_line, run_command
 from torch_utils.feature_stats import check_dims, frechet_distance, load_stats, summarize
 from torch_utils.fileio import jsonable, write_json, atomic_write
@@ -177,7 +177,7 @@ def open_scoring(ref, detector=None):
     ref_stats = load_stats(ref)
     det = evaluation.open_detector(detector)
     check_dims(det, ref_stats[0], ref)
-    ref_file = download_cached(ref, verbose=False) if is_url(ref) else ref
+    ref_file = download_cached(ref, verbose=False)  # local paths and file:// URLs pass through
     spec = detector or 'nvidia'
     det_file = DIGITS_WEIGHTS if spec == 'digits' else spec if os.path.isfile(spec) else None
     info = dict(metric='FD-digits' if spec == 'digits' else 'FID', detector=spec, detector_name=det.name,
@@ -238,13 +238,19 @@ def fid_jobs(snapshot, solver, steps, ranges, info, batch, precision):
     return jobs
 
 def fid_compute(det, ref_stats, batch, precision):
-    """compute(job, advance) for run_jobs: exactly fid.py gen's images, features and distance."""
+    """compute(job, advance) for run_jobs: exactly fid.py gen's images, features and distance.
+    Consecutive jobs of one snapshot (its seed ranges, solvers, NFE) share one loaded network."""
+    loaded = {}
+
     def compute(job, advance):
-        try:
-            net, sampler_name, sampler_kwargs = evaluation.open_generator(job['snapshot']['path'], det.device, precision,
-                solver=job['solver'], num_steps=job['num_steps'])
-        except UserError as err:
-            raise TableError(f"{job['snapshot']['path']}: {one_line(err)}") from None
+        path = job['snapshot']['path']
+        if loaded.get('path') != path:
+            try:
+                loaded.update(path=path, net=evaluation.open_generator(path, det.device, precision)[0])
+            except UserError as err:
+                raise TableError(f"{path}: {one_line(err)}") from None
+        net = loaded['net']
+        sampler_name, sampler_kwargs, _nfe = sampler_of(job['solver'], job['num_steps'])
         mu, sigma = evaluation.generated_stats(net, sampler_name, sampler_kwargs, job['seeds'],
             _CountingDetector(det, advance), batch=batch, precision=precision, progress=False)
         return dict(fid=float(frechet_distance(mu, sigma, *ref_stats)))

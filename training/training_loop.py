@@ -20,7 +20,7 @@ import numpy as np
 import psutil
 import torch
 
-from fdm.checkpoint import CheckpointError, load_network_file, save_snapshot
+from fdm.checkpoint import CheckpointError, save_snapshot
 from fdm.loss import build_loss
 from fdm.preconditioning import build_precond
 from torch_utils import distributed

@@ -44,7 +44,13 @@ def warmup_clamp(step, warmup_ite):
     """Upper bound on the loss weight at this optimizer step, or None (no clamp)."""
     if warmup_ite is None or warmup_ite == 0:
         return None
-    table = _warmup_table(float(WARMUP_ITE_RANGE.check('warmup_ite', warmup_ite)))
+    return _clamp_at(step, float(WARMUP_ITE_RANGE.check('warmup_ite', warmup_ite)))
+
+# warmup_clamp without the range check, for the loss, which checked warmup_ite once when built.
+def _clamp_at(step, warmup_ite):
+    if not warmup_ite:
+        return None
+    table = _warmup_table(float(warmup_ite))
     return float(table[step]) if 0 <= step < len(table) else None
 
 #----------------------------------------------------------------------------
@@ -70,7 +76,7 @@ class DenoisingLoss:
         y, augment_labels = augment_pipe(images) if augment_pipe is not None else (images, None)
         n = torch.randn_like(y) * sigma
         D_yn = net(y + n, sigma, labels, augment_labels=augment_labels)
-        clamp = warmup_clamp(step, self.warmup_ite)
+        clamp = _clamp_at(step, self.warmup_ite)
         if clamp is not None:
             weight = weight.clamp(max=clamp)
         return weight * ((D_yn - y) ** 2)

@@ -62,9 +62,9 @@ def _write_zip(dest, files):
     atomic_write(dest, write)
     return count
 
-# All of `files` into a hidden folder beside `dest`, renamed to `dest` at the end. Each file goes
-# through atomic_write without fsync: the folder is the unit that appears, and a folder lost to a
-# power cut is rebuilt by running the conversion again.
+# All of `files` into a hidden folder beside `dest`, renamed to `dest` at the end. The folder is
+# the unit that appears, so the files in it are written plainly (no per-file temporary and
+# rename, no fsync): a folder lost to a power cut is rebuilt by running the conversion again.
 def _write_folder(dest, files):
     tmp = os.path.join(os.path.dirname(dest), f'.{os.path.basename(dest)}.{secrets.token_hex(4)}.tmp')
     os.mkdir(tmp) # os.mkdir, not tempfile: the folder gets the usual permissions, not 0700
@@ -73,7 +73,12 @@ def _write_folder(dest, files):
         for name, data in files:
             path = os.path.join(tmp, *name.split('/'))
             os.makedirs(os.path.dirname(path), exist_ok=True)
-            atomic_write(path, lambda f: f.write(data), durable=False)
+            try:
+                with open(path, 'xb') as f:
+                    f.write(data)
+            except OSError as err:
+                raise DatasetToolError(f"Cannot write '{name}' of '{dest}' ({describe_exception(err)}); free disk space "
+                    'or check the --dest folder, then run the conversion again.') from None
             count += 1
         try:
             if os.path.isdir(dest):

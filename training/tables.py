@@ -172,10 +172,10 @@ def run_jobs(jobs, compute, cache, progress=True):
 #----------------------------------------------------------------------------
 # FID evaluations: the detector and reference checked once, then fid.py gen's computation per job.
 
-def open_scoring(ref, detector=None):
+def open_scoring(ref, detector=None, trust_detector=False):
     """(detector, reference (mu, sigma), provenance of both), everything checked before any work."""
     ref_stats = load_stats(ref)
-    det = evaluation.open_detector(detector)
+    det = evaluation.open_detector(detector, trust=trust_detector)
     check_dims(det, ref_stats[0], ref)
     ref_file = download_cached(ref, verbose=False)  # local paths and file:// URLs pass through
     spec = detector or 'nvidia'
@@ -327,7 +327,8 @@ def _header(what, ranges, info, protocol):
 # The three tables.
 
 def fid_vs_training(runs, outdir, ref, kimg=None, seeds=range(50000), protocol_num=None, solver='edm', steps=18,
-        batch=64, precision='fp32', detector=None, tolerance=0.05, plot_size=(800, 500), progress=True):
+        batch=64, precision='fp32', detector=None, tolerance=0.05, plot_size=(800, 500), progress=True,
+        trust_detector=False):
     """FID of the snapshots nearest to each training duration (kimg; None: every snapshot), one
     column per run. Returns the results.json data."""
     picked = [pick_snapshots(run, kimg, tolerance) for run in runs]
@@ -338,7 +339,7 @@ def fid_vs_training(runs, outdir, ref, kimg=None, seeds=range(50000), protocol_n
     labels = unique_labels(titles, [os.path.basename(os.path.normpath(r)) for r in runs])
     ranges = seed_ranges(seeds, protocol_num)
     _name, _kwargs, nfe = sampler_of(solver, steps)
-    det, ref_stats, info = open_scoring(ref, detector)
+    det, ref_stats, info = open_scoring(ref, detector, trust_detector)
     cells = [((label, row), fid_jobs(snap, solver, steps, ranges, info, batch, precision))
         for label, per_run in zip(labels, snaps) for row, snap in per_run.items()]
     done = _evaluate_cells(cells, det, ref_stats, info, outdir, batch, precision, progress)
@@ -360,13 +361,13 @@ def fid_vs_training(runs, outdir, ref, kimg=None, seeds=range(50000), protocol_n
     return dict(data, png=png)
 
 def fid_vs_nfe(networks, outdir, ref, nfe=(25, 49, 79), solvers=('edm', 'dpm'), seeds=range(50000), protocol_num=None,
-        batch=64, precision='fp32', detector=None, plot_size=(800, 500), progress=True):
+        batch=64, precision='fp32', detector=None, plot_size=(800, 500), progress=True, trust_detector=False):
     """FID of each network at each NFE, one table per solver (rows NFE, columns networks)."""
     steps = {(solver, n): steps_for_nfe(solver, n) for solver in solvers for n in nfe}
     snaps = [inspect_snapshot(path) for path in networks]
     labels = unique_labels([s['title'] for s in snaps], [os.path.basename(p) for p in networks])
     ranges = seed_ranges(seeds, protocol_num)
-    det, ref_stats, info = open_scoring(ref, detector)
+    det, ref_stats, info = open_scoring(ref, detector, trust_detector)
     cells = [((solver, label, n), fid_jobs(snap, solver, steps[solver, n], ranges, info, batch, precision))
         for solver in solvers for label, snap in zip(labels, snaps) for n in nfe]
     done = _evaluate_cells(cells, det, ref_stats, info, outdir, batch, precision, progress)
@@ -483,6 +484,7 @@ def _scoring_options(fn):
         click.option('--batch', help='Maximum batch size per GPU', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True),
         click.option('--precision', help='Network precision while sampling', type=click.Choice(list(precision_lib.PRECISIONS)), default='fp32', show_default=True),
         click.option('--detector', help='Feature detector as in fid.py: URL, path, "nvidia", "pytorch-fid" or "digits"', metavar='URL|PATH'),
+        click.option('--trust-detector', 'trust_detector', help='Run a TorchScript --detector file that is not a known official one (as fid.py)', is_flag=True),
         click.option('--plot-size', 'plot_size', help='results.png size in pixels', metavar='WxH', callback=_size, default='800x500', show_default=True),
     ]
     for option in reversed(options):

@@ -12,6 +12,7 @@ import dataset_tool
 import fid
 import generate
 import train
+from training import benchmark, demo, mini_repro, phema, tables
 from torch_utils.options import Float, Int, OptionError, Range
 
 #----------------------------------------------------------------------------
@@ -22,6 +23,11 @@ GENERATE = ('generate', generate.main, ['--network=missing.pt', '--outdir=out'])
 FID_GEN = ('fid-gen', fid.main, ['gen', '--network=missing.pt', '--ref=missing.npz'])
 FID_CALC = ('fid-calc', fid.main, ['calc', '--images=missing', '--ref=missing.npz'])
 DATASET_TOOL = ('dataset_tool', dataset_tool.main, ['--source=missing', '--dest=out.zip'])
+DEMO = ('demo', demo.main, ['--outdir=out'])
+MINI = ('mini_repro', mini_repro.main, ['--outdir=out'])
+PHEMA = ('phema', phema.main, ['--run=missing', '--out=out.pt', '--std=0.05'])
+TABLES_KIMG = ('tables-kimg', tables.main, ['kimg', 'missing-run'])
+BENCHMARK = ('benchmark', benchmark.main, ['--small'])
 
 BAD_VALUES = [
     (TRAIN, '--lr', 'inf'), (TRAIN, '--lr', 'nan'), (TRAIN, '--lr', '5'),
@@ -36,6 +42,8 @@ BAD_VALUES = [
     (GENERATE, '--sigma_min', 'nan'), (GENERATE, '--sigma_min', '0'), (GENERATE, '--steps', '0'),
     (FID_GEN, '--steps', '0'), (FID_GEN, '--batch', '0'), (FID_CALC, '--num', '1'), (FID_CALC, '--seed', '-1'),
     (DATASET_TOOL, '--max-images', '0'),
+    (DEMO, '--kimg', 'nan'), (DEMO, '--kimg', 'inf'), (DEMO, '--kimg', '0'), (MINI, '--kimg', 'nan'), (MINI, '--seed', '-1'),
+    (PHEMA, '--std', 'nan'), (PHEMA, '--kimg', 'nan'), (TABLES_KIMG, '--tolerance', 'nan'), (BENCHMARK, '--augment', 'nan'),
 ]
 
 @pytest.mark.parametrize('script, option, value', BAD_VALUES, ids=[f'{s[0]}{o}={v}' for s, o, v in BAD_VALUES])
@@ -59,6 +67,11 @@ def _commands():
     yield 'dataset_tool.py', dataset_tool.main
     for name, command in fid.main.commands.items():
         yield f'fid.py {name}', command
+    # The library's own commands (python -m training.X) follow the same rule.
+    for module in (benchmark, demo, mini_repro, phema):
+        yield f'python -m {module.__name__}', module.main
+    for name, command in tables.main.commands.items():
+        yield f'python -m training.tables {name}', command
 
 # Every numeric option goes through the rule: no plain click FLOAT/INT/FloatRange/IntRange left.
 def test_every_numeric_option_uses_the_rule():

@@ -22,6 +22,7 @@ from torch_utils import precision as precision_lib
 from torch_utils.compile_modes import COMPILE_MODES
 from torch_utils.feature_stats import FeatureSums
 from torch_utils.inception import Detector, FIDInceptionV3
+from torch_utils.options import Range, option_type
 from torch_utils.training_stats import StatsCollector
 from training import generation
 from training.augment import AugmentPipe
@@ -149,22 +150,22 @@ def bench_features(batch, resolution, device, iters):
 @click.command()
 @click.option('--arch', type=click.Choice(sorted(ARCH_PRESETS)), default='ddpmpp', show_default=True)
 @click.option('--precond', type=click.Choice(sorted(METHODS)), default='fdm_edm', show_default=True)
-@click.option('--resolution', type=int, default=32, show_default=True)
+@click.option('--resolution', type=option_type(Range(min=1, integer=True)), default=32, show_default=True)
 @click.option('--cond', type=bool, default=True, show_default=True)
-@click.option('--cbase', type=int, default=None)
+@click.option('--cbase', type=option_type(Range(min=1, integer=True)), default=None)
 @click.option('--cres', type=str, default=None, help='e.g. 1,2,2,2')
-@click.option('--augment', help='Augmentation probability, as train.py', type=float, default=0.12, show_default=True)
-@click.option('--batch', help='Training batch per GPU', type=int, default=128, show_default=True)
-@click.option('--sample-batch', type=int, default=1024, show_default=True)
-@click.option('--feature-batch', type=int, default=500, show_default=True)
-@click.option('--sample-steps', type=int, default=18, show_default=True)
+@click.option('--augment', help='Augmentation probability, as train.py', type=option_type(Range(min=0, max=1)), default=0.12, show_default=True)
+@click.option('--batch', help='Training batch per GPU', type=option_type(Range(min=1, integer=True)), default=128, show_default=True)
+@click.option('--sample-batch', type=option_type(Range(min=1, integer=True)), default=1024, show_default=True)
+@click.option('--feature-batch', type=option_type(Range(min=1, integer=True)), default=500, show_default=True)
+@click.option('--sample-steps', type=option_type(Range(min=1, integer=True)), default=18, show_default=True)
 @click.option('--precision', type=click.Choice(list(precision_lib.PRECISIONS)), default='fp32', show_default=True)
 @click.option('--compile', 'compile_net', is_flag=True, help='torch.compile the network (training and sampling)')
 @click.option('--compile-mode', type=click.Choice(COMPILE_MODES), default='default',
     show_default=True, help='torch.compile mode; reduce-overhead uses CUDA graphs')
 @click.option('--channels-last', is_flag=True)
-@click.option('--iters', type=int, default=20, show_default=True)
-@click.option('--peak-tflops', type=float, default=None, help='Peak FLOP/s of the device for MFU  [default: 790 on CUDA (H100 bf16 dense), none on CPU]')
+@click.option('--iters', type=option_type(Range(min=1, integer=True)), default=20, show_default=True)
+@click.option('--peak-tflops', type=option_type(Range(min=0, min_open=True)), default=None, help='Peak FLOP/s of the device for MFU  [default: 790 on CUDA (H100 bf16 dense), none on CPU]')
 @click.option('--small', is_flag=True, help='A tiny configuration that runs in seconds on a CPU')
 @click.option('--device', type=str, default=None)
 def main(arch, precond, resolution, cond, cbase, cres, augment, batch, sample_batch, feature_batch, sample_steps, precision,

@@ -18,6 +18,7 @@ import torch
 
 from fdm.checkpoint import load_network_file, save_snapshot
 from torch_utils.errors import UserError, one_line
+from torch_utils.options import Range, option_type
 
 #----------------------------------------------------------------------------
 # sigma_rel <-> gamma (Eq. 3): sigma_rel^2 = (gamma + 1) / ((gamma + 2)^2 (gamma + 3)).
@@ -170,8 +171,8 @@ def reconstruct(run_dir, std, out, kimg=None, log=print):
 
 @click.command()
 @click.option('--run', 'run_dir', help='Run directory with phema-*.pt snapshots', metavar='DIR', required=True)
-@click.option('--std', help='Relative std of the EMA to build, e.g. 0.07', metavar='FLOAT', type=float, required=True)
-@click.option('--kimg', help='Training time of the EMA  [default: the newest snapshot]', metavar='KIMG', type=float)
+@click.option('--std', help='Relative std of the EMA to build, e.g. 0.07', metavar='FLOAT', type=option_type(Range(min=0, min_open=True)), required=True)
+@click.option('--kimg', help='Training time of the EMA  [default: the newest snapshot]', metavar='KIMG', type=option_type(Range(min=0)))
 @click.option('--out', help='Network snapshot to write', metavar='PT', required=True)
 def main(run_dir, std, kimg, out):
     """Post-hoc EMA: build the EMA of any length from the profiles stored by train.py --phema-std.

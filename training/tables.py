@@ -35,6 +35,7 @@ from torch_utils.download import download_cached, file_sha256
 from torch_utils.errors import UserError, one_line, run_command
 from torch_utils.feature_stats import check_dims, frechet_distance, load_stats, summarize
 from torch_utils.fileio import jsonable, write_json, atomic_write
+from torch_utils.options import Range, option_type
 from training import evaluation, generation, plots
 
 class TableError(UserError):
@@ -480,8 +481,8 @@ def _scoring_options(fn):
         click.option('--ref', 'ref', help='Reference statistics (fid.py ref)', metavar='NPZ|URL', required=True),
         click.option('--outdir', help='Where results.md/json/png and the cache go', metavar='DIR', required=True),
         click.option('--seeds', help='Seeds of each FID', metavar='LIST', type=generation.parse_seeds, default='0-49999', show_default=True),
-        click.option('--protocol', 'protocol_num', help='Instead: three seed ranges of N images, minimum (and mean, std) as fid.py protocol', metavar='N', type=click.IntRange(min=2)),
-        click.option('--batch', help='Maximum batch size per GPU', metavar='INT', type=click.IntRange(min=1), default=64, show_default=True),
+        click.option('--protocol', 'protocol_num', help='Instead: three seed ranges of N images, minimum (and mean, std) as fid.py protocol', metavar='N', type=option_type(Range(min=2, integer=True))),
+        click.option('--batch', help='Maximum batch size per GPU', metavar='INT', type=option_type(Range(min=1, integer=True)), default=64, show_default=True),
         click.option('--precision', help='Network precision while sampling', type=click.Choice(list(precision_lib.PRECISIONS)), default='fp32', show_default=True),
         click.option('--detector', help='Feature detector as in fid.py: URL, path, "nvidia", "pytorch-fid" or "digits"', metavar='URL|PATH'),
         click.option('--trust-detector', 'trust_detector', help='Run a TorchScript --detector file that is not a known official one (as fid.py)', is_flag=True),
@@ -498,9 +499,9 @@ def main():
 @main.command()
 @click.argument('runs', nargs=-1, required=True, metavar='RUN_DIR...')
 @click.option('--kimg', help='Training durations (kimg), or "all" snapshots', metavar='LIST|all', callback=_float_list, default='all', show_default=True)
-@click.option('--tolerance', help='Largest relative distance of a snapshot from its --kimg', metavar='FLOAT', type=click.FloatRange(min=0), default=0.05, show_default=True)
+@click.option('--tolerance', help='Largest relative distance of a snapshot from its --kimg', metavar='FLOAT', type=option_type(Range(min=0)), default=0.05, show_default=True)
 @click.option('--solver', help='Sampler, as in generate.py', type=click.Choice(list(SOLVER_TITLES)), default='edm', show_default=True)
-@click.option('--steps', help='Sampling steps', metavar='INT', type=click.IntRange(min=1), default=18, show_default=True)
+@click.option('--steps', help='Sampling steps', metavar='INT', type=option_type(Range(min=1, integer=True)), default=18, show_default=True)
 @_scoring_options
 def kimg(runs, kimg, tolerance, solver, steps, **kwargs):
     """FID against training images: one column per run, one row per duration."""

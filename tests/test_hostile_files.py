@@ -256,7 +256,19 @@ BAD_FIELDS = {
     'ema-other-shapes': lambda f: dict(ema={k: v[:1] for k, v in f['ema'].items()}),
     'deep-list': lambda f: dict(optimizer=dict(f['optimizer'], param_groups=[dict(f['optimizer']['param_groups'][0],
         betas=deep(2000))])),
-    'stride0-tensor': lambda f: dict(net=dict(f['net'], **{next(iter(f['net'])): stride0()})),
+    'stride0-tensor': lambda f: dict(net=dict(f['net'], **{k: torch.zeros(1).expand(v.shape) for k, v in f['net'].items()
+        if v.numel() > 1})),  # the right shapes, one stored element each
+}
+
+# What each case is refused for: its own check, not an earlier one it happens to trip.
+MATCHES = {
+    'cur_nimg-float': 'no valid cur_nimg', 'cur_nimg-string': 'no valid cur_nimg', 'cur_nimg-bool': 'no valid cur_nimg',
+    'cur_nimg-negative': 'no valid cur_nimg', 'cur_nimg-1e13': 'no valid cur_nimg', 'seed-negative': 'no valid seed',
+    'step-beyond-images': 'inconsistent counters', 'optimizer-groups-not-a-list': 'the optimizer state is not',
+    'optimizer-extra-key': 'the optimizer state is not', 'optimizer-entry-not-a-dict': 'an entry that is not',
+    'optimizer-unknown-parameter': 'one the network does not have', 'net-not-tensors': 'net is not a dict of named tensors',
+    'ema-other-shapes': 'differ in tensor names or shapes', 'deep-list': 'other than numbers, flags and names',
+    'stride0-tensor': 'not stored densely',
 }
 
 @pytest.mark.parametrize('case', sorted(BAD_FIELDS))
@@ -274,8 +286,9 @@ def test_resume_skips_a_state_with_a_wrong_field(tmp_path, valid_fields, case):
         torch.save(state, tmp_path / 'training-state-000001.pt')
     finally:
         sys.setrecursionlimit(limit)
-    with pytest.raises(CheckpointError):
+    with pytest.raises(CheckpointError) as info:
         load_training_state(str(tmp_path / 'training-state-000001.pt'))
+    assert MATCHES[case] in str(info.value), str(info.value)
     with pytest.warns(UserWarning, match='skipping training-state-000001.pt'):
         chosen, state = find_resume_state(str(tmp_path))
     assert os.path.basename(chosen) == 'training-state-000000.pt' and state['cur_nimg'] == 8

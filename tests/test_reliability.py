@@ -105,6 +105,20 @@ def test_resume_takes_newest_valid_state_and_names_the_skipped(tmp_path, tiny_zi
     with pytest.warns(UserWarning, match='skipping'), pytest.raises(CheckpointError, match='none of its 4 training-state files is valid'):
         find_resume_state(str(run))
 
+# torch loads Adam's moments by position without checking their shapes; a state whose moments do not
+# fit the network is refused in one line before the first step, and the file is left as it was.
+def test_resume_refuses_adam_moments_of_another_shape(tmp_path, tiny_zip, state_file):
+    state = torch.load(state_file, weights_only=True)
+    moments = state['optimizer']['state'][0]
+    moments['exp_avg'] = moments['exp_avg'].flatten()[:1].clone()
+    state.pop('sha256')
+    torch.save(dict(state, sha256=nested_digest(state)), state_file)  # a consistent file, digest included
+    before = state_file.read_bytes()
+    line = one_line_error(run_train_cli(*tiny_args(state_file.parent, tiny_zip, '--nosubdir', '--resume', str(state_file),
+        duration_steps=3)))
+    assert "training-state-000000.pt: Adam's exp_avg for parameter 0 is shape [1] where the network has shape" in line
+    assert 'resume from an earlier state' in line and state_file.read_bytes() == before
+
 def test_resuming_a_finished_run_changes_nothing(tmp_path, tiny_zip, state_file):
     run = state_file.parent
     before = state_file.read_bytes()

@@ -75,6 +75,16 @@ def test_state_round_trip_and_mismatch():
     assert all(torch.equal(a[k], b[k]) for a, b in zip(again.emas, emas.emas) for k in a)
     with pytest.raises(ValueError, match='stds'):
         PowerEMAs(Weights(), [0.07]).load_state_dict(emas.state_dict())
+    # A stored tensor of another shape is refused (copy_ would broadcast it), and nothing is copied.
+    damaged = emas.state_dict()
+    damaged['emas'][1]['w'] = damaged['emas'][1]['w'].flatten()[:1]
+    fresh = PowerEMAs(Weights(), [0.05, 0.10])
+    before = [{k: v.clone() for k, v in ema.items()} for ema in fresh.emas]
+    with pytest.raises(ValueError, match=r'no tensor w of shape'):
+        fresh.load_state_dict(damaged)
+    assert all(torch.equal(a[k], b[k]) for a, b in zip(fresh.emas, before) for k in a)
+    with pytest.raises(ValueError, match='2 profiles'):
+        fresh.load_state_dict(dict(damaged, emas=damaged['emas'][:1]))
 
 #----------------------------------------------------------------------------
 # In the training loop: stored with each snapshot, kept in the training state (a resumed run

@@ -113,7 +113,15 @@ class PowerEMAs:
     def load_state_dict(self, state):
         if [float(s) for s in state['stds']] != self.stds:
             raise ValueError(f'the state tracks post-hoc EMA stds {state["stds"]}, this run {self.stds}')
-        for ema, stored in zip(self.emas, state['emas']):
+        emas = state['emas']
+        # All checked before anything is copied; copy_ alone would broadcast a tensor of another shape.
+        if not isinstance(emas, list) or len(emas) != len(self.emas) or not all(isinstance(e, dict) for e in emas):
+            raise ValueError(f'the post-hoc EMA state does not hold {len(self.emas)} profiles')
+        for ema, stored in zip(self.emas, emas):
+            for k, v in ema.items():
+                if not isinstance(stored.get(k), torch.Tensor) or stored[k].shape != v.shape:
+                    raise ValueError(f'the post-hoc EMA state has no tensor {k} of shape {list(v.shape)}')
+        for ema, stored in zip(self.emas, emas):
             for k, v in ema.items():
                 v.copy_(stored[k])
 

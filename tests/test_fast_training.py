@@ -9,7 +9,9 @@ import torch
 from conftest import write_image_zip
 from train_helpers import assert_same_state, backward, loop_config, reference_sanitize, small_net
 from training.dataset import DeviceBatches, ImageFolderDataset, InfiniteSampler
-from training.train_step import flatten_gradients, gradient_buffers, sanitize_gradients, update_ema
+from fdm.checkpoint import CheckpointError
+from training.train_step import (flatten_gradients, gradient_buffers, load_optimizer_state, make_optimizer,
+    sanitize_gradients, update_ema)
 from training.training_loop import training_loop
 
 @pytest.mark.parametrize('channels_last', [False, True])
@@ -60,6 +62,31 @@ def test_update_ema_equals_the_reference_formula():
         expected = [p.lerp(e, beta) for p, e in zip(net, ema)]
         update_ema(ema, net, beta)
         assert all(torch.equal(e, x) for e, x in zip(ema, expected))
+
+# A state's moments and step counts are loaded; its Adam settings are not (torch's own loader
+# would take them: here the NaN betas, the eps and the implementation flag of a damaged file).
+def test_optimizer_state_brings_moments_not_settings():
+    net = small_net()
+    written = make_optimizer(net.parameters(), 'cpu', 'fp32', lr=1e-3, betas=(0.9, 0.999), eps=1e-8)
+    backward(net, seed=0)
+    written.step()
+    saved = written.state_dict()
+    saved['param_groups'][0].update(betas=(float('nan'), 2.0), eps=-1.0, foreach=True, weight_decay=1e6, extra='x')
+    resumed_net = small_net()
+    resumed = make_optimizer(resumed_net.parameters(), 'cpu', 'fp32', lr=1e-3, betas=(0.9, 0.999), eps=1e-8)
+    before = {k: v for k, v in resumed.param_groups[0].items() if k != 'params'}
+    load_optimizer_state(resumed, saved, 'state.pt')
+    after = {k: v for k, v in resumed.param_groups[0].items() if k != 'params'}
+    assert after == before and resumed.param_groups[0]['params'] == list(resumed_net.parameters())
+    pairs = [(p, q) for p, q in zip(net.parameters(), resumed_net.parameters()) if p in written.state]
+    assert len(pairs) == 6 and len(resumed.state) == 6  # all but the last Linear, which got no gradient
+    for p, q in pairs:
+        for key in ('step', 'exp_avg', 'exp_avg_sq'):
+            assert torch.equal(written.state[p][key], resumed.state[q][key]), key
+    saved = written.state_dict()
+    saved['state'][2]['exp_avg_sq'] = torch.zeros(3)
+    with pytest.raises(CheckpointError, match=r"state.pt: Adam's exp_avg_sq for parameter 2 is shape \[3\] where the network has shape \[8, 8, 1, 1\]"):
+        load_optimizer_state(make_optimizer(small_net().parameters(), 'cpu', 'fp32', lr=1e-3), saved, 'state.pt')
 
 def test_device_batches_equal_the_data_loader(tmp_path):
     path = write_image_zip(tmp_path / 'd.zip', num_images=11, num_classes=3)

@@ -10,6 +10,7 @@ import contextlib
 import numpy as np
 import torch
 
+from fdm.checkpoint import CheckpointError
 from torch_utils import precision as precision_lib
 from torch_utils.fileio import is_dense
 
@@ -93,6 +94,28 @@ def update_ema(ema_params, net_params, beta):
 def make_optimizer(params, device, precision, **adam_kwargs):
     fused = torch.device(device).type == 'cuda' and precision != 'fp32'
     return torch.optim.Adam(params, **adam_kwargs, **(dict(fused=True) if fused else {}))
+
+def load_optimizer_state(optimizer, saved, name):
+    """Adam's moments and step counts from a training state `name`; its settings (betas, eps, the
+    fused or foreach implementation) stay the run's own. torch's load_state_dict would take the
+    stored settings too (a bf16 GPU run's fused Adam in an fp32 resume, a damaged file's NaN betas),
+    and maps moments to parameters by position without checking their shapes (a tensor of another
+    size would fail in the middle of the first step, not as a file error)."""
+    settings = [{k: v for k, v in group.items() if k != 'params'} for group in optimizer.param_groups]
+    optimizer.load_state_dict(saved)
+    for group, own in zip(optimizer.param_groups, settings):
+        params = group['params']
+        group.clear()
+        group.update(own, params=params)
+    for group in optimizer.param_groups:
+        for i, p in enumerate(group['params']):
+            for key, value in optimizer.state.get(p, {}).items():
+                tensor = isinstance(value, torch.Tensor)
+                if key == 'step' and (not tensor or value.numel() == 1) or tensor and value.shape == p.shape:
+                    continue
+                got = f'shape {list(value.shape)}' if tensor else f'the number {value!r}'
+                raise CheckpointError(f'{name}: Adam\'s {key} for parameter {i} is {got} where the network has shape '
+                    f'{list(p.shape)}; the file is damaged or from another network, resume from an earlier state')
 
 #----------------------------------------------------------------------------
 # One optimizer step: accumulation rounds (DDP syncs only on the last), the lr, non-finite

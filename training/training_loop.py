@@ -33,8 +33,8 @@ from training.config import ConfigError, batch_split
 from training.dataset import DeviceBatches, ImageFolderDataset, InfiniteSampler, dataset_nbytes
 from training.phema import PowerEMAs, save_phema_snapshots
 from training.snapshot_grid import save_sample_grid
-from training.train_step import (ema_beta, flatten_gradients, learning_rate, make_optimizer, optimizer_step, step_seed,
-    update_ema)
+from training.train_step import (ema_beta, flatten_gradients, learning_rate, load_optimizer_state, make_optimizer,
+    optimizer_step, step_seed, update_ema)
 from training.starting_point import check_resume_seed, read_transfer
 from training.training_state import find_resume_state, save_training_state
 
@@ -232,8 +232,7 @@ def _restore(net, ema, optimizer, state, path, seed, phema=None):
     try:
         net.load_state_dict(state['net'])
         ema.load_state_dict(state['ema'])
-        optimizer.load_state_dict(state['optimizer'])
-        _check_moments(optimizer, name)
+        load_optimizer_state(optimizer, state['optimizer'], name)
         if phema is not None:
             if state.get('phema') is None:
                 raise CheckpointError(f'{name} was written without --phema-std, so the post-hoc EMA profiles since '
@@ -242,20 +241,6 @@ def _restore(net, ema, optimizer, state, path, seed, phema=None):
     except (RuntimeError, ValueError, KeyError, TypeError) as err:
         raise CheckpointError(f'{name} does not fit the configured network '
             f'({str(err).strip().splitlines()[0][:200]}); resume with the options of the run that wrote it') from None
-
-# torch's Optimizer.load_state_dict maps the stored moments to parameters by position and checks
-# neither their shapes nor their count; a mismatch would otherwise surface in the middle of the
-# first step (a foreach or fused kernel given a tensor of another size), not as a file error.
-def _check_moments(optimizer, name):
-    for group in optimizer.param_groups:
-        for i, p in enumerate(group['params']):
-            for key, value in optimizer.state.get(p, {}).items():
-                tensor = isinstance(value, torch.Tensor)
-                if key == 'step' and (not tensor or value.numel() == 1) or tensor and value.shape == p.shape:
-                    continue
-                got = f'shape {list(value.shape)}' if tensor else f'the number {value!r}'
-                raise CheckpointError(f'{name}: Adam\'s {key} for parameter {i} is {got} where the network has shape '
-                    f'{list(p.shape)}; the file is damaged or from another network, resume from an earlier state')
 
 # (the DDP wrapper or the network itself, what the loss calls: that, compiled or not).
 def _wrap(net, device, compile):

@@ -1,6 +1,7 @@
 """Fast paths of the training step against their plain counterparts, bit for bit on the CPU:
 flattened gradients, sanitising per buffer, the multi-tensor EMA, the dataset on the device."""
 
+import copy
 import os
 
 import pytest
@@ -70,7 +71,7 @@ def test_optimizer_state_brings_moments_not_settings():
     written = make_optimizer(net.parameters(), 'cpu', 'fp32', lr=1e-3, betas=(0.9, 0.999), eps=1e-8)
     backward(net, seed=0)
     written.step()
-    saved = written.state_dict()
+    saved = copy.deepcopy(written.state_dict())  # state_dict() shares the live moments
     saved['param_groups'][0].update(betas=(float('nan'), 2.0), eps=-1.0, foreach=True, weight_decay=1e6, extra='x')
     resumed_net = small_net()
     resumed = make_optimizer(resumed_net.parameters(), 'cpu', 'fp32', lr=1e-3, betas=(0.9, 0.999), eps=1e-8)
@@ -83,10 +84,18 @@ def test_optimizer_state_brings_moments_not_settings():
     for p, q in pairs:
         for key in ('step', 'exp_avg', 'exp_avg_sq'):
             assert torch.equal(written.state[p][key], resumed.state[q][key]), key
-    saved = written.state_dict()
+    saved = copy.deepcopy(written.state_dict())
     saved['state'][2]['exp_avg_sq'] = torch.zeros(3)
     with pytest.raises(CheckpointError, match=r"state.pt: Adam's exp_avg_sq for parameter 2 is shape \[3\] where the network has shape \[8, 8, 1, 1\]"):
         load_optimizer_state(make_optimizer(small_net().parameters(), 'cpu', 'fp32', lr=1e-3), saved, 'state.pt')
+    for key, value, problem in [('step', torch.tensor(-1.0), 'is -1.0, not a count of steps'),
+            ('step', torch.tensor(1.5), 'is 1.5, not a count of steps'),
+            ('exp_avg', torch.full((8, 3, 3, 3), float('nan')), 'holds non-finite values'),
+            ('exp_avg_sq', torch.full((8, 3, 3, 3), -1.0), 'holds non-finite values or values below zero')]:
+        saved = copy.deepcopy(written.state_dict())
+        saved['state'][0][key] = value
+        with pytest.raises(CheckpointError, match=f"Adam's {key} for parameter 0 {problem};"):
+            load_optimizer_state(make_optimizer(small_net().parameters(), 'cpu', 'fp32', lr=1e-3), saved, 'state.pt')
 
 def test_device_batches_equal_the_data_loader(tmp_path):
     path = write_image_zip(tmp_path / 'd.zip', num_images=11, num_classes=3)

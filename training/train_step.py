@@ -6,6 +6,7 @@ the benchmark (`training.benchmark`) time the same step.
 """
 
 import contextlib
+import math
 
 import numpy as np
 import torch
@@ -110,12 +111,29 @@ def load_optimizer_state(optimizer, saved, name):
     for group in optimizer.param_groups:
         for i, p in enumerate(group['params']):
             for key, value in optimizer.state.get(p, {}).items():
-                tensor = isinstance(value, torch.Tensor)
-                if key == 'step' and (not tensor or value.numel() == 1) or tensor and value.shape == p.shape:
-                    continue
-                got = f'shape {list(value.shape)}' if tensor else f'the number {value!r}'
-                raise CheckpointError(f'{name}: Adam\'s {key} for parameter {i} is {got} where the network has shape '
-                    f'{list(p.shape)}; the file is damaged or from another network, resume from an earlier state')
+                problem = _moment_problem(key, value, p)
+                if problem is not None:
+                    raise CheckpointError(f"{name}: Adam's {key} for parameter {i} {problem}; the file is damaged "
+                        'or from another network, resume from an earlier state')
+
+def _moment_problem(key, value, p):
+    """None, or what is wrong with Adam's stored `key` of parameter p: a step count is a whole
+    number >= 0; a moment has p's shape and finite values, a second moment none below zero (its
+    square root is the denominator: one NaN there spreads to every weight it touches)."""
+    if key == 'step':
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1:
+                return f'has shape {list(value.shape)}, not one count'
+            value = value.item()
+        if not (math.isfinite(value) and value >= 0 and float(value).is_integer()):
+            return f'is {value!r}, not a count of steps'
+        return None
+    if not isinstance(value, torch.Tensor) or value.shape != p.shape:
+        got = f'shape {list(value.shape)}' if isinstance(value, torch.Tensor) else f'the number {value!r}'
+        return f'is {got} where the network has shape {list(p.shape)}'
+    if not torch.isfinite(value).all() or (key == 'exp_avg_sq' and (value < 0).any()):
+        return 'holds non-finite values' + (' or values below zero' if key == 'exp_avg_sq' else '')
+    return None
 
 #----------------------------------------------------------------------------
 # One optimizer step: accumulation rounds (DDP syncs only on the last), the lr, non-finite

@@ -239,42 +239,35 @@ def deep(levels):
         node = [node]
     return node
 
+# Each case: a change to a valid state, and the phrase of the check that must refuse it (its own
+# check, not an earlier one it happens to trip).
 BAD_FIELDS = {
-    'cur_nimg-float': lambda f: dict(cur_nimg=8.0),
-    'cur_nimg-string': lambda f: dict(cur_nimg='8'),
-    'cur_nimg-bool': lambda f: dict(cur_nimg=True, step=1, tick_start_nimg=0),
-    'cur_nimg-negative': lambda f: dict(cur_nimg=-8),
-    'cur_nimg-1e13': lambda f: dict(cur_nimg=10**13, tick_start_nimg=10**13),
-    'step-beyond-images': lambda f: dict(step=9),
-    'seed-negative': lambda f: dict(seed=-1),
-    'optimizer-groups-not-a-list': lambda f: dict(optimizer=dict(f['optimizer'], param_groups=5)),
-    'optimizer-extra-key': lambda f: dict(optimizer=dict(f['optimizer'], x=1)),
-    'optimizer-entry-not-a-dict': lambda f: dict(optimizer=dict(f['optimizer'], state={0: 5})),
-    'optimizer-unknown-parameter': lambda f: dict(optimizer=dict(f['optimizer'],
-        param_groups=[dict(f['optimizer']['param_groups'][0], params=[10**6])])),
-    'net-not-tensors': lambda f: dict(net={'a': 5}),
-    'ema-other-shapes': lambda f: dict(ema={k: v[:1] for k, v in f['ema'].items()}),
-    'deep-list': lambda f: dict(optimizer=dict(f['optimizer'], param_groups=[dict(f['optimizer']['param_groups'][0],
-        betas=deep(2000))])),
-    'stride0-tensor': lambda f: dict(net=dict(f['net'], **{k: torch.zeros(1).expand(v.shape) for k, v in f['net'].items()
-        if v.numel() > 1})),  # the right shapes, one stored element each
-}
-
-# What each case is refused for: its own check, not an earlier one it happens to trip.
-MATCHES = {
-    'cur_nimg-float': 'no valid cur_nimg', 'cur_nimg-string': 'no valid cur_nimg', 'cur_nimg-bool': 'no valid cur_nimg',
-    'cur_nimg-negative': 'no valid cur_nimg', 'cur_nimg-1e13': 'no valid cur_nimg', 'seed-negative': 'no valid seed',
-    'step-beyond-images': 'inconsistent counters', 'optimizer-groups-not-a-list': 'the optimizer state is not',
-    'optimizer-extra-key': 'the optimizer state is not', 'optimizer-entry-not-a-dict': 'an entry that is not',
-    'optimizer-unknown-parameter': 'one the network does not have', 'net-not-tensors': 'net is not a dict of named tensors',
-    'ema-other-shapes': 'differ in tensor names or shapes', 'deep-list': 'other than numbers, flags and names',
-    'stride0-tensor': 'not stored densely',
+    'cur_nimg-float': (lambda f: dict(cur_nimg=8.0), 'no valid cur_nimg'),
+    'cur_nimg-string': (lambda f: dict(cur_nimg='8'), 'no valid cur_nimg'),
+    'cur_nimg-bool': (lambda f: dict(cur_nimg=True, step=1, tick_start_nimg=0), 'no valid cur_nimg'),
+    'cur_nimg-negative': (lambda f: dict(cur_nimg=-8), 'no valid cur_nimg'),
+    'cur_nimg-1e13': (lambda f: dict(cur_nimg=10**13, tick_start_nimg=10**13), 'no valid cur_nimg'),
+    'step-beyond-images': (lambda f: dict(step=9), 'inconsistent counters'),
+    'seed-negative': (lambda f: dict(seed=-1), 'no valid seed'),
+    'optimizer-groups-not-a-list': (lambda f: dict(optimizer=dict(f['optimizer'], param_groups=5)),
+        'the optimizer state is not'),
+    'optimizer-extra-key': (lambda f: dict(optimizer=dict(f['optimizer'], x=1)), 'the optimizer state is not'),
+    'optimizer-entry-not-a-dict': (lambda f: dict(optimizer=dict(f['optimizer'], state={0: 5})), 'an entry that is not'),
+    'optimizer-unknown-parameter': (lambda f: dict(optimizer=dict(f['optimizer'],
+        param_groups=[dict(f['optimizer']['param_groups'][0], params=[10**6])])), 'one the network does not have'),
+    'net-not-tensors': (lambda f: dict(net={'a': 5}), 'net is not a dict of named tensors'),
+    'ema-other-shapes': (lambda f: dict(ema={k: v[:1] for k, v in f['ema'].items()}), 'differ in tensor names or shapes'),
+    'deep-list': (lambda f: dict(optimizer=dict(f['optimizer'], param_groups=[dict(f['optimizer']['param_groups'][0],
+        betas=deep(2000))])), 'other than numbers, flags and names'),
+    'stride0-tensor': (lambda f: dict(net=dict(f['net'], **{k: torch.zeros(1).expand(v.shape) for k, v in f['net'].items()
+        if v.numel() > 1})), 'not stored densely'),  # the right shapes, one stored element each
 }
 
 @pytest.mark.parametrize('case', sorted(BAD_FIELDS))
 def test_resume_skips_a_state_with_a_wrong_field(tmp_path, valid_fields, case):
     save_training_state(tmp_path / 'training-state-000000.pt', **valid_fields)
-    state = dict(format='fdm-training-state', version=2, **BAD_FIELDS[case](valid_fields))
+    change, refusal = BAD_FIELDS[case]
+    state = dict(format='fdm-training-state', version=2, **change(valid_fields))
     state.update({k: v for k, v in valid_fields.items() if k not in state})
     try:  # the digest our writer would give it, where there is one
         state['sha256'] = nested_digest(state)
@@ -288,7 +281,7 @@ def test_resume_skips_a_state_with_a_wrong_field(tmp_path, valid_fields, case):
         sys.setrecursionlimit(limit)
     with pytest.raises(CheckpointError) as info:
         load_training_state(str(tmp_path / 'training-state-000001.pt'))
-    assert MATCHES[case] in str(info.value), str(info.value)
+    assert refusal in str(info.value), str(info.value)
     with pytest.warns(UserWarning, match='skipping training-state-000001.pt'):
         chosen, state = find_resume_state(str(tmp_path))
     assert os.path.basename(chosen) == 'training-state-000000.pt' and state['cur_nimg'] == 8

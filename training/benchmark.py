@@ -26,7 +26,7 @@ from torch_utils.options import Range, option_type
 from torch_utils.training_stats import StatsCollector
 from training import generation
 from training.augment import AugmentPipe
-from training.config import AUGMENT_TRANSFORMS
+from training.config import AUGMENT_TRANSFORMS, TRAIN_RANGES
 from training.networks import ARCH_PRESETS
 from training.train_step import flatten_gradients, make_optimizer, optimizer_step, update_ema
 
@@ -147,24 +147,26 @@ def bench_features(batch, resolution, device, iters):
 
 #----------------------------------------------------------------------------
 
+POSITIVE_INT = option_type(Range(min=1, integer=True))
+
 @click.command()
 @click.option('--arch', type=click.Choice(sorted(ARCH_PRESETS)), default='ddpmpp', show_default=True)
 @click.option('--precond', type=click.Choice(sorted(METHODS)), default='fdm_edm', show_default=True)
-@click.option('--resolution', type=option_type(Range(min=1, integer=True)), default=32, show_default=True)
+@click.option('--resolution', type=POSITIVE_INT, default=32, show_default=True)
 @click.option('--cond', type=bool, default=True, show_default=True)
-@click.option('--cbase', type=option_type(Range(min=1, integer=True)), default=None)
+@click.option('--cbase', type=option_type(TRAIN_RANGES['cbase']), default=None)
 @click.option('--cres', type=str, default=None, help='e.g. 1,2,2,2')
-@click.option('--augment', help='Augmentation probability, as train.py', type=option_type(Range(min=0, max=1)), default=0.12, show_default=True)
-@click.option('--batch', help='Training batch per GPU', type=option_type(Range(min=1, integer=True)), default=128, show_default=True)
-@click.option('--sample-batch', type=option_type(Range(min=1, integer=True)), default=1024, show_default=True)
-@click.option('--feature-batch', type=option_type(Range(min=1, integer=True)), default=500, show_default=True)
-@click.option('--sample-steps', type=option_type(Range(min=1, integer=True)), default=18, show_default=True)
+@click.option('--augment', help='Augmentation probability, as train.py', type=option_type(TRAIN_RANGES['augment']), default=0.12, show_default=True)
+@click.option('--batch', help='Training batch per GPU', type=option_type(TRAIN_RANGES['batch_gpu']), default=128, show_default=True)
+@click.option('--sample-batch', type=POSITIVE_INT, default=1024, show_default=True)
+@click.option('--feature-batch', type=POSITIVE_INT, default=500, show_default=True)
+@click.option('--sample-steps', type=POSITIVE_INT, default=18, show_default=True)
 @click.option('--precision', type=click.Choice(list(precision_lib.PRECISIONS)), default='fp32', show_default=True)
 @click.option('--compile', 'compile_net', is_flag=True, help='torch.compile the network (training and sampling)')
 @click.option('--compile-mode', type=click.Choice(COMPILE_MODES), default='default',
     show_default=True, help='torch.compile mode; reduce-overhead uses CUDA graphs')
 @click.option('--channels-last', is_flag=True)
-@click.option('--iters', type=option_type(Range(min=1, integer=True)), default=20, show_default=True)
+@click.option('--iters', type=POSITIVE_INT, default=20, show_default=True)
 @click.option('--peak-tflops', type=option_type(Range(min=0, min_open=True)), default=None, help='Peak FLOP/s of the device for MFU  [default: 790 on CUDA (H100 bf16 dense), none on CPU]')
 @click.option('--small', is_flag=True, help='A tiny configuration that runs in seconds on a CPU')
 @click.option('--device', type=str, default=None)

@@ -16,6 +16,7 @@ import torch
 from torch_utils.fileio import write_json
 from torch_utils.options import Range, option_type
 from training import digits_pipeline as dp
+from training.config import TRAIN_RANGES
 
 #----------------------------------------------------------------------------
 
@@ -24,7 +25,7 @@ from training import digits_pipeline as dp
 @click.option('--kimg', help='Training images (thousands)', metavar='KIMG', type=option_type(Range(min=0, min_open=True)), default=60, show_default=True)
 @click.option('--precond', help='Preconditioner', type=click.Choice(sorted(dp.PRECONDS)), default='fdm_edm', show_default=True)
 @click.option('--per-class', help='Samples per class to score', metavar='INT', type=option_type(Range(min=2, integer=True)), default=50, show_default=True)
-@click.option('--seed', help='Training seed', metavar='INT', type=option_type(Range(min=0, max=2**31 - 1, integer=True)), default=0, show_default=True)
+@click.option('--seed', help='Training seed', metavar='INT', type=option_type(TRAIN_RANGES['seed']), default=0, show_default=True)
 @click.option('--smoke', help='A short run (2 kimg, 10 samples per class) that checks the pipeline', is_flag=True)
 def main(outdir, kimg, precond, per_class, seed, smoke):
     """Train and evaluate a small class-conditional model on the embedded digits."""

@@ -20,6 +20,7 @@ from torch_utils.digits import WEIGHTS as DIGITS_WEIGHTS
 from torch_utils.fileio import atomic_write, write_json
 from torch_utils.options import Range, option_type
 from training import digits_pipeline as dp, plots, tables
+from training.config import TRAIN_RANGES
 
 METHODS = ['edm', 'fdm_edm', 'vp', 'fdm_vp', 've', 'fdm_ve']
 
@@ -56,8 +57,8 @@ def evaluate_runs(outdir, methods, ref, per_class, min_kimg, device):
 @click.option('--evals', help='FD-digits evaluations per run, evenly spaced', metavar='INT', type=option_type(Range(min=1, integer=True)), default=4, show_default=True)
 @click.option('--per-class', help='Samples per class for each FD-digits', metavar='INT', type=option_type(Range(min=2, integer=True)), default=100, show_default=True)
 @click.option('--methods', help='Comma-separated subset of ' + ','.join(METHODS), metavar='LIST', type=str, default=','.join(METHODS), show_default=True)
-@click.option('--seed', help='Seed shared by all runs', metavar='INT', type=option_type(Range(min=0, max=2**31 - 1, integer=True)), default=0, show_default=True)
-@click.option('--batch', help='Batch size', metavar='INT', type=option_type(Range(min=1, integer=True)), default=128, show_default=True)
+@click.option('--seed', help='Seed shared by all runs', metavar='INT', type=option_type(TRAIN_RANGES['seed']), default=0, show_default=True)
+@click.option('--batch', help='Batch size', metavar='INT', type=option_type(TRAIN_RANGES['batch']), default=128, show_default=True)
 @click.option('--smoke', help='Tiny budget, for a CPU check of the whole procedure', is_flag=True)
 def main(outdir, kimg, evals, per_class, methods, seed, batch, smoke):
     """Train baseline/FDM pairs on the digits and tabulate FD-digits against training images."""

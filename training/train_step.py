@@ -108,8 +108,7 @@ def load_optimizer_state(optimizer, saved, name):
         params = group['params']
         group.clear()
         group.update(own, params=params)
-    for group in optimizer.param_groups:
-        for i, p in enumerate(group['params']):
+        for i, p in enumerate(params):
             for key, value in optimizer.state.get(p, {}).items():
                 problem = _moment_problem(key, value, p)
                 if problem is not None:

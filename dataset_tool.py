@@ -1,5 +1,5 @@
 """Convert image folders, zips, CIFAR-10 and MNIST archives into the dataset layout that
-training/dataset.py reads:
+training/data/dataset.py reads:
 
     python dataset_tool.py --source=downloads/cifar10/cifar-10-python.tar.gz --dest=datasets/cifar10-32x32.zip
     python dataset_tool.py --source=downloads/ffhq/images1024x1024 --dest=datasets/ffhq-64x64.zip --resolution=64x64
@@ -7,15 +7,15 @@ training/dataset.py reads:
 
 The output is an uncompressed zip (or a new folder) of PNGs named 00000/img00000000.png, ...
 plus dataset.json with the labels. It appears under its final name only once complete.
-The readers live in training/dataset_sources.py, the writer in training/dataset_writer.py.
+The readers live in training/data/sources.py, the writer in training/data/writer.py.
 """
 
 import click
 
 from torch_utils.errors import UserError
-from torch_utils.options import Range, option_type
-from training.dataset_sources import DatasetToolError, parse_resolution
-from training.dataset_writer import convert_dataset
+from torch_utils.cli.options import Range, option_type
+from training.data.sources import DatasetToolError, parse_resolution
+from training.data.writer import convert_dataset
 
 #----------------------------------------------------------------------------
 

@@ -9,22 +9,22 @@ and the three-seed-range protocol.
 `gen` (and `protocol --network`) score images straight from the sampler, quantised to uint8
 exactly as generate.py saves them, so they give the FID of the PNGs without writing them.
 Without torchrun everything runs in one process, on the GPU if there is one, else on the CPU.
-The work is done by training/evaluation.py and torch_utils/feature_stats.py.
+The work is done by training/evaluation/fid.py and training/evaluation/feature_stats.py.
 """
 
 import click
 
 from torch_utils import precision as precision_lib
-from torch_utils.compile_modes import COMPILE_MODES, resolve_compile_mode
-from torch_utils.errors import run_command
-from training import evaluation
-from torch_utils.options import Range, option_type
-from training.generation import SAMPLER_RANGES, parse_seeds
+from torch_utils.cli.compile_modes import COMPILE_MODES, resolve_compile_mode
+from torch_utils.cli.command import run_command
+from training.evaluation import fid as evaluation
+from torch_utils.cli.options import Range, option_type
+from training.evaluation.generation import SAMPLER_RANGES, parse_seeds
 
 #----------------------------------------------------------------------------
 # Command line.
 
-# fid.py's own numeric options (the sampler's ranges are training/generation.py's); seeds are taken mod 2^31.
+# fid.py's own numeric options (the sampler's ranges are training/evaluation/generation.py's); seeds are taken mod 2^31.
 FID_RANGES = dict(workers=Range(min=0, integer=True), batch=Range(min=1, integer=True), num=Range(min=2, integer=True),
     seed=Range(min=0, integer=True))
 

@@ -6,16 +6,16 @@
 Each image depends only on its seed and the network: per-seed random generators make it the
 same whatever the batch size or the number of processes (up to the last bits of float rounding
 on a CPU, whose kernels depend on the batch shape). Without torchrun it runs in one process, on
-the GPU if there is one, else on the CPU. The work is done by training/generation.py.
+the GPU if there is one, else on the CPU. The work is done by training/evaluation/generation.py.
 """
 
 import click
 
 from torch_utils import precision as precision_lib
-from torch_utils.compile_modes import COMPILE_MODES
-from torch_utils.errors import run_command
-from torch_utils.options import Range, option_type
-from training.generation import SAMPLER_RANGES, generate, parse_seeds
+from torch_utils.cli.compile_modes import COMPILE_MODES
+from torch_utils.cli.command import run_command
+from torch_utils.cli.options import Range, option_type
+from training.evaluation.generation import SAMPLER_RANGES, generate, parse_seeds
 
 #----------------------------------------------------------------------------
 

@@ -15,9 +15,9 @@ import warnings
 import click
 
 from torch_utils import distributed
-from torch_utils.compile_modes import COMPILE_MODES
+from torch_utils.cli.compile_modes import COMPILE_MODES
 from torch_utils.errors import UserError, one_line
-from torch_utils.options import option_type
+from torch_utils.cli.options import option_type
 from training.config import TRAIN_RANGES, parse_cres, setup_training_config
 from training.run_dir import next_run_dir, open_run_dir
 

@@ -5,7 +5,8 @@
 - `preconditioning`: D(x; sigma) for VP, VE, iDDPM, EDM and FDM-VP/VE/EDM.
 - `loss`: VP, VE and EDM losses with FDM's loss-weight warmup.
 - `samplers`, `dpm_solver`: EDM Heun, EDM's ablation sampler, DPM-Solver++ (one signature).
-- `checkpoint`: our safe snapshot format and reading reference EDM/FDM pickles.
+- `networks`: the U-Nets F that the preconditioners wrap (DDPM++, NCSN++, ADM).
+- `io`: network files: our safe snapshot format (.pt, .safetensors) and reference EDM/FDM pickles, read without running them.
 """
 
 from fdm.momentum import momentum_scale
@@ -14,7 +15,7 @@ from fdm.preconditioning import (PRECOND_CLASSES, EDMPrecond, FDM_EDMPrecond, FD
 from fdm.loss import EDMLoss, VELoss, VPLoss, build_loss, warmup_clamp
 from fdm.samplers import SAMPLERS, PerSeedGenerator, ablation_sampler, edm_sampler
 from fdm.dpm_solver import dpm_solver_sampler
-from fdm.checkpoint import CheckpointError, load_network, load_network_file, save_snapshot
+from fdm.io.network_files import CheckpointError, load_network, load_network_file, save_snapshot
 
 __all__ = [
     'momentum_scale', 'Precond', 'VPPrecond', 'VEPrecond', 'iDDPMPrecond', 'EDMPrecond', 'FDM_VPPrecond',

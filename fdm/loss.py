@@ -15,7 +15,7 @@ import numpy as np
 import torch
 
 from fdm.schedules import iddpm_sigmas, vp_sigma
-from torch_utils.options import Range
+from torch_utils.cli.options import Range
 
 #----------------------------------------------------------------------------
 # The warmup clamp at optimizer step `step` (0-based), or None once the warmup is over.

@@ -10,7 +10,7 @@ any schedule. The class names of the reference codebases (`EDMPrecond`,
 Every class is constructed with keyword arguments only, exactly as the reference
 train.py does: `img_resolution, img_channels, label_dim=0, use_fp16=False,
 model_type=...`, the schedule parameters listed in the class's `defaults`, and any
-other keyword goes to the U-Net (`training.networks`).
+other keyword goes to the U-Net (`fdm.networks`).
 """
 
 import warnings
@@ -19,7 +19,7 @@ import torch
 
 from fdm.momentum import momentum_scale
 from fdm.schedules import iddpm_sigmas, nearest_index, vp_sigma, vp_sigma_inv, vp_sigma_range
-from training.networks import NETWORK_CLASSES  # F itself: the U-Nets are machinery, shared with EDM, not FDM's method
+from fdm.networks import NETWORK_CLASSES  # F itself: the U-Nets are machinery, shared with EDM, not FDM's method
 
 #----------------------------------------------------------------------------
 # Raised (as a warning) for an option that the chosen preconditioner ignores.

@@ -25,7 +25,7 @@ bench)  # The issue's configuration (DDPM++ cond. CIFAR-10 FDM-EDM, batch 128 pe
     for args in "--precision=fp32" "--precision=tf32" "--precision=bf16 --channels-last" \
             "--precision=bf16 --channels-last --compile" "--precision=bf16 --channels-last --compile --compile-mode=reduce-overhead"; do
         echo "== benchmark $args" | tee -a "$out/benchmark.md"
-        timeout 240 python -m training.benchmark $args 2>&1 | tail -14 | tee -a "$out/benchmark.md"
+        timeout 240 python -m training.tools.benchmark $args 2>&1 | tail -14 | tee -a "$out/benchmark.md"
     done
     grep -E "^== |img/s|peak memory|utilisation|first training" "$out/benchmark.md" >> "$summary"
     ;;
@@ -54,9 +54,9 @@ fid)
     ;;
 generate)  # generate.py end to end: 4,096 images of a random-weight DDPM++ CIFAR-10 net, 18 steps.
     python - <<'PY'
-from fdm.checkpoint import save_snapshot
+from fdm.io.network_files import save_snapshot
 from fdm.preconditioning import build_precond
-from training.networks import ARCH_PRESETS
+from fdm.networks import ARCH_PRESETS
 net = build_precond('FDM_EDMPrecond', img_resolution=32, img_channels=3, label_dim=10, augment_dim=9, dropout=0.13,
     **ARCH_PRESETS['ddpmpp'])
 save_snapshot('gpu-data/ddpmpp-cifar-random.pt', net)
@@ -71,7 +71,7 @@ PY
     ;;
 mini)  # The paper's claim in miniature, 200 kimg per method.
     mkdir -p "$out/mini/datasets" && cp gpu-data/datasets/digits-16x16.zip "$out/mini/datasets/"
-    timeout 590 python -m training.mini_repro --outdir="$out/mini" --kimg=200 --evals=4 > "$out/mini.log" 2>&1
+    timeout 590 python -m training.tools.mini_repro --outdir="$out/mini" --kimg=200 --evals=4 > "$out/mini.log" 2>&1
     cat "$out/mini/results.md" >> "$summary" 2>/dev/null
     ;;
 *)

@@ -19,10 +19,10 @@ nvidia-smi --query-gpu=name,memory.total --format=csv 2>/dev/null | tee "$summar
 python - "$data" "$n" <<'PY'
 import io, sys, zipfile
 import numpy as np, PIL.Image, torch
-from torch_utils.inception import FIDInceptionV3
-from fdm.checkpoint import save_snapshot
+from training.evaluation.inception import FIDInceptionV3
+from fdm.io.network_files import save_snapshot
 from fdm.preconditioning import build_precond
-from training.networks import ARCH_PRESETS
+from fdm.networks import ARCH_PRESETS
 data, n = sys.argv[1], int(sys.argv[2])
 torch.manual_seed(0)
 inception = FIDInceptionV3()
@@ -53,7 +53,7 @@ done
 python - "$data" "$det" "$n" <<'PY' 2>&1 | tee -a "$summary"
 import sys, warnings, torch
 from training import evaluation as fid
-from training.dataset import ImageFolderDataset
+from training.data.dataset import ImageFolderDataset
 data, det_path, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
 det = fid.load_detector(det_path, device=device, verbose=False)

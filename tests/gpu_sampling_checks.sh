@@ -23,7 +23,7 @@ import sys, time
 import numpy as np, torch
 from training import generation as generate
 from fdm.preconditioning import build_precond
-from training.networks import ARCH_PRESETS
+from fdm.networks import ARCH_PRESETS
 small = bool(sys.argv[1])
 device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
 torch.manual_seed(0)
@@ -77,9 +77,9 @@ PY
 if [ -z "${SMALL:-}" ]; then
     python - <<'PY'
 import torch
-from fdm.checkpoint import save_snapshot
+from fdm.io.network_files import save_snapshot
 from fdm.preconditioning import build_precond
-from training.networks import ARCH_PRESETS
+from fdm.networks import ARCH_PRESETS
 torch.manual_seed(0)
 net = build_precond('FDM_EDMPrecond', img_resolution=32, img_channels=3, label_dim=10, augment_dim=9, dropout=0.13,
     **ARCH_PRESETS['ddpmpp'])

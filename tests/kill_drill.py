@@ -35,8 +35,8 @@ for _path in (ROOT, TESTS):
 import torch  # noqa: E402
 
 from conftest import write_image_zip  # noqa: E402
-from fdm.checkpoint import CheckpointError, load_network_file  # noqa: E402
-from training.training_state import STATE_NAME, load_training_state  # noqa: E402
+from fdm.io.network_files import CheckpointError, load_network_file  # noqa: E402
+from training.checkpoint.training_state import STATE_NAME, load_training_state  # noqa: E402
 
 #----------------------------------------------------------------------------
 # One training process, watched line by line.

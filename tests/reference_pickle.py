@@ -11,7 +11,8 @@ import numpy as np
 import torch
 
 import dnnlib
-from torch_utils import persistence, safe_pickle
+from torch_utils import persistence
+from torch_utils.io import safe_pickle
 
 # A writer of the reference format (torch_utils.persistence of NVlabs/edm): every module except
 # the torch containers reduces to _reconstruct_persistent_obj(meta) with its source and state.

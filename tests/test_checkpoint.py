@@ -12,8 +12,8 @@ import torch
 from click.testing import CliRunner
 
 import fdm
-from fdm.checkpoint import CheckpointError, load_network_file, save_snapshot
-from fdm.convert import main as convert_main
+from fdm.io.network_files import CheckpointError, load_network_file, save_snapshot
+from training.tools.convert import main as convert_main
 from fdm.preconditioning import PRECOND_CLASSES
 from reference_pickle import MARKER_SOURCE, write_reference_pickle
 

@@ -8,7 +8,7 @@ import torch
 
 from conftest import write_image_zip
 from train_helpers import assert_same_state, loop_config, reference_sanitize, small_net
-from training.dataset import DeviceBatches, ImageFolderDataset, InfiniteSampler
+from training.data.dataset import DeviceBatches, ImageFolderDataset, InfiniteSampler
 from training.train_step import flatten_gradients, gradient_buffers, sanitize_gradients, update_ema
 from training.training_loop import training_loop
 

@@ -12,7 +12,7 @@ import PIL.Image
 import pytest
 import torch
 
-from training.dataset import DatasetError, ImageFolderDataset, InfiniteSampler
+from training.data.dataset import DatasetError, ImageFolderDataset, InfiniteSampler
 
 # Written out of order and nested, so the sorted relative paths are
 # a/img1.png, a/img10.png, b/img2.png, c.png.

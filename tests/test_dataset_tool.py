@@ -1,6 +1,6 @@
-"""Dataset conversion (training/dataset_sources.py, training/dataset_writer.py, and the
+"""Dataset conversion (training/data/sources.py, training/data/writer.py, and the
 dataset_tool.py command line) on tiny fake sources (CIFAR-10 tarball, MNIST idx, folders, zips)
-written inside each test; every result is read back with training/dataset.py's ImageFolderDataset."""
+written inside each test; every result is read back with training/data/dataset.py's ImageFolderDataset."""
 
 import _codecs
 
@@ -19,10 +19,10 @@ import pytest
 from click.testing import CliRunner
 
 import dataset_tool
-from training import dataset_writer
-from training.dataset import ImageFolderDataset
-from training.dataset_sources import DatasetToolError, parse_resolution
-from training.dataset_writer import convert_dataset
+from training.data import writer as dataset_writer
+from training.data.dataset import ImageFolderDataset
+from training.data.sources import DatasetToolError, parse_resolution
+from training.data.writer import convert_dataset
 
 #----------------------------------------------------------------------------
 # Helpers.

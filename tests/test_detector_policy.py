@@ -17,9 +17,10 @@ from click.testing import CliRunner
 
 import fid
 import torch_utils.persistence
-from torch_utils import download, inception
+from torch_utils.io import download
+from training.evaluation import inception
 from torch_utils.errors import one_line
-from torch_utils.inception import DetectorError, load_detector
+from training.evaluation.inception import DetectorError, load_detector
 
 #----------------------------------------------------------------------------
 # Hostile detectors: TorchScript that creates a marker file with torch.from_file(shared=True),

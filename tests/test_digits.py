@@ -10,11 +10,11 @@ from click.testing import CliRunner
 pytest.importorskip('sklearn')
 
 import fid
-from torch_utils import digits
-from torch_utils.feature_stats import load_stats
-from training import mini_repro
-from training.dataset import ImageFolderDataset
-from training.dataset_writer import convert_dataset
+from training.evaluation import digits
+from training.evaluation.feature_stats import load_stats
+from training.tools import mini_repro
+from training.data.dataset import ImageFolderDataset
+from training.data.writer import convert_dataset
 
 @pytest.mark.parametrize('resolution', [16, 32])
 def test_digits_source(tmp_path, resolution):

@@ -13,14 +13,14 @@ import torch
 from click.testing import CliRunner
 
 import generate
-from fdm.checkpoint import save_snapshot
+from fdm.io.network_files import save_snapshot
 from fdm.dpm_solver import dpm_solver_sampler
 from fdm.preconditioning import iDDPMPrecond
 from fdm.samplers import (PerSeedGenerator, _ablation_schedule, _ablation_sigma_steps, ablation_sampler,
     ablation_sigma_range, edm_sampler)
 from fdm.schedules import edm_sigma_steps, iddpm_sigmas
-from torch_utils.compile_modes import COMPILE_MODES
-from training import generation
+from torch_utils.cli.compile_modes import COMPILE_MODES
+from training.evaluation import generation
 
 pytestmark = pytest.mark.usefixtures('one_thread')  # see conftest.py
 

@@ -9,8 +9,8 @@ import torch
 
 from conftest import write_image_zip
 from train_helpers import assert_same_state, backward, loop_config, reference_sanitize, small_net
-from training.dataset import DeviceBatches, ImageFolderDataset, InfiniteSampler
-from fdm.checkpoint import CheckpointError
+from training.data.dataset import DeviceBatches, ImageFolderDataset, InfiniteSampler
+from fdm.io.network_files import CheckpointError
 from training.train_step import (flatten_gradients, gradient_buffers, load_optimizer_state, make_optimizer,
     sanitize_gradients, update_ema)
 from training.training_loop import training_loop
@@ -126,12 +126,12 @@ def test_training_with_the_dataset_on_the_device_is_identical(tmp_path, tiny_zip
 def test_train_py_opens_the_dataset_and_reads_the_resume_state_once(tmp_path, tiny_zip, monkeypatch):
     # The option check opens the dataset and reads the state; the loop is handed both.
     import training.config
-    import training.training_state
+    import training.checkpoint.training_state
     from conftest import run_train_cli
     opened, loads = [], []
-    original_init, original_load = ImageFolderDataset.__init__, training.training_state.load_plain
+    original_init, original_load = ImageFolderDataset.__init__, training.checkpoint.training_state.load_plain
     monkeypatch.setattr(ImageFolderDataset, '__init__', lambda self, *a, **k: opened.append(a) or original_init(self, *a, **k))
-    monkeypatch.setattr(training.training_state, 'load_plain', lambda *a, **k: loads.append(a) or original_load(*a, **k))
+    monkeypatch.setattr(training.checkpoint.training_state, 'load_plain', lambda *a, **k: loads.append(a) or original_load(*a, **k))
     args = ['--outdir', tmp_path / 'run', '--nosubdir', '--data', tiny_zip, '--cond=1', '--cbase=8', '--cres=1',
         '--batch=8', '--tick=0.008', '--workers=0', '--grid-images=0', '--seed=3']
     assert run_train_cli(*args, '--duration=0.000008').exit_code == 0

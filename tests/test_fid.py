@@ -21,14 +21,15 @@ import torch.nn.functional as F
 from click.testing import CliRunner
 
 import fid
-import torch_utils.inception as inception_module
+import training.evaluation.inception as inception_module
 import torch_utils.persistence
 from conftest import ROOT, write_image_zip
-from torch_utils import feature_stats
+from training.evaluation import feature_stats
 from torch_utils.errors import one_line
-from torch_utils.inception import DetectorError, FIDInceptionV3, load_detector
-from training import evaluation, generation
-from training.dataset import DatasetError, ImageFolderDataset
+from training.evaluation.inception import DetectorError, FIDInceptionV3, load_detector
+from training.evaluation import fid as evaluation
+from training.evaluation import generation
+from training.data.dataset import DatasetError, ImageFolderDataset
 
 #----------------------------------------------------------------------------
 # Helpers: image folders and a tiny TorchScript detector with the reference calling convention
@@ -542,7 +543,7 @@ def test_pickle_calling_os_system_is_refused_without_running(tmp_path):
 def tiny_network(make_tiny_net):
     """tiny_network(path, img_channels=3, label_dim=0): an untrained tiny snapshot at path."""
     def save(path, img_channels=3, label_dim=0):
-        from fdm.checkpoint import save_snapshot
+        from fdm.io.network_files import save_snapshot
         save_snapshot(path, make_tiny_net(img_channels=img_channels, label_dim=label_dim, wake=0))
         return str(path)
     return save

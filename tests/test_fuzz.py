@@ -32,18 +32,18 @@ from hypothesis import strategies as st
 
 import train
 from conftest import write_image_zip
-from fdm.checkpoint import FORMAT_NAME, CheckpointError, load_network_file, save_snapshot
+from fdm.io.network_files import FORMAT_NAME, CheckpointError, load_network_file, save_snapshot
 from fdm.preconditioning import PRECOND_CLASSES
 from reference_pickle import (NONE, assembled, attributes, guarded_objects, op_build, op_bytes, op_call, op_dict, op_dtype,
     op_global, op_int, op_tuple, op_unicode, write_reference_pickle)
 from torch_utils import persistence
-from torch_utils.feature_stats import FIDError, load_stats, save_stats
-from torch_utils.fileio import is_dense, tensors_digest
-from torch_utils.safe_pickle import ALLOWED_GLOBALS, ARRAY_GLOBALS, restricted_load
+from training.evaluation.feature_stats import FIDError, load_stats, save_stats
+from torch_utils.io.files import is_dense, tensors_digest
+from torch_utils.io.safe_pickle import ALLOWED_GLOBALS, ARRAY_GLOBALS, restricted_load
 from training.config import MAX_LIST_ITEMS, parse_cres
-from training.dataset import DatasetError, ImageFolderDataset
-from training.generation import parse_seeds
-from training.training_state import find_resume_state, load_training_state, save_training_state
+from training.data.dataset import DatasetError, ImageFolderDataset
+from training.evaluation.generation import parse_seeds
+from training.checkpoint.training_state import find_resume_state, load_training_state, save_training_state
 
 EXAMPLES = int(os.environ.get('FDM_FUZZ_EXAMPLES', '100'))
 fuzz = settings(max_examples=EXAMPLES, deadline=None, database=None, derandomize='FDM_FUZZ_EXAMPLES' not in os.environ,
@@ -201,7 +201,7 @@ def test_fuzz_dataset_json(work, image_folder, text, prefix):
     write(image_folder / 'dataset.json', prefix + text.encode('utf-8', 'surrogatepass'))
     check_dataset(image_folder, work / 'runs', cond=True)
 
-# training/dataset.py is not ours: these are what fuzzing found there, for its owner. train.py
+# training/data/dataset.py is not ours: these are what fuzzing found there, for its owner. train.py
 # turns each into a clear error already (see check_dataset).
 READER_DAMAGE = ['zip-version-17-in-directory', 'bad-crc-dataset-json', 'utf8-flag-bad-name']
 
@@ -599,7 +599,7 @@ class _no_warning:
         return False
 
 #----------------------------------------------------------------------------
-# FID reference statistics (torch_utils.feature_stats.load_stats, read-only here).
+# FID reference statistics (training.evaluation.feature_stats.load_stats, read-only here).
 
 @pytest.fixture(scope='module')
 def valid_npz(work):

@@ -18,9 +18,9 @@ from click.testing import CliRunner
 import dnnlib
 import generate
 from conftest import ROOT, free_port
-from fdm.checkpoint import save_snapshot
+from fdm.io.network_files import save_snapshot
 from fdm.samplers import ablation_sampler, dpm_solver_sampler, edm_sampler
-from training import generation
+from training.evaluation import generation
 
 pytestmark = pytest.mark.usefixtures('one_thread')  # see conftest.py
 
@@ -197,9 +197,9 @@ UMASK_SCRIPT = """
 import sys
 import numpy as np
 from fdm import load_network, save_snapshot
-from torch_utils.feature_stats import save_stats
-from training.generation import generate
-from training.snapshot_grid import save_sample_grid
+from training.evaluation.feature_stats import save_stats
+from training.evaluation.generation import generate
+from training.evaluation.snapshot_grid import save_sample_grid
 network, out = sys.argv[1:]
 generate(network, out + '/images', seeds=range(2), subdirs=True, num_steps=1, grid=out + '/grid.png', device='cpu', verbose=False)
 net = load_network(network)

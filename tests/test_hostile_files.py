@@ -16,12 +16,12 @@ import torch
 
 import fdm
 from conftest import ROOT
-from fdm.checkpoint import FORMAT_NAME, CheckpointError, load_network_file, save_snapshot
+from fdm.io.network_files import FORMAT_NAME, CheckpointError, load_network_file, save_snapshot
 from reference_pickle import (FALSE, NONE, TRUE, assembled, attributes, guarded_objects, op_build, op_bytes, op_call, op_dict,
     op_dtype, op_global, op_int, op_tuple, op_unicode, write_reference_pickle)
-from torch_utils.fileio import nested_digest, tensors_digest
-from torch_utils.safe_pickle import ARRAY_GLOBALS, UnsafePickleError, restricted_load
-from training.training_state import find_resume_state, load_training_state, save_training_state
+from torch_utils.io.files import nested_digest, tensors_digest
+from torch_utils.io.safe_pickle import ARRAY_GLOBALS, UnsafePickleError, restricted_load
+from training.checkpoint.training_state import find_resume_state, load_training_state, save_training_state
 
 # A tiny denoiser without attention: its tensors do not depend on img_resolution.
 @pytest.fixture(scope='module')

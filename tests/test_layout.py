@@ -1,7 +1,10 @@
-"""The layout rule, read from the source with ast: scripts -> training/ -> fdm/ -> torch_utils/, dnnlib/.
+"""The layout rule, read from the source with ast.
 
-Imports only point down, including imports inside functions; the top-level scripts are
-command lines that nothing imports except tests that drive their command line.
+Top-level packages import only downwards: scripts -> training/ -> fdm/ -> torch_utils/ -> dnnlib/.
+Inside them, each folder (package or sub-package) is a unit, and the units form no cycle: a
+package may re-export its own sub-packages from __init__.py, nothing else points back up. Imports
+inside functions count too. The top-level scripts are command lines that nothing imports except
+tests that drive their command line.
 """
 
 import ast
@@ -13,7 +16,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SCRIPTS = {'train', 'generate', 'fid', 'dataset_tool'}
 PACKAGES = ['training', 'fdm', 'torch_utils', 'dnnlib']
 
-# What each package may import from this repository.
+# What each top-level package may import from this repository.
 ALLOWED = dict(
     training={'training', 'fdm', 'torch_utils', 'dnnlib'},
     fdm={'fdm', 'torch_utils', 'dnnlib'},
@@ -21,12 +24,18 @@ ALLOWED = dict(
     dnnlib={'dnnlib'},
 )
 
-# The one import across the rule: the preconditioner D builds its U-Net F, and the U-Nets live in
-# training/networks.py by the project's layout (they know nothing of diffusion).
-EXCEPTIONS = {('fdm/preconditioning.py', 'training.networks')}
-
 # Tests may use a script only through its command line (click's main, or a subprocess).
 SCRIPT_CLI_NAMES = {'main'}
+
+# Every folder of a package that holds Python files, as a dotted name ('training.data').
+def units():
+    found = []
+    for package in PACKAGES:
+        for folder, dirs, files in os.walk(os.path.join(ROOT, package)):
+            dirs[:] = sorted(d for d in dirs if d != '__pycache__')
+            if '__init__.py' in files:
+                found.append(os.path.relpath(folder, ROOT).replace(os.sep, '.'))
+    return found
 
 def python_files(folder):
     for name in sorted(os.listdir(os.path.join(ROOT, folder))):
@@ -47,7 +56,7 @@ def imported_modules(path):
                 yield (f'{base}.{node.module}' if node.module else base), node.lineno
             else:
                 yield node.module, node.lineno
-                # `from training import dataset` imports the module training.dataset.
+                # `from training import data` imports the module training.data.
                 for alias in node.names:
                     yield f'{node.module}.{alias.name}', node.lineno
 
@@ -55,17 +64,51 @@ def ours(module):
     top = module.split('.')[0]
     return top if top in SCRIPTS or top in ALLOWED else None
 
+# The unit a module belongs to: the longest unit name that prefixes it.
+def unit_of(module, all_units):
+    parts = module.split('.')
+    for k in range(len(parts), 0, -1):
+        if '.'.join(parts[:k]) in all_units:
+            return '.'.join(parts[:k])
+    return None
+
 @pytest.mark.parametrize('package', PACKAGES)
 def test_packages_import_only_downwards(package):
     wrong = []
-    for path in python_files(package):
-        for module, line in imported_modules(path):
-            top = ours(module)
-            if top is None or any(path == p and (module == m or module.startswith(m + '.')) for p, m in EXCEPTIONS):
-                continue
-            if top not in ALLOWED[package]:
-                wrong.append(f'{path}:{line} imports {module}')
+    for unit in units():
+        if unit.split('.')[0] != package:
+            continue
+        for path in python_files(unit.replace('.', '/')):
+            for module, line in imported_modules(path):
+                top = ours(module)
+                if top is not None and top not in ALLOWED[package]:
+                    wrong.append(f'{path}:{line} imports {module}')
     assert not wrong, 'imports that point upwards:\n' + '\n'.join(wrong)
+
+def test_no_cycle_between_folders():
+    all_units = set(units())
+    edges = {u: set() for u in all_units}
+    for unit in all_units:
+        for path in python_files(unit.replace('.', '/')):
+            for module, _line in imported_modules(path):
+                target = unit_of(module, all_units) if ours(module) else None
+                reexport = path.endswith('/__init__.py') and target is not None and target.startswith(unit + '.')
+                if target is not None and target != unit and not reexport:
+                    edges[unit].add(target)
+    # Depth-first search for a back edge.
+    state, cycles = {}, []
+    def visit(u, trail):
+        state[u] = 'open'
+        for v in sorted(edges[u]):
+            if state.get(v) == 'open':
+                cycles.append(' -> '.join(trail[trail.index(v):] + [v]))
+            elif v not in state:
+                visit(v, trail + [v])
+        state[u] = 'done'
+    for u in sorted(all_units):
+        if u not in state:
+            visit(u, [u])
+    assert not cycles, 'import cycles between folders:\n' + '\n'.join(cycles)
 
 def test_tests_use_scripts_only_through_their_command_line():
     wrong = []

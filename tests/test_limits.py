@@ -1,5 +1,5 @@
 """Small inputs that claim huge sizes, and special files: each is refused up front with one line,
-at a cost that follows the file, not its claims (training/dataset.py, training/dataset_sources.py,
+at a cost that follows the file, not its claims (training/data/dataset.py, training/data/sources.py,
 fdm/loss.py). Children that could exhaust memory run under an address-space limit; children that
 could hang run under a timeout."""
 
@@ -21,8 +21,8 @@ from click.testing import CliRunner
 import dataset_tool
 from conftest import ROOT
 from fdm.loss import warmup_clamp
-from torch_utils.options import OptionError
-from training.dataset import MAX_CLASSES, MAX_IMAGE_PIXELS, DatasetError, ImageFolderDataset
+from torch_utils.cli.options import OptionError
+from training.data.dataset import MAX_CLASSES, MAX_IMAGE_PIXELS, DatasetError, ImageFolderDataset
 
 MEMORY_LIMIT = 3 << 30  # importing torch and the dataset code maps about 1.5 GiB of address space
 

@@ -1,4 +1,4 @@
-"""Tests of training/networks.py against the reference NVlabs/edm networks (layout, counts, init, forward)."""
+"""Tests of fdm/networks.py against the reference NVlabs/edm networks (layout, counts, init, forward)."""
 
 import math
 
@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from training.networks import (ARCH_PRESETS, NETWORK_CLASSES, Conv2d, DhariwalUNet, FourierEmbedding,
+from fdm.networks import (ARCH_PRESETS, NETWORK_CLASSES, Conv2d, DhariwalUNet, FourierEmbedding,
                                PositionalEmbedding, SongUNet, UNetBlock, attention_op, weight_init)
 
 #----------------------------------------------------------------------------

@@ -1,4 +1,4 @@
-"""The one rule for numeric options (torch_utils/options.py): every numeric option of every
+"""The one rule for numeric options (torch_utils/cli/options.py): every numeric option of every
 script refuses NaN, refuses infinity unless its help says what infinity means, and states its
 range; the library functions the scripts call refuse the same values when called directly."""
 
@@ -12,8 +12,12 @@ import dataset_tool
 import fid
 import generate
 import train
-from training import benchmark, demo, mini_repro, phema, tables
-from torch_utils.options import Float, Int, OptionError, Range
+from training import phema
+from training.tools import benchmark
+from training.tools import demo
+from training.tools import mini_repro
+from training.evaluation import tables
+from torch_utils.cli.options import Float, Int, OptionError, Range
 
 #----------------------------------------------------------------------------
 # The command line: (script, the arguments before the bad option, option, bad value).
@@ -71,7 +75,7 @@ def _commands():
     for module in (benchmark, demo, mini_repro, phema):
         yield f'python -m {module.__name__}', module.main
     for name, command in tables.main.commands.items():
-        yield f'python -m training.tables {name}', command
+        yield f'python -m training.evaluation.tables {name}', command
 
 # Every numeric option goes through the rule: no plain click FLOAT/INT/FloatRange/IntRange left.
 def test_every_numeric_option_uses_the_rule():
@@ -105,7 +109,7 @@ def test_range_refuses_nan_and_infinity_unless_allowed():
 @pytest.mark.parametrize('option, value', [('sigma_max', 1e30), ('sigma_max', math.nan), ('rho', math.nan),
     ('S_noise', math.nan), ('S_max', math.nan), ('num_steps', 0)])
 def test_select_sampler_refuses_what_the_command_line_refuses(option, value):
-    from training.generation import select_sampler
+    from training.evaluation.generation import select_sampler
     with pytest.raises(OptionError, match=option):
         select_sampler(solver='dpm' if option.startswith('sigma') else None, **{option: value})
 

@@ -95,7 +95,7 @@ def test_training_resume_and_reconstruction(tmp_path, tiny_zip, one_thread):
     from train_helpers import loop_config
     from training.phema import reconstruct
     from training.training_loop import training_loop
-    from training.training_state import load_training_state
+    from training.checkpoint.training_state import load_training_state
     stds = [0.05, 0.10]
     for name in ('a', 'b1', 'b2'):
         os.makedirs(tmp_path / name)
@@ -122,7 +122,7 @@ def test_training_resume_and_reconstruction(tmp_path, tiny_zip, one_thread):
         assert torch.allclose(x, y, rtol=0, atol=1e-6), k
 
 def test_resume_without_stored_profiles_is_refused(tmp_path, tiny_zip, one_thread):
-    from fdm.checkpoint import CheckpointError
+    from fdm.io.network_files import CheckpointError
     from train_helpers import loop_config
     from training.training_loop import training_loop
     os.makedirs(tmp_path / 'a')

@@ -8,9 +8,9 @@ import pytest
 import torch
 from PIL import Image
 
-from fdm.checkpoint import save_snapshot
+from fdm.io.network_files import save_snapshot
 from torch_utils import precision
-from training.generation import generate
+from training.evaluation.generation import generate
 
 # 16 channels: the tiny net with weights of a trained scale (wake 0.05), so the network's output matters.
 @pytest.fixture(scope='module')
@@ -48,7 +48,7 @@ def test_unknown_precision():
 @pytest.mark.slow
 def test_benchmark_runs_small_on_cpu():
     from click.testing import CliRunner
-    from training import benchmark
+    from training.tools import benchmark
     result = CliRunner().invoke(benchmark.main, ['--small', '--device=cpu', '--precision=bf16'])
     assert result.exit_code == 0, result.output
     rows = dict(line.strip('|').split('|')[:2] for line in result.output.splitlines()[2:] if line.startswith('|'))

@@ -12,12 +12,12 @@ import pytest
 import torch
 
 from conftest import one_line_error, run_train_cli
-from fdm.checkpoint import CheckpointError
+from fdm.io.network_files import CheckpointError
 from reference_pickle import write_reference_pickle, write_reference_training_state
-from torch_utils.safe_pickle import UnsafePickleError, restricted_load_torch_zip
+from torch_utils.io.safe_pickle import UnsafePickleError, restricted_load_torch_zip
 from train_helpers import assert_same_state, loop_config
 from training.training_loop import training_loop
-from training.training_state import find_resume_state, load_training_state
+from training.checkpoint.training_state import find_resume_state, load_training_state
 
 # 10 steps of 100 images: the state is at exactly 1000 images, so the reference name's kimg * 1000
 # is our cur_nimg and the step count follows (1000 // 100).
@@ -187,7 +187,7 @@ def test_torch_zip_reader_refuses_storage_types_outside_the_list(tmp_path):
         restricted_load_torch_zip(tmp_path / 'x.pt')
 
 def test_plain_restricted_load_still_refuses_persistent_ids():
-    from torch_utils.safe_pickle import restricted_load
+    from torch_utils.io.safe_pickle import restricted_load
     import io
     buf = io.BytesIO()
     pickler = pickle.Pickler(buf, protocol=2)

@@ -13,14 +13,14 @@ import time
 import pytest
 import torch
 
-import fdm.checkpoint
-import torch_utils.fileio
+import fdm.io.network_files
+import torch_utils.io.files
 import training.training_loop
 from conftest import ROOT, free_port, one_line_error, run_train_cli
-from fdm.checkpoint import CheckpointError
+from fdm.io.network_files import CheckpointError
 from kill_drill import run_drill
-from torch_utils.fileio import FileError, atomic_save, nested_digest
-from training.training_state import find_resume_state, load_training_state
+from torch_utils.io.files import FileError, atomic_save, nested_digest
+from training.checkpoint.training_state import find_resume_state, load_training_state
 
 def tiny_args(out, data, *extra, duration_steps=2):
     return ['--outdir', str(out), '--data', data, '--cond=1', '--cbase=8', '--cres=1', '--batch=8',
@@ -77,7 +77,7 @@ def test_damaged_snapshot_description_is_detected(tmp_path, state_file):
     data = torch.load(snap, weights_only=True)
     torch.save(dict(data, description=data['description'][:-5]), tmp_path / 'snap.pt')
     with pytest.raises(CheckpointError, match='description in the snapshot is damaged|snap.pt: checksum mismatch'):
-        fdm.checkpoint.load_network_file(tmp_path / 'snap.pt')
+        fdm.io.network_files.load_network_file(tmp_path / 'snap.pt')
 
 def test_resume_takes_newest_valid_state_and_names_the_skipped(tmp_path, tiny_zip, state_file):
     run = state_file.parent
@@ -234,7 +234,7 @@ def test_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
             return self.f.__exit__(*exc)
 
     real_fdopen = os.fdopen
-    monkeypatch.setattr(torch_utils.fileio.os, 'fdopen', lambda *a, **k: FullDisk(real_fdopen(*a, **k)))
+    monkeypatch.setattr(torch_utils.io.files.os, 'fdopen', lambda *a, **k: FullDisk(real_fdopen(*a, **k)))
     with pytest.raises(FileError, match=r'cannot write .*state.pt \(No space left on device\); any previous version'):
         atomic_save(dict(x=torch.zeros(10000)), tmp_path / 'state.pt')
     assert (tmp_path / 'state.pt').read_bytes() == before

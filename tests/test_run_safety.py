@@ -16,10 +16,10 @@ from click.testing import CliRunner
 import dataset_tool
 import fid
 import generate
-import training.dataset_writer
+import training.data.writer
 from conftest import ROOT, one_line_error, run_train_cli, write_image_zip
-from fdm.checkpoint import save_snapshot
-from torch_utils import fileio
+from fdm.io.network_files import save_snapshot
+from torch_utils.io import files as fileio
 
 def tiny_args(out, data, *extra, steps=2):
     return ['--outdir', str(out), '--data', data, '--cond=1', '--cbase=8', '--cres=1', '--batch=8',
@@ -87,7 +87,7 @@ def test_dataset_tool_checks_dest_before_reading_the_source(tmp_path, monkeypatc
     (tmp_path / 'file').write_text('x')
     (tmp_path / 'src').mkdir()
     opened = []
-    monkeypatch.setattr(training.dataset_writer, 'open_source', lambda *args: opened.append(args) or (0, []))
+    monkeypatch.setattr(training.data.writer, 'open_source', lambda *args: opened.append(args) or (0, []))
     result = CliRunner().invoke(dataset_tool.main, ['--source', str(tmp_path / 'src'), '--dest', str(tmp_path / 'file' / name)])
     assert 'which is a file, not a folder' in one_line_error(result)
     assert opened == [] and listing(tmp_path) == ['file', 'src']

@@ -1,4 +1,4 @@
-"""Snapshots as .safetensors (fdm/safetensors_format.py): exact round trips from our snapshots and
+"""Snapshots as .safetensors (fdm/io/safetensors_format.py): exact round trips from our snapshots and
 from reference pickles, through the converter, and damaged or foreign files refused in one line."""
 
 import json
@@ -10,8 +10,8 @@ import torch
 from click.testing import CliRunner
 
 import fdm
-from fdm.checkpoint import CheckpointError, load_network_file, save_snapshot
-from fdm.convert import main as convert_main
+from fdm.io.network_files import CheckpointError, load_network_file, save_snapshot
+from training.tools.convert import main as convert_main
 from reference_pickle import write_reference_pickle
 
 def outputs(net):

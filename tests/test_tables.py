@@ -1,4 +1,4 @@
-"""The paper's tables from one command (training/tables.py): shape, values equal to fid.py gen,
+"""The paper's tables from one command (training/evaluation/tables.py): shape, values equal to fid.py gen,
 the result cache across a killed run, NFE -> steps, one-line errors, and the plots."""
 
 import json
@@ -17,11 +17,13 @@ pytest.importorskip('matplotlib')
 
 import fid
 from conftest import ROOT, one_line_error, write_image_zip
-from fdm.checkpoint import save_snapshot
-from torch_utils import feature_stats
-from torch_utils.inception import load_detector
-from training import evaluation, plots, tables
-from training.dataset import ImageFolderDataset
+from fdm.io.network_files import save_snapshot
+from training.evaluation import feature_stats
+from training.evaluation.inception import load_detector
+from training.evaluation import fid as evaluation
+from training.evaluation import plots
+from training.evaluation import tables
+from training.data.dataset import ImageFolderDataset
 
 #----------------------------------------------------------------------------
 # Two tiny runs (EDM and EDM-FDM, snapshots at 1 and 2 kimg) and an FD-digits reference.
@@ -136,7 +138,7 @@ def test_killed_table_recomputes_nothing_stored(tmp_path, runs, ref, monkeypatch
 @pytest.mark.slow
 def test_sigkill_then_rerun_resumes(tmp_path, runs, ref):
     out = tmp_path / 'out'
-    cmd = [sys.executable, '-m', 'training.tables', 'kimg', *runs, '--kimg=1,2', '--steps=6', '--ref', ref, *SCORING,
+    cmd = [sys.executable, '-m', 'training.evaluation.tables', 'kimg', *runs, '--kimg=1,2', '--steps=6', '--ref', ref, *SCORING,
         '--outdir', str(out)]
     env = dict(os.environ, OMP_NUM_THREADS='1')
     results = lambda: [n for n in os.listdir(out / 'cache') if n.endswith('.json')] if (out / 'cache').is_dir() else []

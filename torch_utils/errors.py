@@ -23,16 +23,3 @@ def one_line(err):
     if len(lines) == 1:
         return lines[0]
     return re.sub(r'^[\w.]+(Error|Exception): ', '', lines[-1])
-
-def run_command(fn, *args, **kwargs):
-    """A command line's body: join torchrun's process group (if any), run fn, show a UserError as one
-    click error line, and always leave the group (an undestroyed gloo group can abort the process at exit)."""
-    import click
-    from torch_utils import distributed
-    distributed.init()
-    try:
-        return fn(*args, **kwargs)
-    except UserError as err:
-        raise click.ClickException(one_line(err)) from None
-    finally:
-        distributed.shutdown()

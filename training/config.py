@@ -18,14 +18,14 @@ import dnnlib
 from fdm.loss import WARMUP_ITE_RANGE
 from fdm.methods import METHOD_SPECIFIC_OPTIONS, METHODS, method_kwargs
 from torch_utils import distributed
-from torch_utils.compile_modes import resolve_compile_mode
+from torch_utils.cli.compile_modes import resolve_compile_mode
 from torch_utils.errors import UserError
-from torch_utils.options import Range, check_options
-from training.dataset import DatasetError, ImageFolderDataset
-from training.networks import ARCH_PRESETS
+from torch_utils.cli.options import Range, check_options
+from training.data.dataset import DatasetError, ImageFolderDataset
+from fdm.networks import ARCH_PRESETS
 from training.phema import gamma_from_std
-from training.starting_point import check_resume_seed, read_transfer
-from training.training_state import find_resume_state
+from training.checkpoint.starting_point import check_resume_seed, read_transfer
+from training.checkpoint.training_state import find_resume_state
 
 class ConfigError(UserError):
     """An option combination that cannot work; the message says what to change."""

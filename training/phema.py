@@ -16,9 +16,9 @@ import click
 import numpy as np
 import torch
 
-from fdm.checkpoint import load_network_file, save_snapshot
+from fdm.io.network_files import load_network_file, save_snapshot
 from torch_utils.errors import UserError, one_line
-from torch_utils.options import Range, option_type
+from torch_utils.cli.options import Range, option_type
 
 #----------------------------------------------------------------------------
 # sigma_rel <-> gamma (Eq. 3): sigma_rel^2 = (gamma + 1) / ((gamma + 2)^2 (gamma + 3)).

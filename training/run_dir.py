@@ -8,7 +8,7 @@ import os
 import re
 
 import dnnlib
-from torch_utils.fileio import FileError, atomic_write, check_destination
+from torch_utils.io.files import FileError, atomic_write, check_destination
 
 #----------------------------------------------------------------------------
 # Next free run directory: 1 + the largest leading number among existing subdirectories.

@@ -2,7 +2,7 @@
 gradients replaced, the multi-tensor EMA, Adam, and the lr / EMA schedules of EDM.
 
 Everything here stays on the device (no host synchronisation), so that the training loop and
-the benchmark (`training.benchmark`) time the same step.
+the benchmark (`training.tools.benchmark`) time the same step.
 """
 
 import contextlib
@@ -11,9 +11,9 @@ import math
 import numpy as np
 import torch
 
-from fdm.checkpoint import CheckpointError
+from fdm.io.network_files import CheckpointError
 from torch_utils import precision as precision_lib
-from torch_utils.fileio import is_dense
+from torch_utils.io.files import is_dense
 
 #----------------------------------------------------------------------------
 # Seed of step k on rank r: independent streams, reproducible from (seed, rank, k) alone.

@@ -3,7 +3,7 @@
 The signature of `training_loop` is the configuration schema (`name = default, # meaning`);
 `training.config.setup_training_config` builds its arguments and train.py writes them to
 training_options.json. Everything the next step depends on is in the training-state file
-(`training.training_state`), and the randomness of step k on rank r comes from a generator
+(`training.checkpoint.training_state`), and the randomness of step k on rank r comes from a generator
 seeded with (seed, rank, k) (`training.train_step.step_seed`), so an interrupted run resumed
 from any state file continues bit for bit as if it had never stopped.
 """
@@ -20,23 +20,23 @@ import numpy as np
 import psutil
 import torch
 
-from fdm.checkpoint import CheckpointError, save_snapshot
+from fdm.io.network_files import CheckpointError, save_snapshot
 from fdm.loss import build_loss
 from fdm.preconditioning import build_precond
 from torch_utils import distributed
 from torch_utils import precision as precision_lib
-from torch_utils.fileio import append_line
+from torch_utils.io.files import append_line
 from torch_utils.tensorboard import open_writer, write_stats
 from torch_utils.training_stats import StatsCollector
 from training.augment import AugmentPipe
 from training.config import ConfigError, batch_split
-from training.dataset import DeviceBatches, ImageFolderDataset, InfiniteSampler, dataset_nbytes
+from training.data.dataset import DeviceBatches, ImageFolderDataset, InfiniteSampler, dataset_nbytes
 from training.phema import PowerEMAs, save_phema_snapshots
-from training.snapshot_grid import save_sample_grid
+from training.evaluation.snapshot_grid import save_sample_grid
 from training.train_step import (ema_beta, flatten_gradients, learning_rate, load_optimizer_state, make_optimizer,
     optimizer_step, step_seed, update_ema)
-from training.starting_point import check_resume_seed, read_transfer
-from training.training_state import find_resume_state, save_training_state
+from training.checkpoint.starting_point import check_resume_seed, read_transfer
+from training.checkpoint.training_state import find_resume_state, save_training_state
 
 DEVICE_DATA_FRACTION = 0.1  # auto data_on_device: the dataset's pixels take at most this share of GPU memory
 

@@ -4,7 +4,7 @@ The reference writes `training-state-<kimg>.pt`, a torch.save of {net: the live 
 as persistence records; optimizer_state: Adam's state_dict}, and on resume takes the EMA from the
 `network-snapshot-<kimg>.pkl` beside it and counts kimg * 1000 images seen. Both files are read
 with the allow-list unpickler (nothing in them runs) and become a state of our shape
-(training.training_state), which the loop restores as its own.
+(training.checkpoint.training_state), which the loop restores as its own.
 
 What the reference does not store starts afresh: the data order (the reference restarts its
 sampler permutation; we continue ours from the images seen, in our order), the tick counter, the
@@ -17,9 +17,9 @@ import os
 import warnings
 import zipfile
 
-from fdm.checkpoint import CheckpointError, rebuild_network, record_description, record_tensors, load_reference_pickle
-from torch_utils.safe_pickle import PersistentRecord, UnsafePickleError, restricted_load_torch_zip
-from training.training_state import MAX_NIMG, STATE_FORMAT, STATE_NAME, state_error
+from fdm.io.network_files import CheckpointError, rebuild_network, record_description, record_tensors, load_reference_pickle
+from torch_utils.io.safe_pickle import PersistentRecord, UnsafePickleError, restricted_load_torch_zip
+from training.checkpoint.training_state import MAX_NIMG, STATE_FORMAT, STATE_NAME, state_error
 
 REMEDY = 'resume from another state'
 

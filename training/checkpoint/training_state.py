@@ -1,7 +1,7 @@
 """The training-state file: everything the next optimizer step depends on, so that a resumed
 run continues bit for bit. Plain data in our file envelope (torch.load(weights_only=True)),
 written atomically, with a SHA-256 over all of it; read once, by `find_resume_state`, which
-also takes the reference's training states (training.reference_state) in the same shape.
+also takes the reference's training states (training.checkpoint.reference_state) in the same shape.
 """
 
 import os
@@ -10,8 +10,8 @@ import warnings
 
 import torch
 
-from fdm.checkpoint import CheckpointError
-from torch_utils.fileio import atomic_save, check_digest, check_envelope, load_plain, nested_digest, tree_error
+from fdm.io.network_files import CheckpointError
+from torch_utils.io.files import atomic_save, check_digest, check_envelope, load_plain, nested_digest, tree_error
 
 STATE_FORMAT = 'fdm-training-state'
 STATE_VERSION = 2  # 2: with a SHA-256 over everything in the file
@@ -46,7 +46,7 @@ def find_resume_state(path, batch_size=None, seed=None, draw_seed=None):
 
 # Ours, or the reference's (imported here: that reader builds on this module).
 def _read_state(path, batch_size, seed, draw_seed):
-    from training.reference_state import is_reference_state, read_reference_state
+    from training.checkpoint.reference_state import is_reference_state, read_reference_state
     if is_reference_state(path):
         return read_reference_state(path, batch_size, seed, draw_seed)
     return load_training_state(path)

@@ -11,7 +11,7 @@ import os
 import safetensors
 import safetensors.torch
 
-from torch_utils.fileio import FileError, atomic_write, nested_digest
+from torch_utils.io.files import FileError, atomic_write, nested_digest
 
 FORMAT_NAME = 'fdm-snapshot'
 FORMAT_VERSION = '1'
@@ -49,7 +49,7 @@ def read_safetensors(path, name, error=FileError):
             f'{remedy}') from None
     if metadata.get('format') != FORMAT_NAME or 'description' not in metadata:
         raise error(f'{name}: a safetensors file without an FDM network description in its metadata; convert a '
-            'snapshot with "python -m fdm.convert SRC DST.safetensors"')
+            'snapshot with "python -m training.tools.convert SRC DST.safetensors"')
     if metadata.get('version') != FORMAT_VERSION:
         raise error(f'{name}: FDM safetensors version {metadata.get("version")!r} is not supported (this code reads '
             f'version {FORMAT_VERSION}); use the code that wrote it')

@@ -1,9 +1,9 @@
 """The paper's tables from one command each: FID against training images, FID against NFE, and
 training curves.
 
-    python -m training.tables kimg RUN_DIR... --kimg=50000,100000,150000,200000 --ref=REF.npz --outdir=DIR
-    python -m training.tables nfe SNAPSHOT... --nfe=25,49,79 --solver=edm,dpm --ref=REF.npz --outdir=DIR
-    python -m training.tables curves RUN_DIR... --stat=Loss/loss --out=training-curves.png
+    python -m training.evaluation.tables kimg RUN_DIR... --kimg=50000,100000,150000,200000 --ref=REF.npz --outdir=DIR
+    python -m training.evaluation.tables nfe SNAPSHOT... --nfe=25,49,79 --solver=edm,dpm --ref=REF.npz --outdir=DIR
+    python -m training.evaluation.tables curves RUN_DIR... --stat=Loss/loss --out=training-curves.png
 
 Each evaluation (one snapshot, sampler, seed range, detector and reference) is stored in
 OUTDIR/cache/ the moment it is done, keyed by the snapshot's SHA-256 and those settings, so a
@@ -26,17 +26,20 @@ import torch
 import tqdm
 
 import dnnlib
-from fdm.checkpoint import CheckpointError, load_network_file
+from fdm.io.network_files import CheckpointError, load_network_file
 from fdm.methods import METHODS, TITLES
 from fdm.samplers import sampler_nfe, sampler_settings
 from torch_utils import distributed as dist, precision as precision_lib
-from torch_utils.digits import WEIGHTS as DIGITS_WEIGHTS
-from torch_utils.download import download_cached, file_sha256
-from torch_utils.errors import UserError, one_line, run_command
-from torch_utils.feature_stats import check_dims, frechet_distance, load_stats, summarize
-from torch_utils.fileio import jsonable, write_json, atomic_write
-from torch_utils.options import Range, option_type
-from training import evaluation, generation, plots
+from training.evaluation.digits import WEIGHTS as DIGITS_WEIGHTS
+from torch_utils.io.download import download_cached, file_sha256
+from torch_utils.errors import UserError, one_line
+from torch_utils.cli.command import run_command
+from training.evaluation.feature_stats import check_dims, frechet_distance, load_stats, summarize
+from torch_utils.io.files import jsonable, write_json, atomic_write
+from torch_utils.cli.options import Range, option_type
+from training.evaluation import fid as evaluation
+from training.evaluation import generation
+from training.evaluation import plots
 
 class TableError(UserError):
     """A problem with a table's runs, snapshots or options; the message says what to do."""
@@ -444,7 +447,7 @@ def training_curves(runs, out, stats=('Loss/loss',), plot_size=(800, 500)):
     return labels
 
 #----------------------------------------------------------------------------
-# Command line: python -m training.tables kimg|nfe|curves ...
+# Command line: python -m training.evaluation.tables kimg|nfe|curves ...
 
 def _float_list(ctx, param, value):
     if value is None or value == 'all':

@@ -8,7 +8,7 @@ without it a plot is a one-line PlotError that says what to install.
 import math
 
 from torch_utils.errors import UserError
-from torch_utils.fileio import atomic_write
+from torch_utils.io.files import atomic_write
 
 class PlotError(UserError):
     """A plot that cannot be drawn; the message says what to install or change."""

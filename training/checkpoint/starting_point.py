@@ -3,7 +3,7 @@ folder exists: the --transfer network must make images of the dataset's shape, a
 state must have the run's seed. (Whether the tensors fit the configured network is found when
 the training loop loads them; a run that fails there removes the folder it made.)"""
 
-from fdm.checkpoint import CheckpointError, load_network_file
+from fdm.io.network_files import CheckpointError, load_network_file
 
 #----------------------------------------------------------------------------
 

@@ -3,8 +3,8 @@
 Builds the digits dataset (embedded in scikit-learn), trains a small class-conditional
 EDM-FDM, samples a grid (one column per class) and prints FD-digits and class accuracy.
 
-    python -m training.demo --outdir=demo-run            # ~6 minutes on 2 CPU cores
-    python -m training.demo --outdir=demo-run --smoke    # ~1 minute, for CI
+    python -m training.tools.demo --outdir=demo-run            # ~6 minutes on 2 CPU cores
+    python -m training.tools.demo --outdir=demo-run --smoke    # ~1 minute, for CI
 """
 
 import os
@@ -13,9 +13,9 @@ import time
 import click
 import torch
 
-from torch_utils.fileio import write_json
-from torch_utils.options import Range, option_type
-from training import digits_pipeline as dp
+from torch_utils.io.files import write_json
+from torch_utils.cli.options import Range, option_type
+from training.tools import digits_pipeline as dp
 from training.config import TRAIN_RANGES
 
 #----------------------------------------------------------------------------

@@ -4,7 +4,7 @@ digits (scikit-learn's 8x8 digits), trained by our own code in seconds on the CP
 Its 64-d penultimate features give a Frechet distance ("FD-digits", `fid.py --detector=digits`)
 and its predictions give the accuracy with which class-conditional samples show the class
 they were asked for. The weights are committed (`digits_classifier.pt`, ~150 kB) so that
-FD-digits numbers are comparable between machines; `python -m torch_utils.digits --train`
+FD-digits numbers are comparable between machines; `python -m training.evaluation.digits --train`
 rebuilds them deterministically.
 """
 
@@ -18,7 +18,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torch_utils.fileio import atomic_write
+from torch_utils.io.files import atomic_write
+from training.data.sources import load_sklearn_digits
 
 WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'digits_classifier.pt')
 RESOLUTION = 16     # every input is resized to this before classification
@@ -49,16 +50,6 @@ class DigitsNet(nn.Module):
         return features if return_features else self.fc1(features)
 
 #----------------------------------------------------------------------------
-# The UCI handwritten digits that ship inside scikit-learn (1,797 grayscale 8x8 images, values
-# 0..16, 10 classes): uint8 [N, 8, 8] scaled to 0..255 and a list of N int labels. Nothing is
-# downloaded; raises ImportError without scikit-learn (an optional extra).
-
-def load_sklearn_digits():
-    from sklearn.datasets import load_digits
-    digits = load_digits()
-    images = np.rint(digits.images * (255 / 16)).clip(0, 255).astype(np.uint8)  # [N, 8, 8]
-    return images, digits.target.astype(int).tolist()
-
 # The digits as uint8 [N, 1, 16, 16], upscaled with Lanczos exactly as dataset_tool.py --resolution does.
 def digits_images(resolution=RESOLUTION):
     images, labels = load_sklearn_digits()
@@ -94,7 +85,7 @@ def train_classifier(seed=0, epochs=40, holdout=0.2):
 
 def load_classifier(device='cpu'):
     if not os.path.isfile(WEIGHTS):
-        raise FileNotFoundError(f'{WEIGHTS} is missing; rebuild it with: python -m torch_utils.digits --train')
+        raise FileNotFoundError(f'{WEIGHTS} is missing; rebuild it with: python -m training.evaluation.digits --train')
     net = DigitsNet()
     net.load_state_dict(torch.load(WEIGHTS, map_location='cpu', weights_only=True))
     return net.eval().requires_grad_(False).to(device)

@@ -1,9 +1,9 @@
 """Throughput benchmark: training img/s, sampling img/s, FID feature img/s, peak memory and
 model FLOP utilisation, for one configuration and precision, printed as one Markdown table.
 
-    python -m training.benchmark                                  # the paper's CIFAR-10 DDPM++ on this GPU
-    python -m training.benchmark --precision=bf16 --compile
-    python -m training.benchmark --small                          # a tiny configuration for the CPU
+    python -m training.tools.benchmark                                  # the paper's CIFAR-10 DDPM++ on this GPU
+    python -m training.tools.benchmark --precision=bf16 --compile
+    python -m training.tools.benchmark --small                          # a tiny configuration for the CPU
 
 Synthetic data: this measures the network, loss, optimizer, sampler and detector, not disk I/O.
 """
@@ -19,15 +19,15 @@ from fdm.loss import build_loss
 from fdm.methods import METHODS, method_kwargs
 from fdm.preconditioning import build_precond
 from torch_utils import precision as precision_lib
-from torch_utils.compile_modes import COMPILE_MODES
-from torch_utils.feature_stats import FeatureSums
-from torch_utils.inception import Detector, FIDInceptionV3
-from torch_utils.options import Range, option_type
+from torch_utils.cli.compile_modes import COMPILE_MODES
+from training.evaluation.feature_stats import FeatureSums
+from training.evaluation.inception import Detector, FIDInceptionV3
+from torch_utils.cli.options import Range, option_type
 from torch_utils.training_stats import StatsCollector
-from training import generation
+from training.evaluation import generation
 from training.augment import AugmentPipe
 from training.config import AUGMENT_TRANSFORMS, TRAIN_RANGES
-from training.networks import ARCH_PRESETS
+from fdm.networks import ARCH_PRESETS
 from training.train_step import flatten_gradients, make_optimizer, optimizer_step, update_ema
 
 #----------------------------------------------------------------------------
@@ -121,7 +121,7 @@ def bench_training(net, loss_fn, augment_pipe, batch, resolution, cond, device, 
     return batch / seconds, first_step, launches
 
 def bench_sampling(net, batch, device, precision, compile_mode, num_steps, iters):
-    """img/s of generate.py's own batch function (training.generation): per-seed latents and noise, EDM Heun, float64 state."""
+    """img/s of generate.py's own batch function (training.evaluation.generation): per-seed latents and noise, EDM Heun, float64 state."""
     net = copy.deepcopy(net).eval().requires_grad_(False)
     if compile_mode:
         net = generation.compile_net(net, compile_mode)
@@ -137,7 +137,7 @@ def bench_sampling(net, batch, device, precision, compile_mode, num_steps, iters
 
 @torch.no_grad()
 def bench_features(batch, resolution, device, iters):
-    """img/s of fid.py's own feature accumulation (torch_utils.feature_stats: Inception-v3 at fid.py's fixed numerics, float64
+    """img/s of fid.py's own feature accumulation (training.evaluation.feature_stats: Inception-v3 at fid.py's fixed numerics, float64
     sums), on uint8 images already on the device: the detector side of `fid.py calc/gen`."""
     net = FIDInceptionV3()  # the pytorch-fid network; random weights take the same time
     sums = FeatureSums(Detector(net, 'pytorch-fid Inception-v3 (random weights)', device, feature_dim=2048))

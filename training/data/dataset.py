@@ -1,10 +1,10 @@
 """Training images read from a folder or a zip, and the endless, resumable index sampler that feeds them.
 
 The dataset returns (uint8 image [C, H, W], float32 label) pairs exactly as the EDM/FDM
-`ImageFolderDataset` does (NVlabs/edm training/dataset.py); anything wrong with the user's files
+`ImageFolderDataset` does (NVlabs/edm training/data/dataset.py); anything wrong with the user's files
 is reported as a one-line `DatasetError` that says what to do. The file conventions (which names
 are images, how one is opened, what dataset.json holds) are shared with the converter
-(training/dataset_sources.py), so both accept the same files.
+(training/data/sources.py), so both accept the same files.
 """
 
 import functools

@@ -23,12 +23,12 @@ import warnings
 import numpy as np
 import torch
 
-from torch_utils.fileio import (FileError, atomic_save, check_digest, check_envelope, load_plain, nested_digest,
+from torch_utils.io.files import (FileError, atomic_save, check_digest, check_envelope, load_plain, nested_digest,
     tensors_digest, tree_error)
-from torch_utils.safe_pickle import PersistentRecord, PlainObject, UnsafePickleError, restricted_load
+from torch_utils.io.safe_pickle import PersistentRecord, PlainObject, UnsafePickleError, restricted_load
 from fdm.preconditioning import IgnoredOptionWarning, build_precond
-from fdm.safetensors_format import is_safetensors, read_safetensors, write_safetensors
-from torch_utils.download import download_cached
+from fdm.io.safetensors_format import is_safetensors, read_safetensors, write_safetensors
+from torch_utils.io.download import download_cached
 
 FORMAT_NAME = 'fdm-snapshot'
 FORMAT_VERSION = 2  # 2: the SHA-256 covers the description too (1: the tensors only)

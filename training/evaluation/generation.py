@@ -20,14 +20,14 @@ import torch
 import tqdm
 
 import dnnlib
-from fdm.checkpoint import CheckpointError, load_network
+from fdm.io.network_files import CheckpointError, load_network
 from fdm.samplers import SAMPLERS, PerSeedGenerator, sampler_nfe, sampler_settings, sampler_sigma_range
 from torch_utils import distributed, precision as precision_lib
-from torch_utils.compile_modes import resolve_compile_mode
+from torch_utils.cli.compile_modes import resolve_compile_mode
 from torch_utils.errors import UserError
-from torch_utils.fileio import atomic_write, check_destination, jsonable, write_json
-from torch_utils.options import Range, check_options
-from torch_utils.download import is_url
+from torch_utils.io.files import atomic_write, check_destination, jsonable, write_json
+from torch_utils.cli.options import Range, check_options
+from torch_utils.io.download import is_url
 
 class GenerateError(UserError):
     """A problem with generate.py's options or inputs; the message says what to do."""

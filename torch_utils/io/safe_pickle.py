@@ -34,7 +34,7 @@ import numpy as np
 import torch
 
 import dnnlib
-from torch_utils.fileio import is_dense
+from torch_utils.io.files import is_dense
 
 class UnsafePickleError(Exception):
     """A pickle that needs something outside the allow-list, or is malformed."""

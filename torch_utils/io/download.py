@@ -9,7 +9,7 @@ import os
 import re
 import urllib.parse
 
-from torch_utils.fileio import atomic_write, write_json
+from torch_utils.io.files import atomic_write, write_json
 
 #----------------------------------------------------------------------------
 # Where downloads are kept: $FDM_CACHE_DIR, else ~/.cache/fdm.

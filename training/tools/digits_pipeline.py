@@ -1,8 +1,8 @@
 """The embedded default, end to end and offline: the UCI digits (shipped inside scikit-learn)
 -> a dataset zip -> a small class-conditional model -> samples -> FD-digits and class accuracy.
 
-Shared by the quick-start demo (`python -m training.demo`) and the miniature reproduction of
-the paper's claim (`python -m training.mini_repro`).
+Shared by the quick-start demo (`python -m training.tools.demo`) and the miniature reproduction of
+the paper's claim (`python -m training.tools.mini_repro`).
 """
 
 import math
@@ -11,16 +11,17 @@ import os
 import numpy as np
 import torch
 
-from fdm.checkpoint import load_network
+from fdm.io.network_files import load_network
 from fdm.methods import METHODS, method_kwargs
 from fdm.samplers import PerSeedGenerator, edm_sampler
-from torch_utils import digits, feature_stats
-from torch_utils.fileio import write_json
-from torch_utils.inception import load_detector
-from training.dataset import ImageFolderDataset
-from training.dataset_sources import DIGITS_SOURCE
-from training.dataset_writer import convert_dataset
-from training.generation import GRID_MIN_WIDTH, make_grid, save_png, to_uint8
+from training.evaluation import digits
+from training.evaluation import feature_stats
+from torch_utils.io.files import write_json
+from training.evaluation.inception import load_detector
+from training.data.dataset import ImageFolderDataset
+from training.data.sources import DIGITS_SOURCE
+from training.data.writer import convert_dataset
+from training.evaluation.generation import GRID_MIN_WIDTH, make_grid, save_png, to_uint8
 from training.training_loop import training_loop
 
 RESOLUTION = 16

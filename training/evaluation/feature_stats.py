@@ -21,8 +21,8 @@ import tqdm
 
 from torch_utils import distributed as dist
 from torch_utils.errors import UserError
-from torch_utils.fileio import atomic_write
-from torch_utils.download import download_cached
+from torch_utils.io.files import atomic_write
+from torch_utils.io.download import download_cached
 
 class FIDError(UserError):
     """A problem with the user's inputs to an FID; the message says what is wrong and what to do."""

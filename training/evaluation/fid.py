@@ -2,7 +2,7 @@
 
 `fid_of_network` (and `protocol_of_network`) score images straight from the sampler, quantised
 to uint8 exactly as generate.py saves them, so they give the FID of the PNGs without writing
-them. The statistics themselves live in torch_utils/feature_stats.py.
+them. The statistics themselves live in training/evaluation/feature_stats.py.
 """
 
 import os
@@ -12,12 +12,12 @@ import torch
 import tqdm
 
 from torch_utils import distributed as dist, precision as precision_lib
-from torch_utils.feature_stats import (FeatureSums, FIDError, check_dims, compute_stats, frechet_distance, load_stats,
+from training.evaluation.feature_stats import (FeatureSums, FIDError, check_dims, compute_stats, frechet_distance, load_stats,
     rate, save_stats, summarize)
-from torch_utils.fileio import check_destination
-from torch_utils.inception import load_detector
-from training import generation
-from training.dataset import DatasetError, ImageFolderDataset
+from torch_utils.io.files import check_destination
+from training.evaluation.inception import load_detector
+from training.evaluation import generation
+from training.data.dataset import DatasetError, ImageFolderDataset
 
 #----------------------------------------------------------------------------
 # Inputs: images, the detector, the generating network.

@@ -1,5 +1,5 @@
-"""The dataset layout that training/dataset.py reads, written from any source of
-training/dataset_sources.py: an uncompressed zip (or a new folder) of PNGs named
+"""The dataset layout that training/data/dataset.py reads, written from any source of
+training/data/sources.py: an uncompressed zip (or a new folder) of PNGs named
 00000/img00000000.png, ... plus dataset.json with the labels, which appears under its final
 name only once complete.
 """
@@ -16,8 +16,8 @@ import PIL.Image
 from tqdm import tqdm
 
 from torch_utils.errors import describe_exception
-from torch_utils.fileio import atomic_write, check_destination
-from training.dataset_sources import DatasetToolError, make_transform, open_source, parse_resolution
+from torch_utils.io.files import atomic_write, check_destination
+from training.data.sources import DatasetToolError, make_transform, open_source, parse_resolution
 
 #----------------------------------------------------------------------------
 # Destination: refused before the source is read if it would overwrite anything.

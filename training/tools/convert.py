@@ -1,15 +1,15 @@
 """Convert a network file: a reference EDM/FDM pickle (or one of our snapshots) into our safe
 snapshot format, or into .safetensors (tensors, with the network description in the metadata).
 
-    python -m fdm.convert network-snapshot-200000.pkl network-snapshot-200000.pt
-    python -m fdm.convert network-snapshot-200000.pt network-snapshot-200000.safetensors
+    python -m training.tools.convert network-snapshot-200000.pkl network-snapshot-200000.pt
+    python -m training.tools.convert network-snapshot-200000.pt network-snapshot-200000.safetensors
 """
 
 import os
 
 import click
 
-from fdm.checkpoint import convert_reference_pickle
+from fdm.io.network_files import convert_reference_pickle
 from torch_utils.errors import UserError, one_line
 
 #----------------------------------------------------------------------------

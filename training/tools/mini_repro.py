@@ -5,8 +5,8 @@ seeds, networks and budget, scores FD-digits at fixed training-image counts, and
 Markdown table shaped like the paper's (FD vs training images, one column per method),
 the numbers as JSON, and a PNG plot of the curves.
 
-    python -m training.mini_repro --outdir=mini-repro --kimg=200 --evals=4   # a GPU: minutes
-    python -m training.mini_repro --outdir=mini-repro --smoke                # CPU check
+    python -m training.tools.mini_repro --outdir=mini-repro --kimg=200 --evals=4   # a GPU: minutes
+    python -m training.tools.mini_repro --outdir=mini-repro --smoke                # CPU check
 """
 
 import os
@@ -16,10 +16,12 @@ import click
 import torch
 
 from fdm.methods import TITLES
-from torch_utils.digits import WEIGHTS as DIGITS_WEIGHTS
-from torch_utils.fileio import atomic_write, write_json
-from torch_utils.options import Range, option_type
-from training import digits_pipeline as dp, plots, tables
+from training.evaluation.digits import WEIGHTS as DIGITS_WEIGHTS
+from torch_utils.io.files import atomic_write, write_json
+from torch_utils.cli.options import Range, option_type
+from training.tools import digits_pipeline as dp
+from training.evaluation import plots
+from training.evaluation import tables
 from training.config import TRAIN_RANGES
 
 METHODS = ['edm', 'fdm_edm', 'vp', 'fdm_vp', 've', 'fdm_ve']

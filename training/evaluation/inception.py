@@ -35,8 +35,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from torch_utils.errors import UserError
-from torch_utils.safe_pickle import PersistentRecord, PlainObject, UnsafePickleError, restricted_load
-from torch_utils.download import download_cached, file_sha256
+from torch_utils.io.safe_pickle import PersistentRecord, PlainObject, UnsafePickleError, restricted_load
+from torch_utils.io.download import download_cached, file_sha256
 
 NVIDIA_INCEPTION_URL = 'https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/inception-2015-12-05.pkl'
 PYTORCH_FID_URL = 'https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth'
@@ -360,7 +360,7 @@ def load_detector(spec=None, device='cpu', verbose=True, trust=False):
     """A `Detector` from a URL/path/alias; None = NVIDIA's Inception pickle (downloaded once into the cache).
     trust: run a TorchScript file's code even if check_trusted cannot vouch for the file."""
     if spec == 'digits':  # the small classifier of the embedded digits dataset (FD-digits)
-        from torch_utils import digits
+        from training.evaluation import digits
         return Detector(digits.load_classifier(), 'digits', device, dict(return_features=True), digits.FEATURE_DIM)
     spec = ALIASES.get(spec or 'nvidia', spec)
     name = os.path.basename(str(spec))

@@ -6,7 +6,7 @@ import math
 import torch
 
 from fdm.samplers import edm_sampler
-from training.generation import GRID_MIN_WIDTH, make_grid, save_png, to_uint8
+from training.evaluation.generation import GRID_MIN_WIDTH, make_grid, save_png, to_uint8
 
 #----------------------------------------------------------------------------
 

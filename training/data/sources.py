@@ -1,6 +1,6 @@
 """What dataset_tool.py reads and how it reshapes it: image folders and zips, the CIFAR-10
 python tarball, MNIST idx files and the embedded scikit-learn digits, and the crops and
-resizes applied before the images are written (training/dataset_writer.py).
+resizes applied before the images are written (training/data/writer.py).
 
 Every source returns (number of images, iterator of (name for messages, uint8 image [H, W] or
 [H, W, C], label or None)); problems found while listing are raised before anything is written.
@@ -17,10 +17,9 @@ import zlib
 import numpy as np
 import PIL.Image
 
-from torch_utils import digits
 from torch_utils.errors import UserError, describe_exception
-from torch_utils.safe_pickle import ARRAY_GLOBALS, ForbiddenGlobalError, UnsafePickleError, restricted_load
-from training.dataset import is_image_name, list_folder, parse_labels_json, read_image
+from torch_utils.io.safe_pickle import ARRAY_GLOBALS, ForbiddenGlobalError, UnsafePickleError, restricted_load
+from training.data.dataset import is_image_name, list_folder, parse_labels_json, read_image
 
 #----------------------------------------------------------------------------
 # A problem with the user's source, destination or options: one sentence saying what to do.
@@ -95,7 +94,7 @@ def open_image_zip(path, max_images=None):
 
 #----------------------------------------------------------------------------
 # CIFAR-10 python batches are pickles, and unpickling can call any importable function: they
-# are read with the allow-list of torch_utils/safe_pickle.py, which rebuilds dicts, lists,
+# are read with the allow-list of torch_utils/io/safe_pickle.py, which rebuilds dicts, lists,
 # strings, bytes and numpy arrays and refuses anything else (os.system included) unresolved.
 
 # A batch written by Python 2 has str keys; one re-pickled after pickle.load(encoding='bytes')
@@ -186,13 +185,23 @@ def open_mnist(path, max_images=None):
     return len(images), iterate()
 
 #----------------------------------------------------------------------------
-# The embedded default: the scikit-learn digits (torch_utils/digits.py). Nothing is downloaded.
+# The UCI handwritten digits that ship inside scikit-learn (1,797 grayscale 8x8 images, values
+# 0..16, 10 classes): uint8 [N, 8, 8] scaled to 0..255 and a list of N int labels. Nothing is
+# downloaded; raises ImportError without scikit-learn (an optional extra).
+
+def load_sklearn_digits():
+    from sklearn.datasets import load_digits
+    digits = load_digits()
+    images = np.rint(digits.images * (255 / 16)).clip(0, 255).astype(np.uint8)  # [N, 8, 8]
+    return images, digits.target.astype(int).tolist()
+
+# The embedded default: the scikit-learn digits (load_sklearn_digits above). Nothing is downloaded.
 
 DIGITS_SOURCE = 'sklearn-digits'
 
 def open_sklearn_digits(max_images=None):
     try:
-        images, labels = digits.load_sklearn_digits()
+        images, labels = load_sklearn_digits()
     except ImportError:
         raise DatasetToolError(f"--source={DIGITS_SOURCE} needs scikit-learn; install it with 'pip install scikit-learn'.") from None
     images = images[:max_images]

@@ -7,6 +7,7 @@ Without torchrun it trains in one process, on the GPU if there is one, else on t
 """
 
 import contextlib
+import inspect
 import json
 import os
 import sys
@@ -34,61 +35,72 @@ def parse_int_list(s):
 def _number(name):
     return option_type(TRAIN_RANGES[name])
 
+# One home for every default: setup_training_config's signature (and distributed.init's for
+# --timeout). The options default to None, and only those given reach the config.
+DEFAULTS = {name: p.default for name, p in inspect.signature(setup_training_config).parameters.items()}
+DEFAULTS['timeout'] = inspect.signature(distributed.init).parameters['timeout_s'].default
+
+def _help(text, name):
+    value = DEFAULTS[name]
+    return f'{text}  [default: {value:g}]' if isinstance(value, float) else f'{text}  [default: {value}]'
+
 #----------------------------------------------------------------------------
 
 @click.command()
 # Main options.
 @click.option('--outdir', help='Where to save the results', metavar='DIR', type=str, required=True)
 @click.option('--data', help='Path to the dataset', metavar='ZIP|DIR', type=str, required=True)
-@click.option('--cond', help='Train class-conditional model', metavar='BOOL', type=bool, default=False, show_default=True)
-@click.option('--arch', help='Network architecture', type=click.Choice(['ddpmpp', 'ncsnpp', 'adm']), default='ddpmpp', show_default=True)
-@click.option('--precond', help='Preconditioning & loss function', type=click.Choice(['vp', 've', 'edm', 'iddpm', 'fdm_edm', 'fdm_vp', 'fdm_ve']), default='fdm_edm', show_default=True)
+@click.option('--cond', help=_help('Train class-conditional model', 'cond'), metavar='BOOL', type=bool)
+@click.option('--arch', help=_help('Network architecture', 'arch'), type=click.Choice(['ddpmpp', 'ncsnpp', 'adm']))
+@click.option('--precond', help=_help('Preconditioning & loss function', 'precond'), type=click.Choice(['vp', 've', 'edm', 'iddpm', 'fdm_edm', 'fdm_vp', 'fdm_ve']))
 
 # Hyperparameters.
-@click.option('--duration', help='Training duration', metavar='MIMG', type=_number('duration'), default=200, show_default=True)
-@click.option('--batch', help='Total batch size', metavar='INT', type=_number('batch'), default=512, show_default=True)
+@click.option('--duration', help=_help('Training duration', 'duration'), metavar='MIMG', type=_number('duration'))
+@click.option('--batch', help=_help('Total batch size', 'batch'), metavar='INT', type=_number('batch'))
 @click.option('--batch-gpu', help='Limit batch size per GPU', metavar='INT', type=_number('batch_gpu'))
 @click.option('--cbase', help='Channel multiplier  [default: varies]', metavar='INT', type=_number('cbase'))
 @click.option('--cres', help='Channels per resolution  [default: varies]', metavar='LIST', type=parse_int_list)
-@click.option('--lr', help='Learning rate', metavar='FLOAT', type=_number('lr'), default=10e-4, show_default=True)
-@click.option('--ema', help='EMA half-life', metavar='MIMG', type=_number('ema'), default=0.5, show_default=True)
-@click.option('--dropout', help='Dropout probability', metavar='FLOAT', type=_number('dropout'), default=0.13, show_default=True)
-@click.option('--augment', help='Augment probability', metavar='FLOAT', type=_number('augment'), default=0.12, show_default=True)
-@click.option('--xflip', help='Enable dataset x-flips', metavar='BOOL', type=bool, default=False, show_default=True)
-@click.option('--lr_rampup', help='Learning rate ramp-up', metavar='MIMG', type=_number('lr_rampup'), default=10, show_default=True)
-@click.option('--warmup_ite', help='FDM loss-weight warmup length in steps', metavar='FLOAT', type=_number('warmup_ite'), default=None)
-@click.option('--fdm_multiplier', '--fdm_multipler', 'fdm_multiplier', help='FDM momentum multiplier m', metavar='FLOAT', type=_number('fdm_multiplier'), default=2.0, show_default=True)
+@click.option('--lr', help=_help('Learning rate', 'lr'), metavar='FLOAT', type=_number('lr'))
+@click.option('--ema', help=_help('EMA half-life', 'ema'), metavar='MIMG', type=_number('ema'))
+@click.option('--dropout', help=_help('Dropout probability', 'dropout'), metavar='FLOAT', type=_number('dropout'))
+@click.option('--augment', help=_help('Augment probability', 'augment'), metavar='FLOAT', type=_number('augment'))
+@click.option('--xflip', help=_help('Enable dataset x-flips', 'xflip'), metavar='BOOL', type=bool)
+@click.option('--lr_rampup', help=_help('Learning rate ramp-up', 'lr_rampup'), metavar='MIMG', type=_number('lr_rampup'))
+@click.option('--warmup_ite', help='FDM loss-weight warmup length in steps', metavar='FLOAT', type=_number('warmup_ite'))
+@click.option('--fdm_multiplier', '--fdm_multipler', 'fdm_multiplier', help=_help('FDM momentum multiplier m', 'fdm_multiplier'), metavar='FLOAT', type=_number('fdm_multiplier'))
 
 # Performance-related.
-@click.option('--fp16', help='Enable mixed-precision training', metavar='BOOL', type=bool, default=False, show_default=True)
-@click.option('--precision', help='fp32 is exact (the reference); tf32 and bf16 (autocast) are faster on GPUs', type=click.Choice(['fp32', 'tf32', 'bf16']), default='fp32', show_default=True)
+@click.option('--fp16', help=_help('Enable mixed-precision training', 'fp16'), metavar='BOOL', type=bool)
+@click.option('--precision', help=_help('fp32 is exact (the reference); tf32 and bf16 (autocast) are faster on GPUs', 'precision'), type=click.Choice(['fp32', 'tf32', 'bf16']))
 @click.option('--compile', 'compile', help='torch.compile the network', is_flag=True)
 @click.option('--compile-mode', 'compile_mode', help='torch.compile mode; reduce-overhead and max-autotune use CUDA graphs  [default: default]', type=click.Choice(COMPILE_MODES))
 @click.option('--channels-last', help='Channels-last memory format', is_flag=True)
-@click.option('--ls', help='Loss scaling', metavar='FLOAT', type=_number('ls'), default=1, show_default=True)
-@click.option('--bench', help='Enable cuDNN benchmarking', metavar='BOOL', type=bool, default=True, show_default=True)
-@click.option('--data-on-device', 'data_on_device', help='Keep the whole dataset on the GPU (same images, same order)  [default: auto, when it takes under 10% of GPU memory]', type=click.Choice(['auto', 'on', 'off']), default='auto')
-@click.option('--cache', help='Cache dataset in CPU memory', metavar='BOOL', type=bool, default=True, show_default=True)
-@click.option('--workers', help='DataLoader worker processes', metavar='INT', type=_number('workers'), default=8, show_default=True)
+@click.option('--ls', help=_help('Loss scaling', 'ls'), metavar='FLOAT', type=_number('ls'))
+@click.option('--bench', help=_help('Enable cuDNN benchmarking', 'bench'), metavar='BOOL', type=bool)
+@click.option('--data-on-device', 'data_on_device', help='Keep the whole dataset on the GPU (same images, same order)  [default: auto, when it takes under 10% of GPU memory]', type=click.Choice(['auto', 'on', 'off']))
+@click.option('--cache', help=_help('Cache dataset in CPU memory', 'cache'), metavar='BOOL', type=bool)
+@click.option('--workers', help=_help('DataLoader worker processes', 'workers'), metavar='INT', type=_number('workers'))
 
 # I/O-related.
 @click.option('--desc', help='String to include in result dir name', metavar='STR', type=str)
 @click.option('--nosubdir', help='Do not create a subdirectory for results', is_flag=True)
-@click.option('--tick', help='How often to print progress', metavar='KIMG', type=_number('tick'), default=50, show_default=True)
-@click.option('--snap', help='How often to save snapshots', metavar='TICKS', type=_number('snap'), default=200, show_default=True)
-@click.option('--dump', help='How often to dump state', metavar='TICKS', type=_number('dump'), default=500, show_default=True)
-@click.option('--grid-images', help='Sample grid PNG size per snapshot (0 = none)', metavar='INT', type=_number('grid_images'), default=64, show_default=True)
+@click.option('--tick', help=_help('How often to print progress', 'tick'), metavar='KIMG', type=_number('tick'))
+@click.option('--snap', help=_help('How often to save snapshots', 'snap'), metavar='TICKS', type=_number('snap'))
+@click.option('--dump', help=_help('How often to dump state', 'dump'), metavar='TICKS', type=_number('dump'))
+@click.option('--grid-images', help=_help('Sample grid PNG size per snapshot (0 = none)', 'grid_images'), metavar='INT', type=_number('grid_images'))
 @click.option('--phema-std', 'phema_std', help='Post-hoc EMA: relative stds of the EMA profiles to store (EDM2: 0.050,0.100)  [default: off]', metavar='LIST', type=str)
 @click.option('--tensorboard', help='Also write the statistics of each tick to <run>/runs for TensorBoard', is_flag=True)
 @click.option('--seed', help='Random seed  [default: random]', metavar='INT', type=_number('seed'))
 @click.option('--transfer', help='Transfer learning from network file', metavar='PT|PKL|URL', type=str)
 @click.option('--resume', help='Resume from training state file or run directory', metavar='PT|DIR', type=str)
-@click.option('--timeout', help='Seconds a process waits for the others before it stops with an error', metavar='SEC', type=_number('timeout'), default=1800, show_default=True)
+@click.option('--timeout', help=_help('Seconds a process waits for the others before it stops with an error', 'timeout'), metavar='SEC', type=_number('timeout'))
 @click.option('-n', '--dry-run', help='Print training options and exit', is_flag=True)
 @click.pass_context
 def main(ctx, dry_run, timeout, **opts):
     """Train a diffusion model (EDM/VP/VE or their FDM versions)."""
     explicit = {name for name in opts if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
+    timeout = DEFAULTS['timeout'] if timeout is None else timeout
+    opts = {name: value for name, value in opts.items() if value is not None}
     with _stop_on_lost_process(timeout):
         if not dry_run:
             distributed.init(timeout_s=timeout)
@@ -115,7 +127,7 @@ def _train(dry_run, opts, explicit):
                 print(f'Output directory: {run_dir}')
                 print('\n'.join(notes + warning_lines + [json.dumps(c, indent=2)]))  # in the log too: what resume skipped
             from training.training_loop import training_loop  # imported late: a heavy import, after the option checks
-            training_loop(run_dir=run_dir, dataset=run.dataset, resume=run.state, transferred=run.transferred, **c)
+            training_loop(run_dir=run_dir, start=run.start, **c)
     except UserError as err:
         raise click.ClickException(one_line(err)) from None
     distributed.shutdown()

@@ -15,19 +15,17 @@ import numpy as np
 import torch
 
 from fdm.schedules import iddpm_sigmas, vp_sigma
-from torch_utils.cli.options import Range
 
 #----------------------------------------------------------------------------
 # The warmup clamp at optimizer step `step` (0-based), or None once the warmup is over.
 # Values are the running product 5 * r * r * ... in float64, i.e. exactly the sequence the
 # reference produces call by call, so one accumulation round per step reproduces it. The table
-# has about warmup_ite entries, so warmup_ite is bounded: 1e6 steps (8 MB) exceed the 200 Mimg
-# default at batch 256 (781k steps), and NaN, which never reaches 500, is refused.
+# has about warmup_ite entries, so train.py bounds warmup_ite by MAX_WARMUP_ITE: 1e6 steps (8 MB)
+# exceed the 200 Mimg default at batch 256 (781k steps).
 
 WARMUP_CLAMP_START = 5.0
 WARMUP_CLAMP_END = 500.0
 MAX_WARMUP_ITE = 1e6
-WARMUP_ITE_RANGE = Range(min=0, max=MAX_WARMUP_ITE, min_open=True)
 
 @functools.lru_cache(maxsize=4)
 def _warmup_table(warmup_ite):
@@ -42,12 +40,6 @@ def _warmup_table(warmup_ite):
 
 def warmup_clamp(step, warmup_ite):
     """Upper bound on the loss weight at this optimizer step, or None (no clamp)."""
-    if warmup_ite is None or warmup_ite == 0:
-        return None
-    return _clamp_at(step, float(WARMUP_ITE_RANGE.check('warmup_ite', warmup_ite)))
-
-# warmup_clamp without the range check, for the loss, which checked warmup_ite once when built.
-def _clamp_at(step, warmup_ite):
     if not warmup_ite:
         return None
     table = _warmup_table(float(warmup_ite))
@@ -58,8 +50,6 @@ def _clamp_at(step, warmup_ite):
 
 class DenoisingLoss:
     def __init__(self, warmup_ite=None):
-        if warmup_ite:
-            WARMUP_ITE_RANGE.check('warmup_ite', warmup_ite)
         self.warmup_ite = warmup_ite
 
     def sample_sigma(self, n, device):
@@ -76,7 +66,7 @@ class DenoisingLoss:
         y, augment_labels = augment_pipe(images) if augment_pipe is not None else (images, None)
         n = torch.randn_like(y) * sigma
         D_yn = net(y + n, sigma, labels, augment_labels=augment_labels)
-        clamp = _clamp_at(step, self.warmup_ite)
+        clamp = warmup_clamp(step, self.warmup_ite)
         if clamp is not None:
             weight = weight.clamp(max=clamp)
         return weight * ((D_yn - y) ** 2)

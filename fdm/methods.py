@@ -28,9 +28,7 @@ def is_fdm(precond):
 
 def method_kwargs(precond, warmup_ite=None, fdm_multiplier=2.0):
     """(preconditioner kwargs, loss kwargs) that --precond adds: the class names, and FDM's
-    warmup and multiplier where the method uses them. Raises ValueError for an unknown method."""
-    if precond not in METHODS:
-        raise ValueError(f'--precond={precond} is not one of {sorted(METHODS)}')
+    warmup and multiplier where the method uses them (train.py's config checks the name)."""
     precond_class, loss_class = METHODS[precond]
     network_kwargs, loss_kwargs = dict(class_name=precond_class), dict(class_name=loss_class)
     if 'warmup_ite' in _users_of(precond):

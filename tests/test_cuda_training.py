@@ -1,6 +1,7 @@
 """The training fast paths on CUDA against their plain counterparts (skipped without a GPU;
 run by tests/gpu_checks.sh). The CPU versions of these checks are in test_fast_training.py."""
 
+import copy
 import os
 
 import pytest
@@ -10,7 +11,7 @@ from conftest import write_image_zip
 from train_helpers import assert_same_state, loop_config, reference_sanitize, small_net
 from training.data.dataset import DeviceBatches, ImageFolderDataset, InfiniteSampler
 from training.train_step import flatten_gradients, gradient_buffers, sanitize_gradients, update_ema
-from training.training_loop import training_loop
+from train_helpers import run_loop
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')]
 
@@ -49,7 +50,7 @@ def test_training_on_cuda_with_the_dataset_on_the_device_is_identical(tmp_path, 
     for on_device in (False, True):
         run_dir = tmp_path / f'run-{on_device}'
         os.makedirs(run_dir)
-        results.append(training_loop(run_dir=str(run_dir), **loop_config(tiny_zip, total_kimg=0.024, device='cuda',
+        results.append(run_loop(run_dir=str(run_dir), **loop_config(tiny_zip, total_kimg=0.024, device='cuda',
             data_on_device=on_device)))
     assert_same_state(results[0]['net'].state_dict(), results[1]['net'].state_dict())
     assert_same_state(results[0]['ema'].state_dict(), results[1]['ema'].state_dict())
@@ -61,36 +62,36 @@ def test_training_step_does_not_synchronise_with_the_host(tmp_path):
     from torch_utils.training_stats import StatsCollector
     from training.augment import AugmentPipe
     from training.config import AUGMENT_TRANSFORMS
-    from training.train_step import optimizer_step
+    import dnnlib
+    from training.checkpoint.training_state import Progress
+    from training.train_step import Run, training_step
     dataset = ImageFolderDataset(write_image_zip(tmp_path / 'd.zip', num_images=16, num_classes=4), use_labels=True, xflip=True)
     batches = DeviceBatches(dataset, InfiniteSampler(dataset, seed=0), 8, 'cuda')
     c = loop_config('unused')
     torch.manual_seed(0)
     net = build_precond(**c['network_kwargs'], img_resolution=8, img_channels=3, label_dim=4).cuda().train()
-    ema = [p.detach().clone() for p in net.parameters()]
+    ema = copy.deepcopy(net).eval().requires_grad_(False)
     optimizer = torch.optim.Adam(net.parameters(), lr=1e-3, fused=True)
-    stats = StatsCollector('cuda')
-    kwargs = dict(num_rounds=2, batch_gpu_total=16, device=torch.device('cuda'), augment_pipe=AugmentPipe(p=0.5, **AUGMENT_TRANSFORMS),
-        precision='bf16')
-    loss_fn = build_loss(**c['loss_kwargs'])
-    optimizer_step(net, net, optimizer, loss_fn, batches.next, stats, step=0, lr=1e-3, **kwargs)  # warm-up: allocations, lazy init
+    run = Run(net=net, model=net, ema=ema, optimizer=optimizer, loss_fn=build_loss(**c['loss_kwargs']), next_batch=batches.next,
+        stats=StatsCollector('cuda'), progress=Progress(), device=torch.device('cuda'), num_rounds=2, batch_per_process=16,
+        augment_pipe=AugmentPipe(p=0.5, **AUGMENT_TRANSFORMS))
+    options = dnnlib.EasyDict(c, precision='bf16', batch_size=16, lr_rampup_kimg=0, ema_rampup_ratio=0.05)
+    training_step(run, options)  # warm-up: allocations, lazy init
     flatten_gradients(net.parameters())
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode('error')
     try:
-        for step in range(1, 4):
-            optimizer_step(net, net, optimizer, loss_fn, batches.next, stats, step=step, lr=1e-3, **kwargs)
-            update_ema(ema, net.parameters(), 0.9)
+        for _ in range(1, 4):
+            training_step(run, options)
     finally:
         torch.cuda.set_sync_debug_mode('default')
-    assert stats.collect()['Loss/loss']['num'] == 4 * 16
+    assert run.stats.collect()['Loss/loss']['num'] == 4 * 16
 
 def test_data_on_device_refuses_a_dataset_larger_than_free_memory(tmp_path, tiny_zip, monkeypatch, capsys):
-    import training.training_loop as loop
-    monkeypatch.setattr(loop, 'dataset_nbytes', lambda dataset: 1 << 50)
-    from training.config import ConfigError
-    with pytest.raises(ConfigError, match='--data-on-device=on: the dataset takes'):
-        training_loop(run_dir=str(tmp_path), **loop_config(tiny_zip, device='cuda', data_on_device=True))
+    import training.data.dataset as data
+    monkeypatch.setattr(data, 'dataset_nbytes', lambda dataset: 1 << 50)
+    with pytest.raises(data.DatasetError, match='--data-on-device=on: the dataset takes'):
+        run_loop(run_dir=str(tmp_path), **loop_config(tiny_zip, device='cuda', data_on_device=True))
     capsys.readouterr()
-    auto = training_loop(run_dir=str(tmp_path), **loop_config(tiny_zip, total_kimg=0.008, device='cuda', data_on_device=None))
+    auto = run_loop(run_dir=str(tmp_path), **loop_config(tiny_zip, total_kimg=0.008, device='cuda', data_on_device=None))
     assert auto['step'] == 1 and 'Keeping the dataset on the cuda' not in capsys.readouterr().out  # the loader, not the GPU

@@ -11,9 +11,9 @@ from conftest import write_image_zip
 from train_helpers import assert_same_state, backward, loop_config, reference_sanitize, small_net
 from training.data.dataset import DeviceBatches, ImageFolderDataset, InfiniteSampler
 from fdm.io.network_files import CheckpointError
-from training.train_step import (flatten_gradients, gradient_buffers, load_optimizer_state, make_optimizer,
-    sanitize_gradients, update_ema)
-from training.training_loop import training_loop
+from training.checkpoint.training_state import load_optimizer_state
+from training.train_step import flatten_gradients, gradient_buffers, make_optimizer, sanitize_gradients, update_ema
+from train_helpers import run_loop
 
 @pytest.mark.parametrize('channels_last', [False, True])
 def test_flattened_gradients_keep_values_and_sanitise_as_the_reference(channels_last):
@@ -113,11 +113,11 @@ def test_device_batches_equal_the_data_loader(tmp_path):
 def test_training_with_the_dataset_on_the_device_is_identical(tmp_path, tiny_zip):
     # 6 steps through the data loader, against 3 steps with the dataset on the device and a resume for 3 more.
     os.makedirs(tmp_path / 'loader')
-    loader = training_loop(run_dir=str(tmp_path / 'loader'), **loop_config(tiny_zip, total_kimg=0.048, data_on_device=False))
+    loader = run_loop(run_dir=str(tmp_path / 'loader'), **loop_config(tiny_zip, total_kimg=0.048, data_on_device=False))
     os.makedirs(tmp_path / 'device')
-    training_loop(run_dir=str(tmp_path / 'device'), **loop_config(tiny_zip, total_kimg=0.024, data_on_device=True))
+    run_loop(run_dir=str(tmp_path / 'device'), **loop_config(tiny_zip, total_kimg=0.024, data_on_device=True))
     os.makedirs(tmp_path / 'resumed')
-    device = training_loop(run_dir=str(tmp_path / 'resumed'), **loop_config(tiny_zip, total_kimg=0.048, data_on_device=True,
+    device = run_loop(run_dir=str(tmp_path / 'resumed'), **loop_config(tiny_zip, total_kimg=0.048, data_on_device=True,
         resume_state=str(tmp_path / 'device')))
     assert loader['step'] == device['step'] == 6
     assert_same_state(loader['net'].state_dict(), device['net'].state_dict())

@@ -59,11 +59,11 @@ def test_benchmark_runs_small_on_cpu():
 
 def test_bf16_and_channels_last_training_close_to_fp32(tmp_path, tiny_zip):
     from train_helpers import loop_config
-    from training.training_loop import training_loop
+    from train_helpers import run_loop
     losses = {}
     for name, extra in [('fp32', {}), ('bf16', dict(precision='bf16')), ('cl', dict(channels_last=True))]:
         os.makedirs(tmp_path / name)
-        training_loop(run_dir=str(tmp_path / name), **loop_config(tiny_zip, total_kimg=0.032, kimg_per_tick=0.008, **extra))
+        run_loop(run_dir=str(tmp_path / name), **loop_config(tiny_zip, total_kimg=0.032, kimg_per_tick=0.008, **extra))
         lines = (tmp_path / name / 'stats.jsonl').read_text().splitlines()
         losses[name] = np.array([json.loads(line)['Loss/loss']['mean'] for line in lines])  # one per step
     # Same seed, same batches and noise: the per-step losses agree (Adam amplifies tiny gradient

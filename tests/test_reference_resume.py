@@ -16,7 +16,7 @@ from fdm.io.network_files import CheckpointError
 from reference_pickle import write_reference_pickle, write_reference_training_state
 from torch_utils.io.safe_pickle import UnsafePickleError, restricted_load_torch_zip
 from train_helpers import assert_same_state, loop_config
-from training.training_loop import training_loop
+from train_helpers import run_loop
 from training.checkpoint.training_state import find_resume_state, load_training_state
 
 # 10 steps of 100 images: the state is at exactly 1000 images, so the reference name's kimg * 1000
@@ -41,7 +41,7 @@ def runs(tmp_path_factory):
     root = tmp_path_factory.mktemp('ref')
     data = write_image_zip(root / 'tiny.zip')
     os.makedirs(root / 'ours')
-    first = training_loop(run_dir=str(root / 'ours'), **config(data, 1.0))
+    first = run_loop(run_dir=str(root / 'ours'), **config(data, 1.0))
     ours = root / 'ours' / 'training-state-000001.pt'
     os.makedirs(root / 'ref')
     write_reference_pair(root / 'ref', first['net'], first['ema'], as_older_torch(load_training_state(str(ours))['optimizer']))
@@ -70,7 +70,7 @@ def test_reference_state_resumes_as_our_own(runs, tmp_path):
         os.makedirs(tmp_path / kind)
         with warnings.catch_warnings():
             warnings.simplefilter('ignore' if kind == 'ref' else 'error')
-            results[kind] = training_loop(run_dir=str(tmp_path / kind), **config(runs['data'], 1.2, resume_state=str(runs[kind])))
+            results[kind] = run_loop(run_dir=str(tmp_path / kind), **config(runs['data'], 1.2, resume_state=str(runs[kind])))
         results[kind]['state'] = load_training_state(str(tmp_path / kind / 'training-state-000001.pt'))
     ours, ref = results['ours'], results['ref']
     assert ours['cur_nimg'] == ref['cur_nimg'] == 1200 and ours['step'] == ref['step'] == 12

@@ -15,7 +15,7 @@ import torch
 
 import fdm.io.network_files
 import torch_utils.io.files
-import training.training_loop
+import training.run_dir
 from conftest import ROOT, free_port, one_line_error, run_train_cli
 from fdm.io.network_files import CheckpointError
 from kill_drill import run_drill
@@ -134,7 +134,7 @@ def test_resuming_a_finished_run_changes_nothing(tmp_path, tiny_zip, state_file)
 FAULTY = '''
 import os, sys, time
 sys.path.insert(0, {root!r})
-import training.training_loop as loop
+import training.train_step as loop
 fault, mark = sys.argv[1], sys.argv[2]
 step_seed = loop.step_seed
 def faulty_step_seed(seed, rank, step):
@@ -199,7 +199,7 @@ def test_unwritable_outdir_is_reported_before_training(tmp_path, tiny_zip):
 
 def test_low_free_space_is_reported_before_training(tmp_path, tiny_zip, monkeypatch):
     usage = shutil.disk_usage(tmp_path)
-    monkeypatch.setattr(training.training_loop.shutil, 'disk_usage', lambda path: usage._replace(free=2**17))
+    monkeypatch.setattr(training.run_dir.shutil, 'disk_usage', lambda path: usage._replace(free=2**17))
     result = run_train_cli(*tiny_args(tmp_path / 'run', tiny_zip, '--nosubdir', duration_steps=1))
     assert result.exit_code == 0, result.output
     warning = result.output.index('Warning: only 0.1 MiB free in')
@@ -207,7 +207,7 @@ def test_low_free_space_is_reported_before_training(tmp_path, tiny_zip, monkeypa
     # The estimate is honest: one snapshot plus one state, as actually written (within 10%).
     run = tmp_path / 'run'
     written = sum(os.path.getsize(run / name) for name in ['network-snapshot-000000.pt', 'training-state-000000.pt'])
-    _free, estimate = training.training_loop.check_free_space(str(run), fdm.load_network(run / 'network-snapshot-000000.pt'))
+    _free, estimate = training.run_dir.check_free_space(str(run), fdm.load_network(run / 'network-snapshot-000000.pt'))
     assert 0.9 < estimate / written < 1.1
 
 def test_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):

@@ -6,7 +6,7 @@ import os
 import pytest
 
 from train_helpers import loop_config
-from training.training_loop import training_loop
+from train_helpers import run_loop
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 
@@ -15,7 +15,7 @@ def test_event_files_hold_the_tick_statistics(tmp_path, tiny_zip):
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
     run_dir = tmp_path / 'run'
     os.makedirs(run_dir)
-    training_loop(run_dir=str(run_dir), **loop_config(tiny_zip, total_kimg=0.032, state_dump_ticks=None,
+    run_loop(run_dir=str(run_dir), **loop_config(tiny_zip, total_kimg=0.032, state_dump_ticks=None,
         snapshot_ticks=None), tensorboard=True)
     ticks = [json.loads(line) for line in (run_dir / 'stats.jsonl').read_text().splitlines()]
     events = EventAccumulator(str(run_dir / 'runs'))

@@ -14,7 +14,7 @@ import fdm
 import train
 from conftest import free_port, one_line_error, run_train_cli, write_image_zip
 from train_helpers import assert_same_state, loop_config
-from training.training_loop import training_loop
+from train_helpers import run_loop
 
 #----------------------------------------------------------------------------
 
@@ -41,17 +41,17 @@ def test_cli_one_tick_writes_every_file(tmp_path, tiny_zip):
 def test_resume_is_bit_exact(tmp_path, tiny_zip):
     # 6 steps straight, against 3 steps, then a resume for the other 3.
     os.makedirs(tmp_path / 'a')
-    straight = training_loop(run_dir=str(tmp_path / 'a'), **loop_config(tiny_zip, total_kimg=0.048))
+    straight = run_loop(run_dir=str(tmp_path / 'a'), **loop_config(tiny_zip, total_kimg=0.048))
     os.makedirs(tmp_path / 'b1')
-    training_loop(run_dir=str(tmp_path / 'b1'), **loop_config(tiny_zip, total_kimg=0.024))
+    run_loop(run_dir=str(tmp_path / 'b1'), **loop_config(tiny_zip, total_kimg=0.024))
     os.makedirs(tmp_path / 'b2')
-    resumed = training_loop(run_dir=str(tmp_path / 'b2'),
+    resumed = run_loop(run_dir=str(tmp_path / 'b2'),
         **loop_config(tiny_zip, total_kimg=0.048, resume_state=str(tmp_path / 'b1')))
     assert resumed['cur_nimg'] == straight['cur_nimg'] == 48 and resumed['step'] == 6
     assert_same_state(straight['net'].state_dict(), resumed['net'].state_dict())
     assert_same_state(straight['ema'].state_dict(), resumed['ema'].state_dict())
     # And the network did change, so the comparison means something.
-    first = training_loop(run_dir=str(tmp_path / 'b1'), **loop_config(tiny_zip, total_kimg=0.008))
+    first = run_loop(run_dir=str(tmp_path / 'b1'), **loop_config(tiny_zip, total_kimg=0.008))
     assert not torch.equal(first['net'].model.enc['8x8_conv'].weight, straight['net'].model.enc['8x8_conv'].weight)
 
 def _gloo_worker(rank, world, port, data, run_dir, out):
@@ -59,7 +59,7 @@ def _gloo_worker(rank, world, port, data, run_dir, out):
         LOCAL_RANK=str(rank))
     torch.distributed.init_process_group('gloo', rank=rank, world_size=world)
     torch.set_num_threads(1)
-    result = training_loop(run_dir=run_dir, **loop_config(data, total_kimg=0.032))
+    result = run_loop(run_dir=run_dir, **loop_config(data, total_kimg=0.032))
     torch.save(result['net'].state_dict(), os.path.join(out, f'rank{rank}.pt'))
     torch.distributed.destroy_process_group()
 

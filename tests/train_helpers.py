@@ -4,6 +4,13 @@ Not a test module: pytest collects nothing here."""
 
 import torch
 
+from training.config import start_of
+from training.training_loop import training_loop
+
+# The loop on a config made here, with its starting point read as train.py reads it.
+def run_loop(run_dir, **config):
+    return training_loop(run_dir=str(run_dir), start=start_of(config), **config)
+
 # A tiny network and schedule for the loop; augmentation, dropout, warmup and gradient
 # accumulation are all on, so that every source of randomness and state is exercised.
 def loop_config(data, total_kimg=0.048, **overrides):

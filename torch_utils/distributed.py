@@ -88,4 +88,14 @@ def shutdown():
     if is_distributed():
         dist.destroy_process_group()
 
+# Every rank must hold the same weights; a silent divergence would corrupt the run.
+def check_ranks_agree(params):
+    if not is_distributed():
+        return
+    digest = torch.stack([p.detach().double().sum() for p in params]).sum().reshape(1)
+    gathered = [torch.zeros_like(digest) for _ in range(get_world_size())]
+    torch.distributed.all_gather(gathered, digest)
+    if any(not torch.equal(g, gathered[0]) for g in gathered):
+        raise RuntimeError('ranks hold different network weights; the distributed run is inconsistent')
+
 #----------------------------------------------------------------------------

@@ -6,6 +6,7 @@ is checked here, once, before anything starts; the dataset and the resume state 
 here, once, and handed to the training loop.
 """
 
+import dataclasses
 import re
 import secrets
 import warnings
@@ -15,7 +16,7 @@ import zlib
 import torch
 
 import dnnlib
-from fdm.loss import WARMUP_ITE_RANGE
+from fdm.loss import MAX_WARMUP_ITE
 from fdm.methods import METHOD_SPECIFIC_OPTIONS, METHODS, method_kwargs
 from torch_utils import distributed
 from torch_utils.cli.compile_modes import resolve_compile_mode
@@ -38,7 +39,7 @@ TRAIN_RANGES = dict(
     duration=Range(min=0, min_open=True), batch=Range(min=1, integer=True), batch_gpu=Range(min=1, integer=True),
     cbase=Range(min=1, integer=True), lr=Range(min=0, max=1, min_open=True), ema=Range(min=0),
     dropout=Range(min=0, max=1), augment=Range(min=0, max=1), lr_rampup=Range(min=0, max=1000),
-    warmup_ite=WARMUP_ITE_RANGE, fdm_multiplier=Range(min=0, max=100), ls=Range(min=0, min_open=True),
+    warmup_ite=Range(min=0, max=MAX_WARMUP_ITE, min_open=True), fdm_multiplier=Range(min=0, max=100), ls=Range(min=0, min_open=True),
     workers=Range(min=0, integer=True), tick=Range(min=0, min_open=True), snap=Range(min=1, integer=True),
     dump=Range(min=1, integer=True), grid_images=Range(min=0, integer=True),
     seed=Range(min=0, max=2**31 - 1, integer=True), timeout=Range(min=1, integer=True))
@@ -48,28 +49,21 @@ AUGMENT_TRANSFORMS = dict(xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, t
 
 #----------------------------------------------------------------------------
 
-def setup_training_config(data, outdir='training-runs', cond=False, arch='ddpmpp', precond='fdm_edm', duration=200,
+def setup_training_config(data, outdir='training-runs', cond=False, arch='ddpmpp', precond='fdm_edm', duration=200.0,
         batch=512, batch_gpu=None, cbase=None, cres=None, lr=10e-4, ema=0.5, dropout=0.13, augment=0.12, xflip=False,
-        fp16=False, ls=1, bench=True, cache=True, workers=8, desc=None, nosubdir=False, tick=50, snap=200, dump=500,
-        seed=None, transfer=None, resume=None, lr_rampup=10, warmup_ite=None, fdm_multiplier=2.0,
+        fp16=False, ls=1.0, bench=True, cache=True, workers=8, desc=None, nosubdir=False, tick=50.0, snap=200, dump=500,
+        seed=None, transfer=None, resume=None, lr_rampup=10.0, warmup_ite=None, fdm_multiplier=2.0,
         grid_images=64, precision='fp32', compile=False, compile_mode=None, channels_last=False, data_on_device='auto',
         phema_std=None, tensorboard=False, world_size=1, explicit=()):
-    """Returns (config for training_loop, run). run: outdir, desc and nosubdir of the run directory,
-    and what the config read, for the loop: the opened `dataset`, the verified resume `state` and
-    the `transferred` weights (None when not given). `explicit`: the options the user set."""
+    """train.py's options, with their defaults (the one home of each), to the training config.
+    Returns (config for training_loop, run). run: outdir, desc and nosubdir of the run directory,
+    and `start`, what the run starts from (read once, here). `explicit`: the options the user set."""
     check_options(TRAIN_RANGES, locals())
     c = dnnlib.EasyDict()
 
     # Dataset: opened here so that a bad path or format fails before anything starts.
     c.dataset_kwargs = dnnlib.EasyDict(path=data, use_labels=cond, xflip=xflip, cache=cache)
-    try:
-        dataset = ImageFolderDataset(**c.dataset_kwargs)
-    except DatasetError as err:
-        raise ConfigError(str(err)) from None
-    except (zipfile.BadZipFile, NotImplementedError, RuntimeError, UnicodeError, EOFError, OSError, zlib.error) as err:
-        # Errors of a damaged zip that the reader does not translate yet (zipfile raises all of these).
-        raise ConfigError(f"Cannot read dataset '{data}' ({' '.join(str(err).split())}); it is damaged or not a "
-            'dataset, recreate it with dataset_tool.py.') from None
+    dataset = open_dataset(c.dataset_kwargs)
     c.dataset_kwargs.resolution = dataset.resolution
     c.dataset_kwargs.max_size = len(dataset)
     if cond and not dataset.has_labels:
@@ -142,18 +136,15 @@ def setup_training_config(data, outdir='training-runs', cond=False, arch='ddpmpp
     batch_split(batch, batch_gpu, world_size)
 
     # Starting point.
-    if transfer is not None and resume is not None:
-        raise ConfigError('--transfer and --resume cannot be combined; --resume continues a run, --transfer starts a new one')
     c.transfer = transfer
-    c.resume_state, state = (find_resume_state(resume, batch_size=batch, seed=c.seed, draw_seed=random_seed)
-        if resume is not None else (None, None))
+    c.resume_state = resume
+    start = read_start(dataset, resume, transfer, batch, seed)
     # Seed: the user's, the resumed run's, or a fresh random one shared by all ranks.
     if c.seed is None:
-        c.seed = state['seed'] if state is not None else random_seed()
-    # The starting weights, read once and checked here: a mismatch costs no run folder.
-    transferred = read_transfer(transfer, dataset) if transfer is not None else None
-    if state is not None:
-        check_resume_seed(state, c.resume_state, c.seed)
+        c.seed = start.state['seed'] if start.state is not None else random_seed()
+    if start.state is not None:
+        c.resume_state = start.state_path
+        check_resume_seed(start.state, start.state_path, c.seed)
 
     # Run directory name, as the reference: {id}-{dataset}-{cond}-{arch}-{precond}-gpus{W}-batch{B}-{dtype}[-{desc}].
     # --desc is one plain name, so that the run folder stays inside --outdir.
@@ -163,8 +154,49 @@ def setup_training_config(data, outdir='training-runs', cond=False, arch='ddpmpp
     desc_str = f'{dataset.name}-{"cond" if cond else "uncond"}-{arch}-{precond}-gpus{world_size}-batch{batch}-{"fp16" if fp16 else "fp32"}'
     if desc is not None:
         desc_str += f'-{desc}'
-    return c, dnnlib.EasyDict(outdir=outdir, desc=desc_str, nosubdir=nosubdir, dataset=dataset, state=state,
-        transferred=transferred)
+    return c, dnnlib.EasyDict(outdir=outdir, desc=desc_str, nosubdir=nosubdir, start=start)
+
+#----------------------------------------------------------------------------
+# What a run starts from, read once before the run folder exists: the opened dataset, and the
+# verified training state (--resume) or the weights (--transfer) it begins with. A mismatch
+# found here costs no run folder.
+
+@dataclasses.dataclass
+class Start:
+    dataset: ImageFolderDataset
+    state: dict = None          # a verified training state, None = not resuming
+    state_path: str = None      # the file it came from (--resume may name a run directory)
+    transferred: dict = None    # {name: tensor} of --transfer, None = random initialisation
+
+def open_dataset(dataset_kwargs):
+    try:
+        return ImageFolderDataset(**dataset_kwargs)
+    except DatasetError as err:
+        raise ConfigError(str(err)) from None
+    except (zipfile.BadZipFile, NotImplementedError, RuntimeError, UnicodeError, EOFError, OSError, zlib.error) as err:
+        # Errors of a damaged zip that the reader does not translate yet (zipfile raises all of these).
+        raise ConfigError(f"Cannot read dataset '{dataset_kwargs['path']}' ({' '.join(str(err).split())}); it is "
+            'damaged or not a dataset, recreate it with dataset_tool.py.') from None
+
+# seed: None draws one for a reference state, which records none.
+def read_start(dataset, resume=None, transfer=None, batch_size=None, seed=None):
+    if transfer is not None and resume is not None:
+        raise ConfigError('--transfer and --resume cannot be combined; --resume continues a run, --transfer starts a new one')
+    start = Start(dataset)
+    if resume is not None:
+        start.state_path, start.state = find_resume_state(resume, batch_size=batch_size, seed=seed, draw_seed=random_seed)
+    if transfer is not None:
+        start.transferred = read_transfer(transfer, dataset)
+    return start
+
+def start_of(c):
+    """The Start of a training_loop config made elsewhere (tests, tools): its dataset opened, its
+    resume_state or transfer read and checked, as setup_training_config does."""
+    start = read_start(open_dataset(c['dataset_kwargs']), c.get('resume_state'), c.get('transfer'), c['batch_size'],
+        c['seed'])
+    if start.state is not None:
+        check_resume_seed(start.state, start.state_path, c['seed'])
+    return start
 
 #----------------------------------------------------------------------------
 

@@ -6,6 +6,7 @@ import fcntl
 import json
 import os
 import re
+import shutil
 
 import dnnlib
 from torch_utils.io.files import FileError, atomic_write, check_destination
@@ -120,5 +121,22 @@ def tidy_interrupted_run(run_dir):
 def write_training_options(run_dir, c):
     text = json.dumps(c, indent=2)
     atomic_write(os.path.join(run_dir, 'training_options.json'), lambda f: f.write(text.encode('utf-8')))
+
+#----------------------------------------------------------------------------
+# Free space for a few more snapshots and states, else a warning before training starts (a full
+# disk fails one write cleanly, see atomic_save, but it stops the run).
+def check_free_space(run_dir, net, snapshot=True, state=True, count=3):
+    tensors, params = list(net.state_dict().values()), list(net.parameters())
+    nbytes = lambda ts: sum(t.numel() * t.element_size() for t in ts)
+    record = 320  # bytes a torch.save zip spends on each tensor besides its data
+    snapshot_bytes = nbytes(tensors) + record * len(tensors)  # the EMA network
+    state_bytes = 2 * nbytes(tensors) + 2 * nbytes(params) + record * (2 * len(tensors) + 3 * len(params))  # net, EMA, Adam
+    per_save = snapshot * snapshot_bytes + state * state_bytes
+    free = shutil.disk_usage(run_dir).free
+    if free < count * per_save:
+        print(f'Warning: only {free / 2**20:.1f} MiB free in {run_dir}, but each snapshot and training state take '
+            f'about {per_save / 2**20:.1f} MiB; free space or choose another --outdir, or the run will stop at a '
+            'failed write (earlier files stay intact)', flush=True)
+    return free, per_save
 
 #----------------------------------------------------------------------------

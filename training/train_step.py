@@ -6,12 +6,11 @@ the benchmark (`training.tools.benchmark`) time the same step.
 """
 
 import contextlib
-import math
+import dataclasses
 
 import numpy as np
 import torch
 
-from fdm.io.network_files import CheckpointError
 from torch_utils import precision as precision_lib
 from torch_utils.io.files import is_dense
 
@@ -96,66 +95,63 @@ def make_optimizer(params, device, precision, **adam_kwargs):
     fused = torch.device(device).type == 'cuda' and precision != 'fp32'
     return torch.optim.Adam(params, **adam_kwargs, **(dict(fused=True) if fused else {}))
 
-def load_optimizer_state(optimizer, saved, name):
-    """Adam's moments and step counts from a training state `name`; its settings (betas, eps, the
-    fused or foreach implementation) stay the run's own. torch's load_state_dict would take the
-    stored settings too (a bf16 GPU run's fused Adam in an fp32 resume, a damaged file's NaN betas),
-    and maps moments to parameters by position without checking their shapes (a tensor of another
-    size would fail in the middle of the first step, not as a file error)."""
-    settings = [{k: v for k, v in group.items() if k != 'params'} for group in optimizer.param_groups]
-    optimizer.load_state_dict(saved)
-    for group, own in zip(optimizer.param_groups, settings):
-        params = group['params']
-        group.clear()
-        group.update(own, params=params)
-        for i, p in enumerate(params):
-            for key, value in optimizer.state.get(p, {}).items():
-                problem = _moment_problem(key, value, p)
-                if problem is not None:
-                    raise CheckpointError(f"{name}: Adam's {key} for parameter {i} {problem}; the file is damaged "
-                        'or from another network, resume from an earlier state')
+#----------------------------------------------------------------------------
+# What the loop and the step share: the live objects of a run and the shape of its batch.
 
-def _moment_problem(key, value, p):
-    """None, or what is wrong with Adam's stored `key` of parameter p: a step count is a whole
-    number >= 0; a moment has p's shape and finite values, a second moment none below zero (its
-    square root is the denominator: one NaN there spreads to every weight it touches)."""
-    if key == 'step':
-        if isinstance(value, torch.Tensor):
-            if value.numel() != 1:
-                return f'has shape {list(value.shape)}, not one count'
-            value = value.item()
-        if not (math.isfinite(value) and value >= 0 and float(value).is_integer()):
-            return f'is {value!r}, not a count of steps'
-        return None
-    if not isinstance(value, torch.Tensor) or value.shape != p.shape:
-        got = f'shape {list(value.shape)}' if isinstance(value, torch.Tensor) else f'the number {value!r}'
-        return f'is {got} where the network has shape {list(p.shape)}'
-    if not torch.isfinite(value).all() or (key == 'exp_avg_sq' and (value < 0).any()):
-        return 'holds non-finite values' + (' or values below zero' if key == 'exp_avg_sq' else '')
-    return None
+@dataclasses.dataclass
+class Run:
+    net: torch.nn.Module                # the network being trained (its parameters)
+    model: torch.nn.Module              # what the loss calls: net, its DDP wrapper, compiled or not
+    ema: torch.nn.Module                # EMA of net's parameters (the snapshots)
+    optimizer: torch.optim.Optimizer
+    loss_fn: object                     # fdm.loss: (net, images, labels, augment_pipe, step) -> per-pixel loss
+    next_batch: object                  # () -> (images uint8 [B, C, H, W], labels [B, label_dim])
+    stats: object                       # torch_utils.training_stats.StatsCollector
+    progress: object                    # training.checkpoint.training_state.Progress: images seen, steps
+    device: torch.device
+    num_rounds: int = 1                 # gradient accumulation rounds per step
+    batch_per_process: int = 0          # images per step on this process (all rounds)
+    rank: int = 0
+    ddp: object = None                  # the DDP wrapper (syncs gradients on the last round), None in one process
+    augment_pipe: object = None
+    phema: object = None                # training.phema.PowerEMAs, None = no post-hoc EMA
+    memory_format: torch.memory_format = torch.contiguous_format
 
 #----------------------------------------------------------------------------
-# One optimizer step: accumulation rounds (DDP syncs only on the last), the lr, non-finite
-# gradients replaced and counted, Adam. Everything stays on the device: no host synchronisation.
+# One optimizer step: accumulation rounds (DDP syncs only on the last), learning rate,
+# non-finite gradients replaced and counted, Adam, the EMA and the post-hoc EMA profiles. All
+# randomness comes from (seed, rank, step), so a resumed run takes the same steps. c: the
+# training_loop options (seed, batch_size, optimizer_kwargs, lr_rampup_kimg, ema_halflife_kimg,
+# ema_rampup_ratio, loss_scaling, precision).
 
-def optimizer_step(net, model, optimizer, loss_fn, next_batch, stats, step, lr, num_rounds, batch_gpu_total, device,
-        ddp=None, augment_pipe=None, precision='fp32', memory_format=torch.contiguous_format, loss_scaling=1):
-    optimizer.zero_grad(set_to_none=False)  # in place: keeps flattened / bucket-view gradients
-    for round_idx in range(num_rounds):
-        images, labels = next_batch()
+def training_step(run, c):
+    """Returns the learning rate of the step."""
+    p = run.progress
+    torch.manual_seed(step_seed(c.seed, run.rank, p.step))
+    run.optimizer.zero_grad(set_to_none=False)  # in place: keeps flattened / bucket-view gradients
+    for round_idx in range(run.num_rounds):
+        images, labels = run.next_batch()
         # uint8 [N, C, H, W] -> float32 in [-1, 1]
-        images = images.to(device, non_blocking=True).to(torch.float32, memory_format=memory_format) / 127.5 - 1
-        labels = labels.to(device, non_blocking=True)
-        sync = round_idx == num_rounds - 1
-        with (ddp.no_sync() if (ddp is not None and not sync) else contextlib.nullcontext()):
-            with precision_lib.autocast(precision, device):
-                loss = loss_fn(net=model, images=images, labels=labels, augment_pipe=augment_pipe, step=step)
-            stats.report('Loss/loss', loss)
-            loss.sum().mul(loss_scaling / batch_gpu_total).backward()
-    for group in optimizer.param_groups:
+        images = images.to(run.device, non_blocking=True).to(torch.float32, memory_format=run.memory_format) / 127.5 - 1
+        labels = labels.to(run.device, non_blocking=True)
+        last = round_idx == run.num_rounds - 1
+        with (run.ddp.no_sync() if (run.ddp is not None and not last) else contextlib.nullcontext()):
+            with precision_lib.autocast(c.precision, run.device):
+                loss = run.loss_fn(net=run.model, images=images, labels=labels, augment_pipe=run.augment_pipe, step=p.step)
+            run.stats.report('Loss/loss', loss)
+            loss.sum().mul(c.loss_scaling / run.batch_per_process).backward()
+    lr = learning_rate(c.optimizer_kwargs['lr'], p.cur_nimg, c.lr_rampup_kimg)
+    for group in run.optimizer.param_groups:
         group['lr'] = lr
-    stats.report('Train/nonfinite_grads', sanitize_gradients(net.parameters()))
-    optimizer.step()
+    run.stats.report('Train/nonfinite_grads', sanitize_gradients(run.net.parameters()))
+    run.optimizer.step()
+    update_ema(run.ema.parameters(), run.net.parameters(),
+        ema_beta(c.batch_size, p.cur_nimg, c.ema_halflife_kimg, c.ema_rampup_ratio))
+    if run.phema is not None:
+        run.phema.update(p.cur_nimg + c.batch_size, c.batch_size)
+    p.cur_nimg += c.batch_size
+    p.step += 1
+    return lr
 
 #----------------------------------------------------------------------------
 # Learning rate and EMA as functions of the images seen (EDM's schedule).

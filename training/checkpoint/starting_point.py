@@ -29,4 +29,16 @@ def check_resume_seed(state, state_path, seed):
         raise CheckpointError(f'{state_path} was trained with seed {state["seed"]}, not {seed}; '
             'pass --seed with the original value (or none) to resume exactly')
 
+# --transfer: the file's weights start the training (tensors it lacks keep their initialisation).
+def load_transfer(net, ema, weights, path):
+    try:
+        _missing, unexpected = net.load_state_dict(weights, strict=False)
+    except RuntimeError as err:  # a tensor of another shape
+        raise CheckpointError(f'{path} does not fit the configured network ({str(err).strip().splitlines()[-1][:200]}); '
+            'check --arch/--precond/--cbase/--cres against the transferred network') from None
+    if unexpected:
+        raise CheckpointError(f'{path}: tensors {unexpected[:3]} do not exist in the configured network; '
+            'check --arch/--precond/--cond against the transferred network')
+    ema.load_state_dict(net.state_dict())
+
 #----------------------------------------------------------------------------

@@ -4,6 +4,8 @@ written atomically, with a SHA-256 over all of it; read once, by `find_resume_st
 also takes the reference's training states (training.checkpoint.reference_state) in the same shape.
 """
 
+import dataclasses
+import math
 import os
 import re
 import warnings
@@ -116,5 +118,90 @@ def _fields_error(state):
 def save_training_state(path, **fields):
     state = dict(format=STATE_FORMAT, version=STATE_VERSION, **fields)
     atomic_save(dict(state, sha256=nested_digest(state)), path)
+
+#----------------------------------------------------------------------------
+# The counters a training state records besides the tensors.
+
+@dataclasses.dataclass
+class Progress:
+    cur_nimg: int = 0           # images seen
+    step: int = 0               # optimizer steps taken
+    cur_tick: int = 0           # ticks completed
+    tick_start_nimg: int = 0    # cur_nimg when the current tick began
+    nonfinite_total: int = 0    # non-finite gradient elements replaced so far
+
+#----------------------------------------------------------------------------
+# Everything a resume needs, by name (EDM2's CheckpointIO): the counters, the network, its EMA,
+# Adam and the post-hoc EMA profiles. One save writes them all; one restore puts a verified state
+# (find_resume_state) back into the live objects.
+
+class CheckpointIO:
+    def __init__(self, progress, net, ema, optimizer, phema=None):
+        self.progress, self.net, self.ema, self.optimizer, self.phema = progress, net, ema, optimizer, phema
+
+    def save(self, path, seed):
+        fields = dataclasses.asdict(self.progress)
+        fields.update(seed=seed, net=self.net.state_dict(), ema=self.ema.state_dict(), optimizer=self.optimizer.state_dict())
+        if self.phema is not None:
+            fields.update(phema=self.phema.state_dict())
+        save_training_state(path, **fields)
+
+    def restore(self, state, path):
+        name = os.path.basename(path)
+        try:
+            self.net.load_state_dict(state['net'])
+            self.ema.load_state_dict(state['ema'])
+            load_optimizer_state(self.optimizer, state['optimizer'], name)
+            if self.phema is not None:
+                if state.get('phema') is None:
+                    raise CheckpointError(f'{name} was written without --phema-std, so the post-hoc EMA profiles since '
+                        'the start cannot be recovered; resume without --phema-std, or start a new run')
+                self.phema.load_state_dict(state['phema'])
+        except (RuntimeError, ValueError, KeyError, TypeError) as err:
+            raise CheckpointError(f'{name} does not fit the configured network '
+                f'({str(err).strip().splitlines()[0][:200]}); resume with the options of the run that wrote it') from None
+        for f in dataclasses.fields(Progress):
+            setattr(self.progress, f.name, state[f.name])
+
+#----------------------------------------------------------------------------
+# Adam from a training state: its moments and step counts, checked against the live parameters.
+
+def load_optimizer_state(optimizer, saved, name):
+    """Adam's moments and step counts from a training state `name`; its settings (betas, eps, the
+    fused or foreach implementation) stay the run's own. torch's load_state_dict would take the
+    stored settings too (a bf16 GPU run's fused Adam in an fp32 resume, a damaged file's NaN betas),
+    and maps moments to parameters by position without checking their shapes (a tensor of another
+    size would fail in the middle of the first step, not as a file error)."""
+    settings = [{k: v for k, v in group.items() if k != 'params'} for group in optimizer.param_groups]
+    optimizer.load_state_dict(saved)
+    for group, own in zip(optimizer.param_groups, settings):
+        params = group['params']
+        group.clear()
+        group.update(own, params=params)
+        for i, p in enumerate(params):
+            for key, value in optimizer.state.get(p, {}).items():
+                problem = _moment_problem(key, value, p)
+                if problem is not None:
+                    raise CheckpointError(f"{name}: Adam's {key} for parameter {i} {problem}; the file is damaged "
+                        'or from another network, resume from an earlier state')
+
+def _moment_problem(key, value, p):
+    """None, or what is wrong with Adam's stored `key` of parameter p: a step count is a whole
+    number >= 0; a moment has p's shape and finite values, a second moment none below zero (its
+    square root is the denominator: one NaN there spreads to every weight it touches)."""
+    if key == 'step':
+        if isinstance(value, torch.Tensor):
+            if value.numel() != 1:
+                return f'has shape {list(value.shape)}, not one count'
+            value = value.item()
+        if not (math.isfinite(value) and value >= 0 and float(value).is_integer()):
+            return f'is {value!r}, not a count of steps'
+        return None
+    if not isinstance(value, torch.Tensor) or value.shape != p.shape:
+        got = f'shape {list(value.shape)}' if isinstance(value, torch.Tensor) else f'the number {value!r}'
+        return f'is {got} where the network has shape {list(p.shape)}'
+    if not torch.isfinite(value).all() or (key == 'exp_avg_sq' and (value < 0).any()):
+        return 'holds non-finite values' + (' or values below zero' if key == 'exp_avg_sq' else '')
+    return None
 
 #----------------------------------------------------------------------------

@@ -484,3 +484,31 @@ class DeviceBatches:
         return images, labels
 
 #----------------------------------------------------------------------------
+# The training batches of this rank from images seen onwards: a DataLoader, or with
+# data_on_device the whole dataset in device memory (same images, same order). auto (None): on
+# a GPU when it takes little of it (10% of the card, half of what is free); on: whenever half
+# of the free memory holds it (the rest is for the training step).
+
+DEVICE_DATA_FRACTION = 0.1
+
+def training_batches(dataset, cur_nimg, seed, batch_gpu, device, data_on_device, rank, world, **loader_kwargs):
+    """A function that returns the next (images uint8 [B, C, H, W], labels [B, label_dim])."""
+    sampler = InfiniteSampler(dataset, rank=rank, num_replicas=world, seed=seed, start_index=cur_nimg)
+    nbytes = dataset_nbytes(dataset)
+    if device.type == 'cuda':
+        free, total = torch.cuda.mem_get_info(device)
+        if data_on_device is None:
+            data_on_device = nbytes <= min(DEVICE_DATA_FRACTION * total, free / 2)
+        elif data_on_device and nbytes > free / 2:
+            raise DatasetError(f'--data-on-device=on: the dataset takes {nbytes / 2**30:.2f} GiB of the '
+                f'{free / 2**30:.1f} GiB of GPU memory that is free; use --data-on-device=auto or off')
+    elif data_on_device is None:
+        data_on_device = False  # a CPU run: worker processes decode while the step computes
+    if data_on_device:
+        if rank == 0:
+            print(f'Keeping the dataset on the {device.type} ({nbytes / 2**20:.1f} MiB)...')
+        return DeviceBatches(dataset, sampler, batch_gpu, device, num_workers=loader_kwargs.get('num_workers', 0)).next
+    return iter(torch.utils.data.DataLoader(dataset, sampler=sampler, batch_size=batch_gpu,
+        pin_memory=(device.type == 'cuda'), **loader_kwargs)).__next__
+
+#----------------------------------------------------------------------------

@@ -15,6 +15,7 @@ import click
 import psutil
 import torch
 
+import dnnlib
 from fdm.loss import build_loss
 from fdm.methods import METHODS, method_kwargs
 from fdm.preconditioning import build_precond
@@ -28,7 +29,8 @@ from training.evaluation import generation
 from training.augment import AugmentPipe
 from training.config import AUGMENT_TRANSFORMS, TRAIN_RANGES
 from fdm.networks import ARCH_PRESETS
-from training.train_step import flatten_gradients, make_optimizer, optimizer_step, update_ema
+from training.checkpoint.training_state import Progress
+from training.train_step import Run, flatten_gradients, make_optimizer, training_step
 
 #----------------------------------------------------------------------------
 
@@ -88,28 +90,27 @@ def build(arch, precond, resolution, cond, cbase, cres, device, channels_last):
         net = net.to(memory_format=torch.channels_last)
     return net
 
-def bench_training(net, loss_fn, augment_pipe, batch, resolution, cond, device, precision, compile_mode, channels_last,
-        warmup, iters):
-    """img/s of the training loop's own step (optimizer_step, flattened gradients, EMA) on synthetic
+def bench_training(net, loss_fn, augment_pipe, batch, cond, device, precision, compile_mode, channels_last, iters, warmup=2):
+    """img/s of the training loop's own step (training_step: flattened gradients, Adam, EMA) on synthetic
     uint8 images already on the device, and the time of the first step (it includes compiling)."""
     net = copy.deepcopy(net).train().requires_grad_(True)
-    ema = copy.deepcopy(net).eval().requires_grad_(False)
-    model = torch.compile(net, mode=compile_mode) if compile_mode else net
-    optimizer = make_optimizer(net.parameters(), device, precision, lr=1e-4, betas=(0.9, 0.999), eps=1e-8)
+    resolution = net.img_resolution
     images = torch.randint(0, 256, [batch, 3, resolution, resolution], dtype=torch.uint8, device=device)
     labels = torch.eye(10, device=device)[torch.randint(10, [batch], device=device)] if cond else torch.zeros([batch, 0], device=device)
-    stats = StatsCollector(device)
-    memory_format = torch.channels_last if channels_last else torch.contiguous_format
-    state = dict(step=0)
+    run = Run(net=net, model=(torch.compile(net, mode=compile_mode) if compile_mode else net),
+        ema=copy.deepcopy(net).eval().requires_grad_(False),
+        optimizer=make_optimizer(net.parameters(), device, precision, lr=1e-4, betas=(0.9, 0.999), eps=1e-8),
+        loss_fn=loss_fn, next_batch=lambda: (images, labels), stats=StatsCollector(device), progress=Progress(),
+        device=torch.device(device), batch_per_process=batch, augment_pipe=augment_pipe,
+        memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    # The loop's options that the step reads: a constant lr, EDM's EMA ramp-up.
+    options = dnnlib.EasyDict(seed=0, batch_size=batch, optimizer_kwargs=dict(lr=1e-4), lr_rampup_kimg=0,
+        ema_halflife_kimg=500, ema_rampup_ratio=0.05, loss_scaling=1, precision=precision)
 
     def step():
-        optimizer_step(net, model, optimizer, loss_fn, lambda: (images, labels), stats, step=state['step'], lr=1e-4,
-            num_rounds=1, batch_gpu_total=batch, device=device, augment_pipe=augment_pipe, precision=precision,
-            memory_format=memory_format)
-        if state['step'] == 0:
+        training_step(run, options)
+        if run.progress.step == 1:
             flatten_gradients(net.parameters())
-        update_ema(ema.parameters(), net.parameters(), 0.999)
-        state['step'] += 1
 
     compile_start = time.perf_counter()
     step()
@@ -117,7 +118,7 @@ def bench_training(net, loss_fn, augment_pipe, batch, resolution, cond, device, 
     first_step = time.perf_counter() - compile_start
     seconds = timed(step, device, warmup, iters)
     launches = count_launches(step, device)
-    stats.collect()  # the loss was accumulated on the device all along: read once, as per tick
+    run.stats.collect()  # the loss was accumulated on the device all along: read once, as per tick
     return batch / seconds, first_step, launches
 
 def bench_sampling(net, batch, device, precision, compile_mode, num_steps, iters):
@@ -192,8 +193,8 @@ def main(arch, precond, resolution, cond, cbase, cres, augment, batch, sample_ba
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)
     compile_mode = compile_mode if compile_net else None
-    train_ips, first_step, (launches, launch_kind) = bench_training(net, loss_fn, augment_pipe, batch, resolution, cond, device, precision, compile_mode,
-        channels_last, 2, iters)
+    train_ips, first_step, (launches, launch_kind) = bench_training(net, loss_fn, augment_pipe, batch, cond, device, precision, compile_mode,
+        channels_last, iters)
     train_mem = peak_memory_gib(device)
     sample_ips = bench_sampling(net, sample_batch, device, precision, compile_mode, sample_steps, max(iters // 10, 1))
     feature_ips = bench_features(feature_batch, resolution, device, max(iters // 4, 1))

@@ -22,6 +22,7 @@ from training.data.dataset import ImageFolderDataset
 from training.data.sources import DIGITS_SOURCE
 from training.data.writer import convert_dataset
 from training.evaluation.generation import GRID_MIN_WIDTH, make_grid, save_png, to_uint8
+from training.config import start_of
 from training.training_loop import training_loop
 
 RESOLUTION = 16
@@ -65,7 +66,7 @@ def train(data, run_dir, precond='fdm_edm', total_kimg=100, seed=0, batch=64, lr
         batch_size=batch, total_kimg=total_kimg, ema_halflife_kimg=total_kimg / 20, lr_rampup_kimg=total_kimg / 50,
         kimg_per_tick=total_kimg / ticks, snapshot_ticks=ticks // snapshots, state_dump_ticks=None, grid_images=0, device=device)
     write_json(os.path.join(run_dir, 'training_options.json'), dict(config, device=None if device is None else str(device)))
-    return training_loop(run_dir=run_dir, **config)
+    return training_loop(run_dir=run_dir, start=start_of(config), **config)
 
 @torch.no_grad()
 def sample(net, per_class=50, num_steps=18, device='cpu', batch=250):

@@ -12,9 +12,9 @@ The readers live in training/data/sources.py, the writer in training/data/writer
 
 import click
 
-from torch_utils.errors import UserError
+from torch_utils.errors import OptionError, UserError
 from torch_utils.cli.options import Range, option_type
-from training.data.sources import DatasetToolError, parse_resolution
+from training.data.sources import parse_resolution
 from training.data.writer import convert_dataset
 
 #----------------------------------------------------------------------------
@@ -22,7 +22,7 @@ from training.data.writer import convert_dataset
 def _resolution_option(_ctx, _param, value):
     try:
         return None if value is None else parse_resolution(value)
-    except DatasetToolError as err:
+    except OptionError as err:
         raise click.BadParameter(str(err)) from None
 
 @click.command()

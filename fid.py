@@ -19,7 +19,7 @@ from torch_utils.cli.compile_modes import COMPILE_MODES, resolve_compile_mode
 from torch_utils.cli.command import run_command
 from training.evaluation import fid as evaluation
 from torch_utils.cli.options import Range, option_type
-from training.evaluation.generation import SAMPLER_RANGES, parse_seeds
+from training.evaluation.generation import SAMPLER_DEFAULTS, SAMPLER_RANGES, parse_seeds
 
 #----------------------------------------------------------------------------
 # Command line.
@@ -28,16 +28,22 @@ from training.evaluation.generation import SAMPLER_RANGES, parse_seeds
 FID_RANGES = dict(workers=Range(min=0, integer=True), batch=Range(min=1, integer=True), num=Range(min=2, integer=True),
     seed=Range(min=0, integer=True))
 
+# The defaults live in the library (training/evaluation/fid.py's signatures, SAMPLER_DEFAULTS): an option
+# left out is None and not passed on; its help states the library's default.
+def given(**options):
+    return {name: value for name, value in options.items() if value is not None}
+
 # --detector and --trust-detector: a TorchScript detector is code, run only from a file we can vouch for or the user trusts.
 def detector_option(fn):
     fn = click.option('--trust-detector', 'trust_detector', is_flag=True,
         help='Run a TorchScript --detector file that is not a known official one (its code runs: only for files you trust)')(fn)
     return click.option('--detector', help='Feature detector: URL, path, "nvidia", "pytorch-fid" or "digits"  [default: NVIDIA Inception]',
         metavar='URL|PATH', type=str, default=None)(fn)
-workers_option = click.option('--workers', help='Data loader processes per GPU', metavar='INT', type=option_type(FID_RANGES['workers']), default=3, show_default=True)
-batch_option = click.option('--batch', help='Maximum batch size per GPU', metavar='INT', type=option_type(FID_RANGES['batch']), default=64, show_default=True)
+workers_option = click.option('--workers', help='Data loader processes per GPU  [default: 3]', metavar='INT', type=option_type(FID_RANGES['workers']))
+batch_option = click.option('--batch', help='Maximum batch size per GPU  [default: 64]', metavar='INT', type=option_type(FID_RANGES['batch']))
 
-steps_option = click.option('--steps', help='Sampling steps', metavar='INT', type=option_type(SAMPLER_RANGES['num_steps']), default=18, show_default=True)
+steps_option = click.option('--steps', help=f'Sampling steps  [default: {SAMPLER_DEFAULTS["num_steps"]}]', metavar='INT',
+    type=option_type(SAMPLER_RANGES['num_steps']))
 def compile_options(fn):
     fn = click.option('--compile-mode', 'compile_mode', help='torch.compile mode; reduce-overhead and max-autotune use CUDA graphs  [default: default]',
         type=click.Choice(COMPILE_MODES))(fn)
@@ -49,8 +55,8 @@ def resolve_compile(compile_net, compile_mode):
     except ValueError as err:
         raise click.UsageError(str(err)) from None
 
-precision_option = click.option('--precision', help='Network precision while sampling (the detector is unaffected)',
-    type=click.Choice(list(precision_lib.PRECISIONS)), default='fp32', show_default=True)
+precision_option = click.option('--precision', help='Network precision while sampling (the detector is unaffected)  [default: fp32]',
+    type=click.Choice(list(precision_lib.PRECISIONS)))
 
 @click.group()
 def main():
@@ -75,27 +81,27 @@ def main():
 @detector_option
 def ref(data, dest, batch, workers, detector, trust_detector):
     """Write the reference statistics (mu, sigma) of all images of a dataset."""
-    run_command(evaluation.make_reference, data, dest, detector, batch=batch, workers=workers, trust_detector=trust_detector)
+    run_command(evaluation.make_reference, data, dest, detector, **given(batch=batch, workers=workers), trust_detector=trust_detector)
 
 @main.command()
 @click.option('--images', help='Folder or zip of generated images', metavar='PATH|ZIP', type=str, required=True)
 @click.option('--ref', 'ref_path', help='Reference statistics', metavar='NPZ|URL', type=str, required=True)
-@click.option('--num', help='Number of images to use', metavar='INT', type=option_type(FID_RANGES['num']), default=50000, show_default=True)
-@click.option('--seed', help='Random seed of the image subset', metavar='INT', type=option_type(FID_RANGES['seed']), default=0, show_default=True)
+@click.option('--num', help='Number of images to use  [default: 50000]', metavar='INT', type=option_type(FID_RANGES['num']))
+@click.option('--seed', help='Random seed of the image subset  [default: 0]', metavar='INT', type=option_type(FID_RANGES['seed']))
 @batch_option
 @workers_option
 @detector_option
 def calc(images, ref_path, num, seed, batch, workers, detector, trust_detector):
     """Calculate the FID of a folder of images against reference statistics."""
-    run_command(evaluation.fid_of_images, images, ref_path, num=num, seed=seed, batch=batch, workers=workers, detector=detector,
-        trust_detector=trust_detector)
+    run_command(evaluation.fid_of_images, images, ref_path, **given(num=num, seed=seed, batch=batch, workers=workers),
+        detector=detector, trust_detector=trust_detector)
 
 @main.command()
 @click.option('--network', help='Network snapshot (ours or a reference .pkl)', metavar='PT|PKL|URL', type=str, required=True)
 @click.option('--ref', 'ref_path', help='Reference statistics', metavar='NPZ|URL', type=str, required=True)
 @click.option('--seeds', help='Random seeds (e.g. 0-49999)', metavar='LIST', type=parse_seeds, default='0-49999', show_default=True)
 @click.option('--class', 'class_idx', help='Class label  [default: random]', metavar='INT', type=option_type(SAMPLER_RANGES['class_idx']), default=None)
-@click.option('--solver', help='Sampler, as in generate.py', type=click.Choice(['edm', 'dpm', 'euler', 'heun']), default='edm', show_default=True)
+@click.option('--solver', help='Sampler, as in generate.py  [default: edm]', type=click.Choice(['edm', 'dpm', 'euler', 'heun']))
 @steps_option
 @precision_option
 @click.option('--outdir', help='Also save the PNGs here (as generate.py --subdirs)', metavar='DIR', type=str)
@@ -111,21 +117,21 @@ def gen(network, ref_path, seeds, class_idx, solver, steps, precision, outdir, b
     --batch; with another --batch, float rounding (which depends on the batch shape) may move a few pixels by one level.
     """
     compile_mode = resolve_compile(compile_net, compile_mode)
-    run_command(evaluation.fid_of_network, network, ref_path, seeds, class_idx=class_idx, solver=solver, steps=steps,
-        precision=precision, outdir=outdir, batch=batch, detector=detector, compile_mode=compile_mode,
-        trust_detector=trust_detector)
+    run_command(evaluation.fid_of_network, network, ref_path, seeds, class_idx=class_idx,
+        **given(solver=solver, steps=steps, precision=precision, batch=batch), outdir=outdir, detector=detector,
+        compile_mode=compile_mode, trust_detector=trust_detector)
 
 @main.command()
 @click.option('--images', help='The three image folders (seeds 0-49999, 50000-99999, 100000-149999)',
     metavar='DIR DIR DIR', type=str, nargs=3, default=None)
 @click.option('--network', help='Or: generate the three seed ranges from this network', metavar='PT|PKL|URL', type=str)
 @click.option('--outdir', help='With --network: also save the three image folders here', metavar='DIR', type=str)
-@click.option('--solver', help='With --network: sampler', type=click.Choice(['edm', 'dpm']), default='edm', show_default=True)
-@click.option('--steps', help='With --network: sampling steps', metavar='INT', type=option_type(SAMPLER_RANGES['num_steps']), default=18, show_default=True)
+@click.option('--solver', help='With --network: sampler  [default: edm]', type=click.Choice(['edm', 'dpm']))
+@click.option('--steps', help=f'With --network: sampling steps  [default: {SAMPLER_DEFAULTS["num_steps"]}]', metavar='INT', type=option_type(SAMPLER_RANGES['num_steps']))
 @precision_option
 @click.option('--ref', 'ref_path', help='Reference statistics', metavar='NPZ|URL', type=str, required=True)
-@click.option('--num', help='Number of images per folder', metavar='INT', type=option_type(FID_RANGES['num']), default=50000, show_default=True)
-@click.option('--seed', help='Random seed of the image subsets', metavar='INT', type=option_type(FID_RANGES['seed']), default=0, show_default=True)
+@click.option('--num', help='Number of images per folder  [default: 50000]', metavar='INT', type=option_type(FID_RANGES['num']))
+@click.option('--seed', help='Random seed of the image subsets  [default: 0]', metavar='INT', type=option_type(FID_RANGES['seed']))
 @batch_option
 @workers_option
 @detector_option
@@ -145,10 +151,11 @@ def protocol(images, network, outdir, solver, steps, precision, ref_path, num, s
     if compile_mode is not None and network is None:
         raise click.UsageError('--compile applies only with --network (it compiles the sampling network)')
     if network is not None:
-        run_command(evaluation.protocol_of_network, network, ref_path, num=num, solver=solver, steps=steps, precision=precision,
-            outdir=outdir, batch=batch, detector=detector, compile_mode=compile_mode, trust_detector=trust_detector)
+        run_command(evaluation.protocol_of_network, network, ref_path,
+            **given(num=num, solver=solver, steps=steps, precision=precision, batch=batch), outdir=outdir,
+            detector=detector, compile_mode=compile_mode, trust_detector=trust_detector)
     else:
-        run_command(evaluation.protocol_of_images, images, ref_path, num=num, seed=seed, batch=batch, workers=workers,
+        run_command(evaluation.protocol_of_images, images, ref_path, **given(num=num, seed=seed, batch=batch, workers=workers),
             detector=detector, trust_detector=trust_detector)
 
 #----------------------------------------------------------------------------

@@ -23,6 +23,8 @@ import math
 
 import torch
 
+from fdm.schedules import SIGMA_MAX, SIGMA_MIN
+
 IGNORED_OPTIONS = ('rho', 'S_churn', 'S_min', 'S_max', 'S_noise')  # EDM sampler options that mean nothing here
 
 #----------------------------------------------------------------------------
@@ -127,17 +129,18 @@ def multistep_update(x, times, values, t, order):
 #
 # Unlike edm_sampler, [sigma_min, sigma_max] is NOT clamped to the network's range and
 # round_sigma is not applied (the reference's behaviour; FDM-EDM nets train on 0.002..80, which
-# are the defaults). No noise is drawn, so randn_like and rho/S_churn/S_min/S_max/S_noise
-# are accepted for the common sampler signature and ignored.
+# are the defaults, fdm.schedules' SIGMA_MIN..SIGMA_MAX; None means them too). No noise is drawn,
+# so randn_like and rho/S_churn/S_min/S_max/S_noise are accepted for the common sampler signature
+# and ignored.
 
 def dpm_solver_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, num_steps=18,
-        sigma_min=0.002, sigma_max=80, order=3, method='singlestep', skip_type='logSNR',
+        sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, order=3, method='singlestep', skip_type='logSNR',
         lower_order_final=True, denoise_to_zero=True, **ignored):
     unknown = sorted(set(ignored) - set(IGNORED_OPTIONS))
     if unknown:
         raise TypeError(f'dpm_solver_sampler() got unexpected options {unknown}')
-    sigma_min = 0.002 if sigma_min is None else float(sigma_min)
-    sigma_max = 80.0 if sigma_max is None else float(sigma_max)
+    sigma_min = float(SIGMA_MIN if sigma_min is None else sigma_min)
+    sigma_max = float(SIGMA_MAX if sigma_max is None else sigma_max)
     if num_steps < 1:
         raise ValueError(f'num_steps must be at least 1, got {num_steps}')
     if not 0 < sigma_min < sigma_max:

@@ -14,7 +14,7 @@ import math
 import numpy as np
 import torch
 
-from fdm.schedules import iddpm_sigmas, vp_sigma
+from fdm.schedules import SIGMA_RANGES, iddpm_sigmas, vp_sigma
 
 #----------------------------------------------------------------------------
 # The warmup clamp at optimizer step `step` (0-based), or None once the warmup is over.
@@ -96,7 +96,7 @@ class VPLoss(DenoisingLoss):
 # VE: log sigma ~ U(log sigma_min, log sigma_max), weight 1/sigma^2.
 
 class VELoss(DenoisingLoss):
-    def __init__(self, sigma_min=0.02, sigma_max=100, warmup_ite=None):
+    def __init__(self, sigma_min=SIGMA_RANGES['ve'][0], sigma_max=SIGMA_RANGES['ve'][1], warmup_ite=None):
         super().__init__(warmup_ite)
         self.sigma_min = sigma_min
         self.sigma_max = sigma_max

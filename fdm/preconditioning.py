@@ -18,7 +18,7 @@ import warnings
 import torch
 
 from fdm.momentum import momentum_scale
-from fdm.schedules import iddpm_sigmas, nearest_index, vp_sigma, vp_sigma_inv, vp_sigma_range
+from fdm.schedules import SIGMA_MAX, SIGMA_MIN, SIGMA_RANGES, iddpm_sigmas, nearest_index, vp_sigma, vp_sigma_inv, vp_sigma_range
 from fdm.networks import NETWORK_CLASSES  # F itself: the U-Nets are machinery, shared with EDM, not FDM's method
 
 #----------------------------------------------------------------------------
@@ -113,7 +113,7 @@ class VPPrecond(Precond):
 # Variance exploding (Song et al. 2021): geometric sigma in [0.02, 100].
 
 class VEPrecond(Precond):
-    defaults = dict(sigma_min=0.02, sigma_max=100)
+    defaults = dict(zip(('sigma_min', 'sigma_max'), SIGMA_RANGES['ve']))
 
     def coefficients(self, sigma):
         c_skip = torch.ones_like(sigma)
@@ -192,7 +192,7 @@ class FDM_VEPrecond(MomentumPrecond, VEPrecond):
     uses_multiplier = False  # the reference uses e^{-beta}(1 + beta) here whatever the multiplier
 
 class FDM_EDMPrecond(MomentumPrecond, EDMPrecond):
-    defaults = dict(EDMPrecond.defaults, sigma_min=0.002, sigma_max=80, **MomentumPrecond.momentum_defaults)
+    defaults = dict(EDMPrecond.defaults, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, **MomentumPrecond.momentum_defaults)
     default_model_type = 'SongUNet'
 
 #----------------------------------------------------------------------------

@@ -4,7 +4,8 @@ All share one signature, `sampler(net, latents, class_labels=None, randn_like=to
 num_steps=..., sigma_min=..., sigma_max=..., **options)`: `latents` is unit-variance noise
 [N, C, H, W], `randn_like` draws any further noise (pass a per-seed generator's version to
 make each image depend only on its seed; see PerSeedGenerator), and the result is float64
-images in ~[-1, 1]. `SAMPLERS` maps names to them:
+images in ~[-1, 1]. The default sigma range (0.002..80, or the ablation's discretisation's)
+lives in `fdm.schedules`. `SAMPLERS` maps names to them:
 
 - `edm`: EDM's Heun sampler (Karras et al. 2022, Algorithm 2), 2N - 1 evaluations.
 - `ablation`: EDM's generalised sampler (Euler/Heun x VP/VE/iDDPM/EDM time steps x schedules
@@ -18,7 +19,7 @@ import math
 import torch
 
 from fdm.dpm_solver import dpm_solver_sampler
-from fdm.schedules import edm_sigma_steps, iddpm_sigmas, vp_sigma, vp_sigma_inv
+from fdm.schedules import SIGMA_MAX, SIGMA_MIN, default_sigma_range, edm_sigma_steps, iddpm_sigmas, vp_sigma, vp_sigma_inv
 
 #----------------------------------------------------------------------------
 # Algorithm 2's churn, planned on the host before the loop: gamma_i = min(S_churn / N,
@@ -52,7 +53,7 @@ def churn_plan(sigmas, round_sigma, num_steps, S_churn, S_min, S_max, S_noise, l
 # Cost: 2 N - 1 network evaluations.
 
 def edm_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, num_steps=18,
-        sigma_min=0.002, sigma_max=80, rho=7, S_churn=0, S_min=0, S_max=float('inf'), S_noise=1):
+        sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, rho=7, S_churn=0, S_min=0, S_max=float('inf'), S_noise=1):
     # The sigma range can only shrink to what the network supports.
     sigma_min = max(sigma_min, net.sigma_min)
     sigma_max = min(sigma_max, net.sigma_max)
@@ -95,36 +96,27 @@ def edm_sampler(net, latents, class_labels=None, randn_like=torch.randn_like, nu
 # It integrates the ODE dx/dt = (sigma'/sigma + s'/s) x - (sigma' s / sigma) D(x / s; sigma)
 # (Eq. 4), with Algorithm 2's churn. With heun/edm/linear/none it is edm_sampler, bit for bit.
 
-ABLATION_SIGMA_DEFAULTS = dict(ve=(0.02, 100.0), iddpm=(0.002, 81.0), edm=(0.002, 80.0))  # vp: see below
-
 def ablation_sigma_range(net, discretization='edm', sigma_min=None, sigma_max=None, epsilon_s=1e-3):
     """The sigma range the ablation sampler uses: the discretization's default where none is
-    given (vp: sigma(epsilon_s) .. sigma(1) with beta_d 19.9, beta_min 0.1), then clamped to the
-    network's range."""
-    if discretization == 'vp':
-        t = torch.tensor([epsilon_s, 1.0], dtype=torch.float64)
-        default_min, default_max = (float(v) for v in vp_sigma(t, 19.9, 0.1))
-    elif discretization in ABLATION_SIGMA_DEFAULTS:
-        default_min, default_max = ABLATION_SIGMA_DEFAULTS[discretization]
-    else:
-        raise ValueError(f"unknown discretization {discretization!r}; expected 'vp', 've', 'iddpm' or 'edm'")
+    given (fdm.schedules.default_sigma_range), then clamped to the network's range."""
+    default_min, default_max = default_sigma_range(discretization, epsilon_s)
     sigma_min = default_min if sigma_min is None else sigma_min
     sigma_max = default_max if sigma_max is None else sigma_max
     return max(sigma_min, net.sigma_min), min(sigma_max, net.sigma_max)
 
-def _ablation_sigma_steps(discretization, num_steps, sigma_min, sigma_max, rho, epsilon_s, C_1, C_2, M,
-        vp_beta_d, vp_beta_min, device):
+# vp_betas: (beta_d, beta_min) of VP's sigma(t); iddpm: (C_1, C_2, M) of iDDPM's table.
+def _ablation_sigma_steps(discretization, num_steps, sigma_min, sigma_max, rho, epsilon_s, vp_betas, iddpm, device):
     # Table 1, "time steps", as noise levels sigma_0 > ... > sigma_{N-1}; N = 1 gives [sigma_max].
     i = torch.arange(num_steps, dtype=torch.float64, device=device)
     frac = i / (num_steps - 1) if num_steps > 1 else i
     if discretization == 'vp':
-        return vp_sigma(1 + frac * (epsilon_s - 1), vp_beta_d, vp_beta_min)
+        return vp_sigma(1 + frac * (epsilon_s - 1), *vp_betas)
     if discretization == 've':
         return (sigma_max ** 2 * (sigma_min ** 2 / sigma_max ** 2) ** frac).sqrt()
     if discretization == 'iddpm':
         # The float32 table the iDDPM preconditioner uses, restricted to the range; indices
         # floor(j0 + (M - 1 - j0) / (N - 1) i + 1/2) as a rounded fraction of the table.
-        u = iddpm_sigmas(C_1, C_2, M).to(device=device, dtype=torch.float64)
+        u = iddpm_sigmas(*iddpm).to(device=device, dtype=torch.float64)
         u = u[(u >= sigma_min) & (u <= sigma_max)]
         scale = (len(u) - 1) / (num_steps - 1) if num_steps > 1 else 0
         return u[(scale * i).round().to(torch.int64)]
@@ -182,7 +174,7 @@ def ablation_sampler(net, latents, class_labels=None, randn_like=torch.randn_lik
         return sigma_deriv(t) * (x - s(t) * denoised) / sigma(t) + s_deriv(t) / s(t) * x
 
     sigma_steps = _ablation_sigma_steps(discretization, num_steps, sigma_min, sigma_max, rho, epsilon_s,
-        C_1, C_2, M, vp_beta_d, vp_beta_min, latents.device)
+        (vp_beta_d, vp_beta_min), (C_1, C_2, M), latents.device)
     t_steps = sigma_inv(torch.as_tensor(net.round_sigma(sigma_steps), dtype=torch.float64))
     t_steps = torch.cat([t_steps, torch.zeros_like(t_steps[:1])])  # t_N = 0
 
@@ -261,13 +253,13 @@ def sampler_nfe(name, num_steps, solver='heun', **kwargs):
 def sampler_sigma_range(name, net, sigma_min=None, sigma_max=None, discretization='edm', epsilon_s=1e-3, **kwargs):
     """(sigma_min, sigma_max) a sampler actually uses for this network: EDM and the ablation
     sampler clamp to the network's range, DPM-Solver++ does not."""
-    if name == 'edm':
-        return max(0.002 if sigma_min is None else sigma_min, net.sigma_min), \
-            min(80.0 if sigma_max is None else sigma_max, net.sigma_max)
+    if name == 'edm':  # EDM's range is the ablation sampler's with EDM time steps
+        return ablation_sigma_range(net, 'edm', sigma_min, sigma_max)
     if name == 'ablation':
         return ablation_sigma_range(net, discretization, sigma_min, sigma_max, epsilon_s)
     if name == 'dpm':
-        return 0.002 if sigma_min is None else sigma_min, 80.0 if sigma_max is None else sigma_max
+        default_min, default_max = default_sigma_range('edm')
+        return default_min if sigma_min is None else sigma_min, default_max if sigma_max is None else sigma_max
     raise ValueError(f'unknown sampler {name!r}; expected one of {sorted(SAMPLERS)}')
 
 def sampler_settings(name, **kwargs):

@@ -1,5 +1,6 @@
-"""Noise schedules: sigma(t) and its inverse for VP, the iDDPM sigma table, and the
-EDM time-step discretisation. Pure functions of their arguments."""
+"""Noise schedules: sigma(t) and its inverse for VP, the iDDPM sigma table, each time-step
+discretisation's default sigma range (the one home of the samplers' 0.002..80), and the EDM
+time-step discretisation. Pure functions of their arguments."""
 
 import math
 
@@ -46,11 +47,32 @@ def nearest_index(sigma, u):
     return dist.argmin(dim=1).reshape(sigma.shape)
 
 #----------------------------------------------------------------------------
+# The default sigma range of each time-step discretisation (EDM, Karras et al. 2022, Table 1,
+# "sigma_max, sigma_min"): VE 0.02..100, iDDPM 0.002..81 (u_{M-1}..u_0 rounded, as EDM rounds
+# them), EDM 0.002..80, and VP sigma(epsilon_s)..sigma(1) with beta_d 19.9, beta_min 0.1.
+# EDM's range is also the default of edm_sampler and DPM-Solver++ (SIGMA_MIN, SIGMA_MAX).
+# Integers where the reference writes integers: they are recorded in generate_options.json.
+
+SIGMA_RANGES = dict(ve=(0.02, 100), iddpm=(0.002, 81), edm=(0.002, 80))
+SIGMA_MIN, SIGMA_MAX = SIGMA_RANGES['edm']
+
+def default_sigma_range(discretization='edm', epsilon_s=1e-3):
+    """(sigma_min, sigma_max) of Table 1 for 'vp', 've', 'iddpm' or 'edm' time steps, as floats."""
+    if discretization == 'vp':
+        sigmas = vp_sigma(torch.tensor([epsilon_s, 1.0], dtype=torch.float64))
+    elif discretization in SIGMA_RANGES:
+        sigmas = SIGMA_RANGES[discretization]
+    else:
+        raise ValueError(f"unknown discretization {discretization!r}; expected 'vp', 've', 'iddpm' or 'edm'")
+    sigma_min, sigma_max = (float(v) for v in sigmas)
+    return sigma_min, sigma_max
+
+#----------------------------------------------------------------------------
 # EDM time steps (Karras et al. 2022, Eq. 5), in float64, with sigma_N = 0 appended:
 # sigma_i = (sigma_max^(1/rho) + i/(N-1) (sigma_min^(1/rho) - sigma_max^(1/rho)))^rho.
 # N = 1 (where the reference divides by zero) gives the single step sigma_max -> 0.
 
-def edm_sigma_steps(num_steps, sigma_min=0.002, sigma_max=80, rho=7, round_sigma=None, device=None):
+def edm_sigma_steps(num_steps, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, rho=7, round_sigma=None, device=None):
     if num_steps < 1:
         raise ValueError(f'num_steps must be at least 1, got {num_steps}')
     i = torch.arange(num_steps, dtype=torch.float64, device=device)

@@ -21,7 +21,7 @@ case $part in
 equiv)  # Fast paths against their exact counterparts on CUDA; no host sync inside a training step.
     python -m pytest -q -p no:cacheprovider tests/test_cuda_training.py tests/test_precision.py 2>&1 | tail -15 | tee -a "$summary"
     ;;
-bench)  # The configuration (DDPM++ cond. CIFAR-10 FDM-EDM, batch 128 per GPU), one table per setting.
+bench)  # The benchmark's default configuration (DDPM++ cond. CIFAR-10 FDM-EDM, batch 128 per GPU), one table per setting.
     for args in "--precision=fp32" "--precision=tf32" "--precision=bf16 --channels-last" \
             "--precision=bf16 --channels-last --compile" "--precision=bf16 --channels-last --compile --compile-mode=reduce-overhead"; do
         echo "== benchmark $args" | tee -a "$out/benchmark.md"

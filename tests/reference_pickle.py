@@ -1,5 +1,5 @@
 """A writer of reference EDM/FDM network pickles and an assembler of hand-made ones, for the
-tests that read them (test_checkpoint, test_fuzz, test_hostile_files). Not a test module:
+tests that read them (test_checkpoint, test_fuzz_network_files, test_hostile_files). Not a test module:
 pytest collects nothing here."""
 
 import collections

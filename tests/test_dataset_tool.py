@@ -21,7 +21,8 @@ from click.testing import CliRunner
 import dataset_tool
 from training.data import writer as dataset_writer
 from training.data.dataset import ImageFolderDataset
-from training.data.sources import DatasetToolError, parse_resolution
+from torch_utils.errors import OptionError
+from training.data.sources import parse_resolution
 from training.data.writer import convert_dataset
 
 #----------------------------------------------------------------------------
@@ -378,7 +379,7 @@ def test_resolution_parsing():
     assert parse_resolution('64x32') == (64, 32)
     assert parse_resolution('64,32') == (64, 32)
     for bad in ['64', '64x', 'x64', '0x8', '8x-8', 'abc']:
-        with pytest.raises(DatasetToolError):
+        with pytest.raises(OptionError):
             parse_resolution(bad)
 
 #----------------------------------------------------------------------------

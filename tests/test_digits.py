@@ -12,6 +12,7 @@ pytest.importorskip('sklearn')
 import fid
 from training.evaluation import digits
 from training.evaluation.feature_stats import load_stats
+from training.tools import digits_classifier
 from training.tools import mini_repro
 from training.data.dataset import ImageFolderDataset
 from training.data.writer import convert_dataset
@@ -30,6 +31,14 @@ def test_committed_classifier_recognises_the_digits():
     # Any resolution is accepted (resized to 16x16), e.g. 32x32 samples.
     big = torch.nn.functional.interpolate(images.float(), size=32, mode='nearest').to(torch.uint8)
     assert digits.class_accuracy(big, labels) > 0.95
+
+# The classifier's command line scores the committed weights; without them, the error names the command that rebuilds them.
+def test_classifier_command(tmp_path, monkeypatch):
+    r = CliRunner().invoke(digits_classifier.main, [])
+    assert r.exit_code == 0 and float(r.output.split('Accuracy on all digits: ')[1]) > 0.99, r.output
+    monkeypatch.setattr(digits, 'WEIGHTS', str(tmp_path / 'missing.pt'))
+    with pytest.raises(FileNotFoundError, match='python -m training.tools.digits_classifier --train'):
+        digits.load_classifier()
 
 def test_fd_digits_via_fid_py(tmp_path):
     convert_dataset('sklearn-digits', str(tmp_path / 'd.zip'), resolution=(16, 16))

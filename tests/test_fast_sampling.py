@@ -77,8 +77,8 @@ def reference_ablation_sampler(net, latents, randn_like, num_steps, discretizati
     s_deriv = (lambda t: -sigma(t) * sigma_deriv(t) * (s(t) ** 3)) if scaling == 'vp' else (lambda t: torch.zeros_like(t))
     slope = lambda x, t: sigma_deriv(t) * (x - s(t) * net(x / s(t), sigma(t)).to(torch.float64)) / sigma(t) \
         + s_deriv(t) / s(t) * x
-    sigma_steps = _ablation_sigma_steps(discretization, num_steps, sigma_min, sigma_max, 7, 1e-3, 0.001, 0.008,
-        1000, vp_beta_d, vp_beta_min, latents.device)
+    sigma_steps = _ablation_sigma_steps(discretization, num_steps, sigma_min, sigma_max, 7, 1e-3,
+        (vp_beta_d, vp_beta_min), (0.001, 0.008, 1000), latents.device)
     t_steps = sigma_inv(torch.as_tensor(net.round_sigma(sigma_steps), dtype=torch.float64))
     t_steps = torch.cat([t_steps, torch.zeros_like(t_steps[:1])])
     x_next = latents.to(torch.float64) * (sigma(t_steps[0]) * s(t_steps[0]))

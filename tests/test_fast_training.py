@@ -141,10 +141,11 @@ def test_train_py_opens_the_dataset_and_reads_the_resume_state_once(tmp_path, ti
     assert len(opened) == 2 and len(loads) == 1
 
 def test_compile_and_data_options_reach_the_loop(tiny_zip):
-    from training.config import ConfigError, setup_training_config
+    from torch_utils.errors import OptionError
+    from training.config import setup_training_config
     c, _ = setup_training_config(tiny_zip, compile=True, compile_mode='reduce-overhead', data_on_device='on')
     assert c.compile == 'reduce-overhead' and c.data_on_device is True
     c, _ = setup_training_config(tiny_zip)
     assert c.compile is False and c.data_on_device is None  # auto: on CUDA when the dataset fits
-    with pytest.raises(ConfigError, match='--compile-mode applies only with --compile'):
+    with pytest.raises(OptionError, match='--compile-mode applies only with --compile'):
         setup_training_config(tiny_zip, compile_mode='max-autotune')

@@ -4,6 +4,7 @@ Images are compared bit for bit only where they come from batches of the same sh
 process (then the arithmetic is the same); across batch sizes or processes the CPU's float
 kernels may round differently, so there the PNGs may differ by one level on a few pixels."""
 
+import inspect
 import json
 import os
 import subprocess
@@ -285,6 +286,24 @@ def test_two_processes_give_the_same_images(nets, tmp_path):
     assert_same_up_to_rounding(read_images(tmp_path / 'two', range(5)), read_images(tmp_path / 'one', range(5)))
     s = json.loads((tmp_path / 'two' / 'generate_options.json').read_text())
     assert s['world_size'] == 2
+
+#----------------------------------------------------------------------------
+# The options generate.py leaves out are None and take the library's defaults (generate's signature,
+# select_sampler's); --help states those very defaults. The float options keep the library's value
+# as their click default (generate_options.json has always recorded them as floats, rho 7.0).
+
+def test_help_states_the_library_defaults():
+    options = {param.name: param for param in generate.main.params}
+    signature = inspect.signature(generation.generate).parameters
+    sampler_defaults = generation.select_sampler()[1]
+    shown = dict(seeds=dnnlib.util.format_int_list(signature['seeds'].default), num_steps=sampler_defaults['num_steps'],
+        grid_width=signature['grid_width'].default, precision=signature['precision'].default)
+    for name, default in shown.items():
+        assert options[name].help.endswith(f'  [default: {default}]') and not options[name].show_default, options[name].help
+    for name in ['rho', 'S_churn', 'S_min', 'S_max', 'S_noise']:
+        assert options[name].default == sampler_defaults[name] and options[name].show_default, name
+    context = generate.main.make_context('generate', ['--network=n', '--outdir=o'])
+    assert all(context.params[name] is None for name in shown) and context.params['rho'] == 7.0
 
 #----------------------------------------------------------------------------
 

@@ -139,6 +139,19 @@ def test_no_test_module_imports_another():
                 wrong.append(f'{path}:{line} imports {module}')
     assert not wrong, '\n'.join(wrong)
 
+# Command lines live in the four scripts and in the modules run with `python -m` (training/tools/),
+# built from torch_utils/cli/; generation.py keeps the --seeds click type that generate.py and fid.py share.
+CLICK_ALLOWED = {f'{script}.py' for script in SCRIPTS} | {'training/evaluation/generation.py'}
+CLICK_FOLDERS = ('training/tools/', 'torch_utils/cli/')
+
+def test_only_command_lines_import_click():
+    paths = sorted(CLICK_ALLOWED - {'training/evaluation/generation.py'})
+    for unit in units():
+        paths += python_files(unit.replace('.', '/'))
+    wrong = [f'{path}:{line}' for path in paths for module, line in imported_modules(path)
+        if module.split('.')[0] == 'click' and path not in CLICK_ALLOWED and not path.startswith(CLICK_FOLDERS)]
+    assert not wrong, 'library modules that import click (move their command line into training/tools/):\n' + '\n'.join(wrong)
+
 @pytest.mark.parametrize('script', sorted(SCRIPTS))
 def test_scripts_are_command_lines(script):
     """A script defines its click command and small option helpers, nothing more (about 200 lines)."""

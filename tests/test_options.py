@@ -2,6 +2,7 @@
 script refuses NaN, refuses infinity unless its help says what infinity means, and states its
 range; the library functions the scripts call refuse the same values when called directly."""
 
+import inspect
 import math
 
 import click
@@ -12,12 +13,13 @@ import dataset_tool
 import fid
 import generate
 import train
-from training import phema
 from training.tools import benchmark
 from training.tools import demo
 from training.tools import mini_repro
-from training.evaluation import tables
+from training.tools import phema
+from training.tools import tables
 from torch_utils.cli.options import Float, Int, OptionError, Range
+from training.config import setup_training_config
 
 #----------------------------------------------------------------------------
 # The command line: (script, the arguments before the bad option, option, bad value).
@@ -63,7 +65,10 @@ def test_s_max_inf_and_defaults_still_parse():
     context = generate.main.make_context('generate', ['--network=n', '--outdir=o', '--S_max=inf'])
     assert context.params['S_max'] == math.inf and context.params['rho'] == 7 and context.params['S_noise'] == 1
     context = train.main.make_context('train', ['--outdir=o', '--data=d', '--warmup_ite=200', '--lr=2e-4'])
-    assert context.params['warmup_ite'] == 200 and context.params['lr'] == 2e-4 and context.params['duration'] == 200
+    assert context.params['warmup_ite'] == 200 and context.params['lr'] == 2e-4 and context.params['duration'] is None
+    # An option left out takes setup_training_config's default, its one home, which --help shows.
+    assert inspect.signature(setup_training_config).parameters['duration'].default == 200
+    assert 'Training duration [default: 200]' in ' '.join(CliRunner().invoke(train.main, ['--help']).output.split())
 
 def _commands():
     yield 'train.py', train.main
@@ -71,11 +76,11 @@ def _commands():
     yield 'dataset_tool.py', dataset_tool.main
     for name, command in fid.main.commands.items():
         yield f'fid.py {name}', command
-    # The library's own commands (python -m training.X) follow the same rule.
+    # The tools' commands (python -m training.tools.X) follow the same rule.
     for module in (benchmark, demo, mini_repro, phema):
         yield f'python -m {module.__name__}', module.main
     for name, command in tables.main.commands.items():
-        yield f'python -m training.evaluation.tables {name}', command
+        yield f'python -m training.tools.tables {name}', command
 
 # Every numeric option goes through the rule: no plain click FLOAT/INT/FloatRange/IntRange left.
 def test_every_numeric_option_uses_the_rule():
@@ -116,7 +121,6 @@ def test_select_sampler_refuses_what_the_command_line_refuses(option, value):
 @pytest.mark.parametrize('option, value', [('lr', math.inf), ('warmup_ite', math.nan), ('fdm_multiplier', math.nan),
     ('duration', math.inf), ('cbase', 0), ('dropout', math.nan)])
 def test_training_config_refuses_what_the_command_line_refuses(tmp_path, option, value):
-    from training.config import setup_training_config
     # Checked before the dataset is opened: the missing path is never reached.
     with pytest.raises(OptionError, match=option):
         setup_training_config(data=str(tmp_path / 'missing.zip'), **{option: value})

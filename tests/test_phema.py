@@ -1,5 +1,6 @@
-"""Post-hoc EMA (training/phema.py): the std <-> exponent map, the least-squares weights against a
-hand computation, and a reconstruction against an EMA tracked directly."""
+"""Post-hoc EMA (training/phema.py; its command line is training/tools/phema.py): the std <-> exponent
+map, the least-squares weights against a hand computation, and a reconstruction against an EMA
+tracked directly."""
 
 import os
 
@@ -94,14 +95,14 @@ def test_training_resume_and_reconstruction(tmp_path, tiny_zip, one_thread):
     from fdm import load_network
     from train_helpers import loop_config
     from training.phema import reconstruct
-    from training.training_loop import training_loop
+    from train_helpers import run_loop
     from training.checkpoint.training_state import load_training_state
     stds = [0.05, 0.10]
     for name in ('a', 'b1', 'b2'):
         os.makedirs(tmp_path / name)
-    training_loop(run_dir=str(tmp_path / 'a'), **loop_config(tiny_zip, total_kimg=0.048), phema_stds=stds)
-    training_loop(run_dir=str(tmp_path / 'b1'), **loop_config(tiny_zip, total_kimg=0.024), phema_stds=stds)
-    training_loop(run_dir=str(tmp_path / 'b2'), **loop_config(tiny_zip, total_kimg=0.048,
+    run_loop(run_dir=str(tmp_path / 'a'), **loop_config(tiny_zip, total_kimg=0.048), phema_stds=stds)
+    run_loop(run_dir=str(tmp_path / 'b1'), **loop_config(tiny_zip, total_kimg=0.024), phema_stds=stds)
+    run_loop(run_dir=str(tmp_path / 'b2'), **loop_config(tiny_zip, total_kimg=0.048,
         resume_state=str(tmp_path / 'b1')), phema_stds=stds)
     straight = load_training_state(str(tmp_path / 'a' / 'training-state-000000.pt'))
     resumed = load_training_state(str(tmp_path / 'b2' / 'training-state-000000.pt'))
@@ -124,16 +125,16 @@ def test_training_resume_and_reconstruction(tmp_path, tiny_zip, one_thread):
 def test_resume_without_stored_profiles_is_refused(tmp_path, tiny_zip, one_thread):
     from fdm.io.network_files import CheckpointError
     from train_helpers import loop_config
-    from training.training_loop import training_loop
+    from train_helpers import run_loop
     os.makedirs(tmp_path / 'a')
-    training_loop(run_dir=str(tmp_path / 'a'), **loop_config(tiny_zip, total_kimg=0.016))
+    run_loop(run_dir=str(tmp_path / 'a'), **loop_config(tiny_zip, total_kimg=0.016))
     with pytest.raises(CheckpointError, match='without --phema-std'):
-        training_loop(run_dir=str(tmp_path / 'a'), **loop_config(tiny_zip, total_kimg=0.032,
+        run_loop(run_dir=str(tmp_path / 'a'), **loop_config(tiny_zip, total_kimg=0.032,
             resume_state=str(tmp_path / 'a')), phema_stds=[0.05])
 
 def test_reconstruction_errors_are_one_line(tmp_path):
     from click.testing import CliRunner
-    from training.phema import main
+    from training.tools.phema import main
     result = CliRunner().invoke(main, ['--run', str(tmp_path), '--std', '0.07', '--out', str(tmp_path / 'x.pt')])
     assert result.exit_code == 1 and 'no phema-*.pt snapshots' in result.output and 'Traceback' not in result.output
     assert not os.path.exists(tmp_path / 'x.pt')

@@ -6,6 +6,7 @@ Data ~ N(0, s_d^2) gives D(x; sigma) = x s_d^2 / (s_d^2 + sigma^2), and the prob
 ODE carries x(sigma_a) to x(sigma_b) = x(sigma_a) sqrt(sigma_b^2 + s_d^2) / sqrt(sigma_a^2 + s_d^2).
 """
 
+import inspect
 import math
 
 import numpy as np
@@ -15,8 +16,8 @@ import torch
 from fdm.dpm_solver import (dpm_solver_sampler, multistep_orders, multistep_update, singlestep_orders,
     singlestep_update, time_steps)
 from fdm.samplers import (SAMPLERS, PerSeedGenerator, ablation_sampler, ablation_sigma_range, edm_sampler,
-    sampler_nfe, sampler_settings)
-from fdm.schedules import edm_sigma_steps
+    sampler_nfe, sampler_settings, sampler_sigma_range)
+from fdm.schedules import default_sigma_range, edm_sigma_steps
 
 S_D = 0.5  # gaussian_denoiser's default data scale
 
@@ -134,6 +135,24 @@ def test_ablation_alpha(gaussian_denoiser, exact_flow):
     assert 3.2 < e[0] / e[1] < 6.0  # measured 4.0
     with pytest.raises(ValueError):
         ablation_sampler(gaussian_denoiser(), x, alpha=1.5)
+
+# EDM's default range (Table 1: sigma_min 0.002, sigma_max 80) from its one home: in edm_sampler's
+# and DPM-Solver++'s signatures as the reference writes them (80 an integer, as generate_options.json
+# records it), and where a sampler fills in a range left as None.
+def test_default_sigma_range(gaussian_denoiser):
+    for sampler in (edm_sampler, dpm_solver_sampler, edm_sigma_steps):
+        params = inspect.signature(sampler).parameters
+        assert (params['sigma_min'].default, params['sigma_max'].default) == (0.002, 80)
+        assert type(params['sigma_max'].default) is int
+    assert default_sigma_range() == (0.002, 80.0) and default_sigma_range('ve') == (0.02, 100.0)
+    net = gaussian_denoiser()
+    assert sampler_sigma_range('edm', net) == sampler_sigma_range('dpm', net) == (0.002, 80.0)
+    assert sampler_sigma_range('dpm', gaussian_denoiser(sigma_max=10.0)) == (0.002, 80.0)  # DPM-Solver++ does not clamp
+    assert sampler_sigma_range('edm', gaussian_denoiser(sigma_max=10.0)) == (0.002, 10.0)
+    dpm_solver_sampler(net, latents(), num_steps=3, sigma_min=None, sigma_max=None)
+    assert net.sigmas[0] == 80.0 and net.sigmas[-1] == 0.002
+    with pytest.raises(ValueError, match='discretization'):
+        default_sigma_range('cosine')
 
 def test_ablation_sigma_ranges(gaussian_denoiser):
     vp_min = math.sqrt(math.exp(0.5 * 19.9 * 1e-6 + 0.1 * 1e-3) - 1)  # sigma(1e-3), VP defaults

@@ -1,5 +1,6 @@
-"""The paper's tables from one command (training/evaluation/tables.py): shape, values equal to fid.py gen,
-the result cache across a killed run, NFE -> steps, one-line errors, and the plots."""
+"""The paper's tables from one command (training/evaluation/tables.py; its command line is
+training/tools/tables.py): shape, values equal to fid.py gen, the result cache across a killed run,
+NFE -> steps, one-line errors, and the plots."""
 
 import json
 import os
@@ -23,6 +24,7 @@ from training.evaluation.inception import load_detector
 from training.evaluation import fid as evaluation
 from training.evaluation import plots
 from training.evaluation import tables
+from training.tools import tables as tables_cli
 from training.data.dataset import ImageFolderDataset
 
 #----------------------------------------------------------------------------
@@ -51,7 +53,7 @@ def ref(tmp_path):
 SCORING = ['--detector', 'digits', '--seeds', '0-5', '--batch', '4']
 
 def invoke(*args):
-    return CliRunner().invoke(tables.main, [str(a) for a in args])
+    return CliRunner().invoke(tables_cli.main, [str(a) for a in args])
 
 def cells(outdir):
     return json.loads((outdir / 'results.json').read_text())['cells']
@@ -138,7 +140,7 @@ def test_killed_table_recomputes_nothing_stored(tmp_path, runs, ref, monkeypatch
 @pytest.mark.slow
 def test_sigkill_then_rerun_resumes(tmp_path, runs, ref):
     out = tmp_path / 'out'
-    cmd = [sys.executable, '-m', 'training.evaluation.tables', 'kimg', *runs, '--kimg=1,2', '--steps=6', '--ref', ref, *SCORING,
+    cmd = [sys.executable, '-m', 'training.tools.tables', 'kimg', *runs, '--kimg=1,2', '--steps=6', '--ref', ref, *SCORING,
         '--outdir', str(out)]
     env = dict(os.environ, OMP_NUM_THREADS='1')
     results = lambda: [n for n in os.listdir(out / 'cache') if n.endswith('.json')] if (out / 'cache').is_dir() else []
@@ -235,10 +237,10 @@ def test_curves_count_a_repeated_tick_once(tmp_path, runs):
 @pytest.mark.slow
 def test_curves_of_a_real_tiny_run(tmp_path, tiny_zip, one_thread):
     from train_helpers import loop_config
-    from training.training_loop import training_loop
+    from train_helpers import run_loop
     run = tmp_path / 'run'
     run.mkdir()
-    training_loop(run_dir=str(run), **loop_config(tiny_zip))
+    run_loop(run_dir=str(run), **loop_config(tiny_zip))
     out = tmp_path / 'curves.png'
     assert tables.training_curves([str(run)], str(out), stats=('Loss/loss',)) == ['run']
     assert_lines(out, 1, (800, 500))

@@ -10,6 +10,12 @@ import re
 class UserError(Exception):
     """A problem with the user's input or environment; the message says what to do."""
 
+class OptionError(UserError, ValueError):
+    """An option, or a combination of options, that cannot work; the message says what to change."""
+
+class FileError(UserError):
+    """A file that cannot be read or written; the message says which, why, and what to do."""
+
 def describe_exception(err):
     """'TypeName: message' on one line, for wrapping a third-party error into our message."""
     return ' '.join(f'{type(err).__name__}: {err}'.split())

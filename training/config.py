@@ -20,16 +20,13 @@ from fdm.loss import MAX_WARMUP_ITE
 from fdm.methods import METHOD_SPECIFIC_OPTIONS, METHODS, method_kwargs
 from torch_utils import distributed
 from torch_utils.cli.compile_modes import resolve_compile_mode
-from torch_utils.errors import UserError
+from torch_utils.errors import FileError, OptionError
 from torch_utils.cli.options import Range, check_options
-from training.data.dataset import DatasetError, ImageFolderDataset
+from training.data.dataset import ImageFolderDataset
 from fdm.networks import ARCH_PRESETS
 from training.phema import gamma_from_std
 from training.checkpoint.starting_point import check_resume_seed, read_transfer
 from training.checkpoint.training_state import find_resume_state
-
-class ConfigError(UserError):
-    """An option combination that cannot work; the message says what to change."""
 
 MAX_LIST_ITEMS = 32  # --cres: more channel multipliers than any network has resolutions is a typo
 
@@ -67,16 +64,16 @@ def setup_training_config(data, outdir='training-runs', cond=False, arch='ddpmpp
     c.dataset_kwargs.resolution = dataset.resolution
     c.dataset_kwargs.max_size = len(dataset)
     if cond and not dataset.has_labels:
-        raise ConfigError(f'--cond=1 needs labels, but {data} has no dataset.json labels; add them or use --cond=0')
+        raise OptionError(f'--cond=1 needs labels, but {data} has no dataset.json labels; add them or use --cond=0')
     c.data_loader_kwargs = dnnlib.EasyDict(num_workers=workers)
     if workers > 0:
         c.data_loader_kwargs.update(prefetch_factor=2, persistent_workers=True)
 
     # Network: architecture preset, then the options that override it.
     if arch not in ARCH_PRESETS:
-        raise ConfigError(f'--arch={arch} is not one of {sorted(ARCH_PRESETS)}')
+        raise OptionError(f'--arch={arch} is not one of {sorted(ARCH_PRESETS)}')
     if precond not in METHODS:
-        raise ConfigError(f'--precond={precond} is not one of {sorted(METHODS)}')
+        raise OptionError(f'--precond={precond} is not one of {sorted(METHODS)}')
     method_network_kwargs, method_loss_kwargs = method_kwargs(precond, warmup_ite, fdm_multiplier)
     c.network_kwargs = dnnlib.EasyDict(class_name=method_network_kwargs.pop('class_name'), **ARCH_PRESETS[arch])
     if cbase is not None:
@@ -109,18 +106,18 @@ def setup_training_config(data, outdir='training-runs', cond=False, arch='ddpmpp
     c.loss_scaling = ls
     c.cudnn_benchmark = bench
     if precision not in ('fp32', 'tf32', 'bf16'):
-        raise ConfigError(f'--precision={precision} is not available for training; use fp32, tf32 or bf16 '
+        raise OptionError(f'--precision={precision} is not available for training; use fp32, tf32 or bf16 '
             '(or --fp16=1, the reference\'s mixed precision)')
     if fp16 and precision == 'bf16':
-        raise ConfigError('--fp16=1 and --precision=bf16 are two mixed-precision modes; choose one')
+        raise OptionError('--fp16=1 and --precision=bf16 are two mixed-precision modes; choose one')
     c.precision = precision
     try:
         c.compile = resolve_compile_mode(compile, compile_mode) or False
     except ValueError as err:
-        raise ConfigError(str(err)) from None
+        raise OptionError(str(err)) from None
     c.channels_last = channels_last
     if data_on_device not in ('auto', 'on', 'off'):
-        raise ConfigError(f'--data-on-device={data_on_device} is not one of auto, on, off')
+        raise OptionError(f'--data-on-device={data_on_device} is not one of auto, on, off')
     c.data_on_device = dict(auto=None, on=True, off=False)[data_on_device]
     c.kimg_per_tick = tick
     c.snapshot_ticks = snap
@@ -149,7 +146,7 @@ def setup_training_config(data, outdir='training-runs', cond=False, arch='ddpmpp
     # Run directory name, as the reference: {id}-{dataset}-{cond}-{arch}-{precond}-gpus{W}-batch{B}-{dtype}[-{desc}].
     # --desc is one plain name, so that the run folder stays inside --outdir.
     if desc is not None and (not re.fullmatch(r'[A-Za-z0-9._-]*', desc) or desc.startswith('.')):
-        raise ConfigError(f'--desc {desc!r} may hold only letters, digits, ".", "_" and "-", and may not start with '
+        raise OptionError(f'--desc {desc!r} may hold only letters, digits, ".", "_" and "-", and may not start with '
             '"."; the run folder must stay inside --outdir')
     desc_str = f'{dataset.name}-{"cond" if cond else "uncond"}-{arch}-{precond}-gpus{world_size}-batch{batch}-{"fp16" if fp16 else "fp32"}'
     if desc is not None:
@@ -171,17 +168,15 @@ class Start:
 def open_dataset(dataset_kwargs):
     try:
         return ImageFolderDataset(**dataset_kwargs)
-    except DatasetError as err:
-        raise ConfigError(str(err)) from None
     except (zipfile.BadZipFile, NotImplementedError, RuntimeError, UnicodeError, EOFError, OSError, zlib.error) as err:
         # Errors of a damaged zip that the reader does not translate yet (zipfile raises all of these).
-        raise ConfigError(f"Cannot read dataset '{dataset_kwargs['path']}' ({' '.join(str(err).split())}); it is "
+        raise FileError(f"Cannot read dataset '{dataset_kwargs['path']}' ({' '.join(str(err).split())}); it is "
             'damaged or not a dataset, recreate it with dataset_tool.py.') from None
 
 # seed: None draws one for a reference state, which records none.
 def read_start(dataset, resume=None, transfer=None, batch_size=None, seed=None):
     if transfer is not None and resume is not None:
-        raise ConfigError('--transfer and --resume cannot be combined; --resume continues a run, --transfer starts a new one')
+        raise OptionError('--transfer and --resume cannot be combined; --resume continues a run, --transfer starts a new one')
     start = Start(dataset)
     if resume is not None:
         start.state_path, start.state = find_resume_state(resume, batch_size=batch_size, seed=seed, draw_seed=random_seed)
@@ -205,14 +200,14 @@ def parse_phema_stds(s):
     try:
         stds = [float(part) for part in (s.split(',') if isinstance(s, str) else s) if str(part).strip()]
     except (TypeError, ValueError):
-        raise ConfigError(f'--phema-std={s!r} is not a list of numbers such as 0.050,0.100') from None
+        raise OptionError(f'--phema-std={s!r} is not a list of numbers such as 0.050,0.100') from None
     if not stds or len(stds) > 8 or len({f'{std:.3f}' for std in stds}) != len(stds):
-        raise ConfigError(f'--phema-std={s!r}: give one to eight different relative stds (to 3 decimals), such as 0.050,0.100')
+        raise OptionError(f'--phema-std={s!r}: give one to eight different relative stds (to 3 decimals), such as 0.050,0.100')
     for std in stds:
         try:
             gamma_from_std(std)
         except ValueError as err:
-            raise ConfigError(f'--phema-std: {err}') from None
+            raise OptionError(f'--phema-std: {err}') from None
     return stds
 
 # --cres: positive integers, at most MAX_LIST_ITEMS of them (ValueError otherwise).
@@ -228,7 +223,7 @@ def batch_split(batch, batch_gpu, world_size):
     used = per_process if batch_gpu is None or batch_gpu > per_process else batch_gpu
     rounds = per_process // max(used, 1)
     if batch != used * rounds * world_size:
-        raise ConfigError(f'--batch={batch} is not divisible by {world_size} GPU(s) x --batch-gpu={batch_gpu}; '
+        raise OptionError(f'--batch={batch} is not divisible by {world_size} GPU(s) x --batch-gpu={batch_gpu}; '
             'choose a batch that is a multiple of their product')
     return used, rounds
 

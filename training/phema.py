@@ -6,19 +6,18 @@ A power-function EMA with exponent gamma averages the weights seen up to time t 
 p(tau) = (gamma + 1) tau^gamma / t^(gamma + 1) on [0, t] (Eq. 1-2). Its length is stated as the
 profile's standard deviation relative to t, sigma_rel (Eq. 3). Time is counted in training images,
 so the update is theta_hat <- beta theta_hat + (1 - beta) theta with beta = (1 - batch / t)^(gamma + 1).
+The command line that rebuilds an EMA from a run is `python -m training.tools.phema`.
 """
 
 import copy
 import os
 import re
 
-import click
 import numpy as np
 import torch
 
 from fdm.io.network_files import load_network_file, save_snapshot
-from torch_utils.errors import UserError, one_line
-from torch_utils.cli.options import Range, option_type
+from torch_utils.errors import UserError
 
 #----------------------------------------------------------------------------
 # sigma_rel <-> gamma (Eq. 3): sigma_rel^2 = (gamma + 1) / ((gamma + 2)^2 (gamma + 3)).
@@ -176,23 +175,3 @@ def reconstruct(run_dir, std, out, kimg=None, log=print):
     return weights
 
 #----------------------------------------------------------------------------
-
-@click.command()
-@click.option('--run', 'run_dir', help='Run directory with phema-*.pt snapshots', metavar='DIR', required=True)
-@click.option('--std', help='Relative std of the EMA to build, e.g. 0.07', metavar='FLOAT', type=option_type(Range(min=0, min_open=True)), required=True)
-@click.option('--kimg', help='Training time of the EMA  [default: the newest snapshot]', metavar='KIMG', type=option_type(Range(min=0)))
-@click.option('--out', help='Network snapshot to write', metavar='PT', required=True)
-def main(run_dir, std, kimg, out):
-    """Post-hoc EMA: build the EMA of any length from the profiles stored by train.py --phema-std.
-
-    \b
-    python -m training.phema --run=training-runs/00000-... --std=0.07 --out=network-phema-0.070.pt
-    """
-    try:
-        reconstruct(run_dir, std, out, kimg=kimg, log=click.echo)
-    except UserError as err:
-        raise click.ClickException(one_line(err)) from None
-    click.echo(f'Wrote {out}')
-
-if __name__ == '__main__':
-    main()

@@ -11,14 +11,12 @@ import numbers
 
 import click
 
-from torch_utils.errors import UserError
+from torch_utils.errors import OptionError
 
 #----------------------------------------------------------------------------
 # A bad number in a library call; the message names the option and its valid range. Also a
 # ValueError, which the library raised for such numbers before.
 
-class OptionError(UserError, ValueError):
-    pass
 
 def _number(value):
     return str(value) if isinstance(value, int) else f'{value:g}'

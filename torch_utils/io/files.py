@@ -19,10 +19,7 @@ import tempfile
 import torch
 
 import dnnlib
-from torch_utils.errors import UserError
-
-class FileError(UserError):
-    """A file that cannot be read or written; the message says which, why, and what to do."""
+from torch_utils.errors import FileError
 
 #----------------------------------------------------------------------------
 # The umask, read once (reading it means setting it; doing so later could race with threads).

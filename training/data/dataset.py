@@ -19,14 +19,14 @@ import numpy as np
 import PIL.Image
 import torch
 
-from torch_utils.errors import UserError, describe_exception
+from torch_utils.errors import FileError, describe_exception
 
 #----------------------------------------------------------------------------
 # A problem with the user's data; the message is one sentence that ends with what to do.
 
 MAX_CLASSES = 100_000  # one-hot labels beyond this are a broken dataset.json, not a dataset
 
-class DatasetError(UserError):
+class DatasetError(FileError):
     pass
 
 #----------------------------------------------------------------------------

@@ -17,15 +17,10 @@ import zlib
 import numpy as np
 import PIL.Image
 
-from torch_utils.errors import UserError, describe_exception
+from torch_utils.errors import OptionError, describe_exception
 from torch_utils.io.safe_pickle import ARRAY_GLOBALS, ForbiddenGlobalError, UnsafePickleError, restricted_load
-from training.data.dataset import is_image_name, list_folder, parse_labels_json, read_image
+from training.data.dataset import DatasetError, is_image_name, list_folder, parse_labels_json, read_image
 
-#----------------------------------------------------------------------------
-# A problem with the user's source, destination or options: one sentence saying what to do.
-
-class DatasetToolError(UserError):
-    pass
 
 # Palette and 1-bit images have an obvious 8-bit equivalent; other modes than L and RGB
 # (alpha, 16-bit, float) are refused. -> (mode, uint8 [H, W] or [H, W, 3], or None if refused).
@@ -35,14 +30,14 @@ def _to_array(img):
     return img.mode, (np.array(img) if img.mode in ('L', 'RGB') else None)
 
 def _decode_image(open_file, name):
-    mode, image = read_image(open_file, _to_array, f"Cannot read image '{name}'", error=DatasetToolError)
+    mode, image = read_image(open_file, _to_array, f"Cannot read image '{name}'", error=DatasetError)
     if image is None:
-        raise DatasetToolError(f"Image '{name}' has Pillow mode '{mode}', but only 8-bit grayscale (L) and RGB images are supported; "
+        raise DatasetError(f"Image '{name}' has Pillow mode '{mode}', but only 8-bit grayscale (L) and RGB images are supported; "
             'convert it (e.g. drop the alpha channel) and run again.')
     return image
 
 def _labels_of(open_file, declared_size, num_images, where):
-    return parse_labels_json(open_file, declared_size, num_images, where, 'fix it or delete it', error=DatasetToolError)
+    return parse_labels_json(open_file, declared_size, num_images, where, 'fix it or delete it', error=DatasetError)
 
 #----------------------------------------------------------------------------
 # Image folders and zips.
@@ -50,10 +45,10 @@ def _labels_of(open_file, declared_size, num_images, where):
 # A folder, walked recursively. Labels: its dataset.json, else the index of the sorted top-level
 # folder an image sits in, when there are several such folders and no image sits at the top.
 def open_image_folder(path, max_images=None):
-    names = list_folder(path, error=DatasetToolError)
+    names = list_folder(path, error=DatasetError)
     fnames = sorted(name for name in names if is_image_name(name))
     if not fnames:
-        raise DatasetToolError(f"No image files found in folder '{path}'; point --source at a folder of images Pillow can read (e.g. .png, .jpg).")
+        raise DatasetError(f"No image files found in folder '{path}'; point --source at a folder of images Pillow can read (e.g. .png, .jpg).")
     json_path = os.path.join(path, 'dataset.json')
     if 'dataset.json' in names:
         label_of = _labels_of(lambda: open(json_path, 'rb'), os.stat(json_path).st_size, len(fnames), f"dataset.json in '{path}'") or {}
@@ -75,11 +70,11 @@ def open_image_zip(path, max_images=None):
     try:
         archive = zipfile.ZipFile(path)
     except (zipfile.BadZipFile, OSError) as err:
-        raise DatasetToolError(f"Cannot read '{path}' as a zip file ({describe_exception(err)}); check the download.") from None
+        raise DatasetError(f"Cannot read '{path}' as a zip file ({describe_exception(err)}); check the download.") from None
     names = sorted(name for name in archive.namelist() if not name.endswith('/') and is_image_name(name))
     if not names:
         archive.close()
-        raise DatasetToolError(f"No image files found in '{path}'; the zip must contain images Pillow can read (e.g. .png, .jpg).")
+        raise DatasetError(f"No image files found in '{path}'; the zip must contain images Pillow can read (e.g. .png, .jpg).")
     label_of = {}
     if 'dataset.json' in archive.namelist():
         label_of = _labels_of(lambda: archive.open('dataset.json'), archive.getinfo('dataset.json').file_size, len(names),
@@ -105,23 +100,23 @@ def _field(batch, key):
 # One data_batch_N member -> (uint8 [N, H, W, C] images, list of N labels), checked.
 def _load_cifar_batch(tar, info, where):
     if not info.isfile():
-        raise DatasetToolError(f'{where} is not a regular file; download cifar-10-python.tar.gz again.')
+        raise DatasetError(f'{where} is not a regular file; download cifar-10-python.tar.gz again.')
     with tar.extractfile(info) as f:
         try:
             batch = restricted_load(f, ARRAY_GLOBALS, encoding='latin1')
         except ForbiddenGlobalError as err:
-            raise DatasetToolError(f'{where} asks to load {err.global_name}, which a CIFAR-10 batch never contains; refusing to unpickle it '
+            raise DatasetError(f'{where} asks to load {err.global_name}, which a CIFAR-10 batch never contains; refusing to unpickle it '
                 '(the file may be malicious), download cifar-10-python.tar.gz again from the official site.') from None
         except UnsafePickleError as err:
-            raise DatasetToolError(f'{where} is not plain data ({err}); refusing to unpickle it (the file may be malicious), '
+            raise DatasetError(f'{where} is not plain data ({err}); refusing to unpickle it (the file may be malicious), '
                 'download cifar-10-python.tar.gz again from the official site.') from None
         except Exception as err:
-            raise DatasetToolError(f'{where} is not a readable pickle ({describe_exception(err)}); download cifar-10-python.tar.gz again.') from None
+            raise DatasetError(f'{where} is not a readable pickle ({describe_exception(err)}); download cifar-10-python.tar.gz again.') from None
     data, labels = _field(batch, 'data'), _field(batch, 'labels')
     if not (isinstance(data, np.ndarray) and data.dtype == np.uint8 and data.ndim == 2 and data.shape[1] == 3 * 32 * 32):
-        raise DatasetToolError(f"{where} has no uint8 'data' array of shape [N, 3072]; download cifar-10-python.tar.gz again.")
+        raise DatasetError(f"{where} has no uint8 'data' array of shape [N, 3072]; download cifar-10-python.tar.gz again.")
     if not (isinstance(labels, list) and len(labels) == data.shape[0] and all(type(x) is int and 0 <= x < 10 for x in labels)):
-        raise DatasetToolError(f"{where} has no list of {data.shape[0]} 'labels' in 0..9; download cifar-10-python.tar.gz again.")
+        raise DatasetError(f"{where} has no list of {data.shape[0]} 'labels' in 0..9; download cifar-10-python.tar.gz again.")
     return data.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1), labels # [N, 3072] => [N, C, H, W] => [N, H, W, C]
 
 # cifar-10-python.tar.gz: the 50000 training images of data_batch_1..5 (test_batch is not used),
@@ -135,10 +130,10 @@ def open_cifar10(path, max_images=None):
                 if info.name in members:
                     batches[info.name] = _load_cifar_batch(tar, info, f"'{info.name}' in '{path}'")
     except (tarfile.TarError, OSError, EOFError, zlib.error) as err:
-        raise DatasetToolError(f"Cannot read '{path}' as a .tar.gz archive ({describe_exception(err)}); download cifar-10-python.tar.gz again.") from None
+        raise DatasetError(f"Cannot read '{path}' as a .tar.gz archive ({describe_exception(err)}); download cifar-10-python.tar.gz again.") from None
     missing = [member for member in members if member not in batches]
     if missing:
-        raise DatasetToolError(f"'{path}' has no member '{missing[0]}'; download cifar-10-python.tar.gz again.")
+        raise DatasetError(f"'{path}' has no member '{missing[0]}'; download cifar-10-python.tar.gz again.")
     images = np.concatenate([batches[member][0] for member in members])[:max_images]
     labels = [label for member in members for label in batches[member][1]]
 
@@ -155,13 +150,13 @@ def _read_idx(path, ndim):
         with gzip.open(path, 'rb') as f:
             raw = f.read()
     except (OSError, EOFError, zlib.error) as err:
-        raise DatasetToolError(f"Cannot read '{path}' as a gzip file ({describe_exception(err)}); download it again.") from None
+        raise DatasetError(f"Cannot read '{path}' as a gzip file ({describe_exception(err)}); download it again.") from None
     header = 4 + 4 * ndim
     if len(raw) < header or raw[:4] != bytes([0, 0, 0x08, ndim]):
-        raise DatasetToolError(f"'{path}' is not a {ndim}-dimensional uint8 idx file; download it again.")
+        raise DatasetError(f"'{path}' is not a {ndim}-dimensional uint8 idx file; download it again.")
     shape = struct.unpack(f'>{ndim}I', raw[4:header])
     if len(raw) != header + int(np.prod(shape)):
-        raise DatasetToolError(f"'{path}' holds {len(raw) - header} bytes of data, not the {int(np.prod(shape))} its header announces; download it again.")
+        raise DatasetError(f"'{path}' holds {len(raw) - header} bytes of data, not the {int(np.prod(shape))} its header announces; download it again.")
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(shape)
 
 # train-images-idx3-ubyte.gz, zero-padded to 32x32; labels from train-labels-idx1-ubyte.gz beside it, if there.
@@ -169,14 +164,14 @@ def open_mnist(path, max_images=None):
     images = _read_idx(path, ndim=3)
     pad_h, pad_w = 32 - images.shape[1], 32 - images.shape[2]
     if pad_h < 0 or pad_w < 0:
-        raise DatasetToolError(f"'{path}' holds {images.shape[2]}x{images.shape[1]} images, larger than the 32x32 they are padded to; is it really MNIST?")
+        raise DatasetError(f"'{path}' holds {images.shape[2]}x{images.shape[1]} images, larger than the 32x32 they are padded to; is it really MNIST?")
     images = np.pad(images, [(0, 0), (pad_h // 2, pad_h - pad_h // 2), (pad_w // 2, pad_w - pad_w // 2)])
     labels = [None] * len(images)
     labels_path = os.path.join(os.path.dirname(path), 'train-labels-idx1-ubyte.gz')
     if os.path.isfile(labels_path):
         labels = _read_idx(labels_path, ndim=1).tolist()
         if len(labels) != len(images):
-            raise DatasetToolError(f"'{labels_path}' has {len(labels)} labels but '{path}' has {len(images)} images; download both again.")
+            raise DatasetError(f"'{labels_path}' has {len(labels)} labels but '{path}' has {len(images)} images; download both again.")
     images = images[:max_images]
 
     def iterate():
@@ -203,7 +198,7 @@ def open_sklearn_digits(max_images=None):
     try:
         images, labels = load_sklearn_digits()
     except ImportError:
-        raise DatasetToolError(f"--source={DIGITS_SOURCE} needs scikit-learn; install it with 'pip install scikit-learn'.") from None
+        raise DatasetError(f"--source={DIGITS_SOURCE} needs scikit-learn; install it with 'pip install scikit-learn'.") from None
     images = images[:max_images]
 
     def iterate():
@@ -219,14 +214,14 @@ def open_source(source, max_images=None):
     if source == DIGITS_SOURCE:
         return open_sklearn_digits(max_images)
     if not os.path.exists(source):
-        raise DatasetToolError(f"Source '{source}' does not exist; check the --source path.")
+        raise DatasetError(f"Source '{source}' does not exist; check the --source path.")
     if os.path.isdir(source):
         if os.path.basename(os.path.normpath(source)).endswith('_lmdb'):
-            raise DatasetToolError(f"'{source}' looks like an LSUN LMDB folder, which this codebase does not read (it needs lmdb and OpenCV); "
+            raise DatasetError(f"'{source}' looks like an LSUN LMDB folder, which this codebase does not read (it needs lmdb and OpenCV); "
                 'export its images to a folder and pass that folder as --source.')
         return open_image_folder(source, max_images)
     if not os.path.isfile(source):
-        raise DatasetToolError(f"Source '{source}' is neither a folder nor a regular file (a FIFO or a device cannot be read as a dataset); "
+        raise DatasetError(f"Source '{source}' is neither a folder nor a regular file (a FIFO or a device cannot be read as a dataset); "
             'pass a folder or an archive file.')
     basename = os.path.basename(source)
     if basename == 'cifar-10-python.tar.gz':
@@ -235,7 +230,7 @@ def open_source(source, max_images=None):
         return open_mnist(source, max_images)
     if basename.lower().endswith('.zip'):
         return open_image_zip(source, max_images)
-    raise DatasetToolError(f"'{source}': unknown source type; expected a folder, a .zip, cifar-10-python.tar.gz, train-images-idx3-ubyte.gz or sklearn-digits.")
+    raise DatasetError(f"'{source}': unknown source type; expected a folder, a .zip, cifar-10-python.tar.gz, train-images-idx3-ubyte.gz or sklearn-digits.")
 
 #----------------------------------------------------------------------------
 # Transforms: uint8 [H, W] or [H, W, C] -> uint8 image, or None to skip the image.
@@ -244,7 +239,7 @@ def parse_resolution(text):
     """'64x64' or '64,64' -> (width, height)."""
     match = re.fullmatch(r'\s*(\d+)\s*[x,]\s*(\d+)\s*', str(text))
     if not match or int(match.group(1)) < 1 or int(match.group(2)) < 1:
-        raise DatasetToolError(f"Resolution '{text}' is not of the form WxH or W,H with positive integers, e.g. 64x64.")
+        raise OptionError(f"Resolution '{text}' is not of the form WxH or W,H with positive integers, e.g. 64x64.")
     return int(match.group(1)), int(match.group(2))
 
 def _lanczos(image, width, height):
@@ -277,15 +272,15 @@ def center_crop_wide(image, width, height):
 
 def make_transform(transform=None, resolution=None):
     if transform is not None and resolution is None:
-        raise DatasetToolError(f'--transform={transform} needs an output size; add --resolution, e.g. --resolution=64x64.')
+        raise OptionError(f'--transform={transform} needs an output size; add --resolution, e.g. --resolution=64x64.')
     if transform == 'center-crop-wide' and resolution[0] < resolution[1]:
-        raise DatasetToolError(f'--transform=center-crop-wide needs a resolution at least as wide as it is tall, got {resolution[0]}x{resolution[1]}.')
+        raise OptionError(f'--transform=center-crop-wide needs a resolution at least as wide as it is tall, got {resolution[0]}x{resolution[1]}.')
     if transform is None:
         return (lambda image: image) if resolution is None else (lambda image: _lanczos(image, *resolution))
     if transform == 'center-crop':
         return lambda image: center_crop(image, *resolution)
     if transform == 'center-crop-wide':
         return lambda image: center_crop_wide(image, *resolution)
-    raise DatasetToolError(f"Unknown transform '{transform}'; use center-crop or center-crop-wide.")
+    raise OptionError(f"Unknown transform '{transform}'; use center-crop or center-crop-wide.")
 
 #----------------------------------------------------------------------------

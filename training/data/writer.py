@@ -15,9 +15,10 @@ import zipfile
 import PIL.Image
 from tqdm import tqdm
 
-from torch_utils.errors import describe_exception
+from torch_utils.errors import OptionError, describe_exception
 from torch_utils.io.files import atomic_write, check_destination
-from training.data.sources import DatasetToolError, make_transform, open_source, parse_resolution
+from training.data.dataset import DatasetError
+from training.data.sources import make_transform, open_source, parse_resolution
 
 #----------------------------------------------------------------------------
 # Destination: refused before the source is read if it would overwrite anything.
@@ -25,15 +26,15 @@ from training.data.sources import DatasetToolError, make_transform, open_source,
 # Refuse an empty path, an existing zip and a non-empty folder; returns (absolute path, is zip).
 def check_dest(dest):
     if not dest:
-        raise DatasetToolError('--dest is empty; pass an output .zip path or a new folder.')
+        raise OptionError('--dest is empty; pass an output .zip path or a new folder.')
     dest = os.path.abspath(dest)
     is_zip = dest.lower().endswith('.zip')
     if is_zip and os.path.exists(dest):
-        raise DatasetToolError(f"Destination '{dest}' already exists; delete it or choose another --dest.")
+        raise DatasetError(f"Destination '{dest}' already exists; delete it or choose another --dest.")
     if not is_zip and os.path.exists(dest) and not os.path.isdir(dest):
-        raise DatasetToolError(f"Destination '{dest}' is an existing file; pass a .zip path or a new or empty folder.")
+        raise DatasetError(f"Destination '{dest}' is an existing file; pass a .zip path or a new or empty folder.")
     if not is_zip and os.path.isdir(dest) and os.listdir(dest):
-        raise DatasetToolError(f"Destination folder '{dest}' is not empty; delete its contents or choose another --dest.")
+        raise DatasetError(f"Destination folder '{dest}' is not empty; delete its contents or choose another --dest.")
     check_destination(dest, '--dest', folder=not is_zip)
     return dest, is_zip
 
@@ -58,7 +59,7 @@ def _write_zip(dest, files):
                 archive.writestr(name, data)
                 count += 1
         if os.path.exists(dest):
-            raise DatasetToolError(f"Destination '{dest}' appeared while writing; delete it or choose another --dest.")
+            raise DatasetError(f"Destination '{dest}' appeared while writing; delete it or choose another --dest.")
     atomic_write(dest, write)
     return count
 
@@ -77,7 +78,7 @@ def _write_folder(dest, files):
                 with open(path, 'xb') as f:
                     f.write(data)
             except OSError as err:
-                raise DatasetToolError(f"Cannot write '{name}' of '{dest}' ({describe_exception(err)}); free disk space "
+                raise DatasetError(f"Cannot write '{name}' of '{dest}' ({describe_exception(err)}); free disk space "
                     'or check the --dest folder, then run the conversion again.') from None
             count += 1
         try:
@@ -85,7 +86,7 @@ def _write_folder(dest, files):
                 os.rmdir(dest) # empty: checked before, and rmdir refuses otherwise
             os.rename(tmp, dest)
         except OSError as err:
-            raise DatasetToolError(f"Cannot move the finished dataset to '{dest}' ({describe_exception(err)}); make sure it is a new or empty folder.") from None
+            raise DatasetError(f"Cannot move the finished dataset to '{dest}' ({describe_exception(err)}); make sure it is a new or empty folder.") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -98,7 +99,7 @@ def write_files(dest, files):
     try:
         made_dirs = _make_parent_dirs(os.path.dirname(dest))
     except OSError as err:
-        raise DatasetToolError(f"Cannot create the folder of '{dest}' ({describe_exception(err)}); check the --dest path.") from None
+        raise DatasetError(f"Cannot create the folder of '{dest}' ({describe_exception(err)}); check the --dest path.") from None
     try:
         return _write_zip(dest, files) if is_zip else _write_folder(dest, files)
     except BaseException:
@@ -117,21 +118,21 @@ def _describe(image):
 def _check_shape(image, name, first):
     if first is not None:
         if image.shape[:2] != first.shape[:2]:
-            raise DatasetToolError(f"Image '{name}' is {_describe(image)} but the first image is {_describe(first)}; "
+            raise DatasetError(f"Image '{name}' is {_describe(image)} but the first image is {_describe(first)}; "
                 'all images must match, pass e.g. --resolution=64x64 (and --transform=center-crop for non-square images).')
         if image.shape != first.shape:
-            raise DatasetToolError(f"Image '{name}' is {_describe(image)} but the first image is {_describe(first)}; "
+            raise DatasetError(f"Image '{name}' is {_describe(image)} but the first image is {_describe(first)}; "
                 'all images must match, convert it or pass --transform=center-crop, which makes every image RGB.')
         return
     height, width = image.shape[:2]
     channels = 1 if image.ndim == 2 else image.shape[2]
     if width != height:
-        raise DatasetToolError(f"The first image '{name}' is {width}x{height}, not square; pass a square --resolution such as 64x64, "
+        raise DatasetError(f"The first image '{name}' is {width}x{height}, not square; pass a square --resolution such as 64x64, "
             'with --transform=center-crop if the images are not square.')
     if width & (width - 1):
-        raise DatasetToolError(f"The first image '{name}' is {width}x{height}, not a power-of-two size; pass e.g. --resolution=64x64.")
+        raise DatasetError(f"The first image '{name}' is {width}x{height}, not a power-of-two size; pass e.g. --resolution=64x64.")
     if channels not in (1, 3):
-        raise DatasetToolError(f"The first image '{name}' has {channels} channels; only grayscale (1) or RGB (3) images are supported.")
+        raise DatasetError(f"The first image '{name}' has {channels} channels; only grayscale (1) or RGB (3) images are supported.")
 
 # Stored (zlib level 0) PNGs: training decodes them many times, and the zip is not compressed either.
 def _png_bytes(image):
@@ -153,7 +154,7 @@ def _dataset_files(items, transform_image, describe_skip):
         yield archive_name, _png_bytes(image)
         labels.append([archive_name, label])
     if not labels:
-        raise DatasetToolError(describe_skip())
+        raise DatasetError(describe_skip())
     all_labelled = all(label is not None for _name, label in labels)
     yield 'dataset.json', json.dumps({'labels': labels if all_labelled else None}).encode()
 

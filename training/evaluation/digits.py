@@ -4,21 +4,18 @@ digits (scikit-learn's 8x8 digits), trained by our own code in seconds on the CP
 Its 64-d penultimate features give a Frechet distance ("FD-digits", `fid.py --detector=digits`)
 and its predictions give the accuracy with which class-conditional samples show the class
 they were asked for. The weights are committed (`digits_classifier.pt`, ~150 kB) so that
-FD-digits numbers are comparable between machines; `python -m training.evaluation.digits --train`
+FD-digits numbers are comparable between machines; `python -m training.tools.digits_classifier --train`
 rebuilds them deterministically.
 """
 
-import io
 import os
 
-import click
 import numpy as np
 import PIL.Image
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torch_utils.io.files import atomic_write
 from training.data.sources import load_sklearn_digits
 
 WEIGHTS = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'digits_classifier.pt')
@@ -85,7 +82,7 @@ def train_classifier(seed=0, epochs=40, holdout=0.2):
 
 def load_classifier(device='cpu'):
     if not os.path.isfile(WEIGHTS):
-        raise FileNotFoundError(f'{WEIGHTS} is missing; rebuild it with: python -m training.evaluation.digits --train')
+        raise FileNotFoundError(f'{WEIGHTS} is missing; rebuild it with: python -m training.tools.digits_classifier --train')
     net = DigitsNet()
     net.load_state_dict(torch.load(WEIGHTS, map_location='cpu', weights_only=True))
     return net.eval().requires_grad_(False).to(device)
@@ -96,25 +93,5 @@ def class_accuracy(images, labels, device='cpu'):
     net = load_classifier(device)
     predictions = torch.cat([net(batch.to(device)).argmax(1).cpu() for batch in images.split(256)])
     return (predictions == labels.cpu()).float().mean().item()
-
-#----------------------------------------------------------------------------
-
-@click.command()
-@click.option('--train', 'do_train', is_flag=True, help=f'Train and write {os.path.basename(WEIGHTS)}')
-@click.option('--seed', type=int, default=0, show_default=True)
-def main(do_train, seed):
-    """Train (or evaluate) the digits classifier used by FD-digits."""
-    if do_train:
-        net, accuracy = train_classifier(seed)
-        buf = io.BytesIO()
-        torch.save(net.state_dict(), buf)
-        atomic_write(WEIGHTS, lambda f: f.write(buf.getvalue()))
-        click.echo(f'Wrote {WEIGHTS} ({len(buf.getvalue()) / 1024:.0f} kB); held-out accuracy {accuracy:.4f}')
-    else:
-        images, labels = digits_images()
-        click.echo(f'Accuracy on all digits: {class_accuracy(images, labels):.4f}')
-
-if __name__ == '__main__':
-    main()
 
 #----------------------------------------------------------------------------

@@ -71,10 +71,11 @@ def make_outdir(path):
 # those of the PNGs. Its copy to the host waits for the batch, but a batch costs tens of
 # network evaluations, against which one synchronisation is nothing.
 
-def generated_batches(net, sampler_name, sampler_kwargs, seeds, device, batch=64, class_idx=None, precision='fp32',
-        progress=True, fixed_shape=False):
-    """(seeds, uint8 images [N, C, H, W] on the CPU) for this rank's share of the seeds;
-    fixed_shape (a compiled net): short batches are padded as generate.py pads them."""
+def generated_batches(net, sampler, seeds, device, batch=64, class_idx=None, precision='fp32', progress=True,
+        fixed_shape=False):
+    """(seeds, uint8 images [N, C, H, W] on the CPU) for this rank's share of the seeds; sampler: (name, kwargs)
+    of generation.select_sampler; fixed_shape (a compiled net): short batches are padded as generate.py pads them."""
+    sampler_name, sampler_kwargs = sampler
     rank, world = dist.get_rank(), dist.get_world_size()
     batches = [b for b in generation.rank_batches(seeds, batch, rank, world) if b]
     pad_to = max((len(b) for b in batches), default=0) if fixed_shape else None
@@ -83,13 +84,13 @@ def generated_batches(net, sampler_name, sampler_kwargs, seeds, device, batch=64
             pad_to=pad_to)
         yield batch_seeds, torch.from_numpy(generation.to_uint8(images)).permute(0, 3, 1, 2)  # [N, H, W, C] -> [N, C, H, W]
 
-def generated_stats(net, sampler_name, sampler_kwargs, seeds, detector, batch=64, class_idx=None, precision='fp32',
-        outdir=None, progress=True, fixed_shape=False):
+def generated_stats(net, sampler, seeds, detector, batch=64, class_idx=None, precision='fp32', outdir=None,
+        progress=True, fixed_shape=False):
     """(mu, sigma) of the features of the images of `seeds`, shared among torchrun's ranks as
     generate.py shares them; with `outdir` the PNGs are written too (as generate.py --subdirs)."""
     sums = FeatureSums(detector)
-    for batch_seeds, images in generated_batches(net, sampler_name, sampler_kwargs, seeds, detector.device, batch,
-            class_idx, precision, progress, fixed_shape):
+    for batch_seeds, images in generated_batches(net, sampler, seeds, detector.device, batch, class_idx, precision,
+            progress, fixed_shape):
         if outdir is not None:
             make_outdir(outdir)  # once per batch is cheap, and reports an unwritable folder before any work is lost
             generation.save_images(images.permute(0, 2, 3, 1).numpy(), batch_seeds, outdir, subdirs=True)
@@ -133,9 +134,10 @@ def fid_of_images(images, ref_path, num=50000, seed=0, batch=64, workers=3, dete
     dist.print0(f"FID {fid:g} from {len(dataset)} images in '{images}' against '{ref_path}'")
     return fid
 
-def fid_of_network(network, ref_path, seeds, class_idx=None, solver='edm', steps=18, precision='fp32', outdir=None,
+def fid_of_network(network, ref_path, seeds, class_idx=None, solver='edm', steps=None, precision='fp32', outdir=None,
         batch=64, detector=None, compile_mode=None, trust_detector=False):
-    """fid.py gen: the FID of the images of `seeds`, generated in memory (and saved to `outdir` if given)."""
+    """fid.py gen: the FID of the images of `seeds`, generated in memory (and saved to `outdir` if given).
+    steps: None is generate.py's default (generation.SAMPLER_DEFAULTS)."""
     if len(seeds) < 2:
         raise FIDError(f'--seeds gives {len(seeds)} image; a covariance needs at least 2, e.g. --seeds=0-49999')
     ref_stats = load_stats(ref_path)
@@ -147,7 +149,7 @@ def fid_of_network(network, ref_path, seeds, class_idx=None, solver='edm', steps
         solver=solver, num_steps=steps)
     dist.print0(f"Generating {len(seeds)} images and their features with '{det.name}'...")
     start = time.perf_counter()
-    mu, sigma = generated_stats(net, sampler_name, sampler_kwargs, seeds, det, batch=batch, class_idx=class_idx,
+    mu, sigma = generated_stats(net, (sampler_name, sampler_kwargs), seeds, det, batch=batch, class_idx=class_idx,
         precision=precision, outdir=outdir, fixed_shape=compile_mode is not None)
     dist.print0(f'Generated and scored {rate(len(seeds), start)}')
     fid = frechet_distance(mu, sigma, *ref_stats)
@@ -161,10 +163,10 @@ def _print_summary(fids, ref_path):
     dist.print0(f"FID min {lo:g}  mean {mean:g}  std {std:g}  over {len(fids)} seed ranges against '{ref_path}'")
     return lo, mean, std
 
-def protocol_of_network(network, ref_path, num=50000, solver='edm', steps=18, precision='fp32', outdir=None, batch=64,
+def protocol_of_network(network, ref_path, num=50000, solver='edm', steps=None, precision='fp32', outdir=None, batch=64,
         detector=None, compile_mode=None, trust_detector=False):
     """fid.py protocol --network: the three seed ranges generated in memory (saved to OUTDIR/seeds-A-B
-    if `outdir`); returns the three FIDs."""
+    if `outdir`); returns the three FIDs. steps: None is generate.py's default."""
     if 3 * num > generation.MAX_SEEDS:  # before any work: the seed lists are materialised per range
         raise FIDError(f'--num={num} asks for {3 * num} seeds, more than the {generation.MAX_SEEDS} a run may take; '
             f'use --num <= {generation.MAX_SEEDS // 3}')
@@ -179,7 +181,7 @@ def protocol_of_network(network, ref_path, num=50000, solver='edm', steps=18, pr
     for seeds in [range(k * num, (k + 1) * num) for k in range(3)]:
         name = f'seeds-{seeds[0]}-{seeds[-1]}'
         folder = os.path.join(outdir, name) if outdir is not None else None
-        mu, sigma = generated_stats(net, sampler_name, sampler_kwargs, seeds, det, batch=batch,
+        mu, sigma = generated_stats(net, (sampler_name, sampler_kwargs), seeds, det, batch=batch,
             precision=precision, outdir=folder, fixed_shape=compile_mode is not None)
         fids.append(frechet_distance(mu, sigma, *ref_stats))
         dist.print0(f"FID {fids[-1]:g} from {num} images " + (f"in '{folder}'" if folder else f"of {name}"))

@@ -49,7 +49,11 @@ def parse_seeds(s):
 # --solver dpm: DPM-Solver++; --solver euler|heun or any of --disc/--schedule/--scaling:
 # EDM's ablation sampler; otherwise (--solver edm or nothing) EDM's Heun sampler.
 
-DPM_IGNORED_DEFAULTS = dict(rho=7, S_churn=0, S_min=0, S_max=float('inf'), S_noise=1)
+# The defaults of the common options are edm_sampler's (the reference's signature): 18 steps,
+# rho 7, no churn. The sigma range stays None here: its default depends on the sampler and the
+# ablation's time steps (fdm.schedules.default_sigma_range).
+SAMPLER_DEFAULTS = {name: value for name, value in sampler_settings('edm').items()
+    if name in ('num_steps', 'rho', 'S_churn', 'S_min', 'S_max', 'S_noise')}
 
 # The valid range of each sampler option, checked here and by the click types of generate.py and
 # fid.py. sigma: the noise levels the networks know end at 80 (EDM), 100 (VE), 152 (VP) and ~2e4
@@ -63,10 +67,13 @@ SAMPLER_RANGES = dict(
     max_batch_size=Range(min=1, integer=True))
 
 def select_sampler(solver=None, disc=None, schedule=None, scaling=None, dpm_order=None, dpm_method=None,
-        dpm_skip=None, num_steps=18, sigma_min=None, sigma_max=None, rho=7, S_churn=0, S_min=0,
-        S_max=float('inf'), S_noise=1):
-    """-> (sampler name in SAMPLERS, its kwargs, list of options it ignores)."""
+        dpm_skip=None, num_steps=None, sigma_min=None, sigma_max=None, rho=None, S_churn=None, S_min=None,
+        S_max=None, S_noise=None):
+    """-> (sampler name in SAMPLERS, its kwargs, list of options it ignores). None: the default
+    (SAMPLER_DEFAULTS, or the sampler's sigma range)."""
     check_options(SAMPLER_RANGES, locals())
+    given = dict(num_steps=num_steps, rho=rho, S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise)
+    num_steps, rho, S_churn, S_min, S_max, S_noise = (SAMPLER_DEFAULTS[k] if v is None else v for k, v in given.items())
     range_kwargs = {k: v for k, v in dict(sigma_min=sigma_min, sigma_max=sigma_max).items() if v is not None}
     common = dict(num_steps=num_steps, **range_kwargs, rho=rho, S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise)
     ablation = {k: v for k, v in dict(discretization=disc, schedule=schedule, scaling=scaling).items() if v is not None}
@@ -78,8 +85,8 @@ def select_sampler(solver=None, disc=None, schedule=None, scaling=None, dpm_orde
         if ablation:
             raise GenerateError('--disc/--schedule/--scaling select the EDM ablation sampler and do not combine with '
                 '--solver dpm; drop them, or use --solver euler or heun')
-        given = dict(rho=rho, S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise)
-        ignored = [f'--{k}' for k, v in given.items() if v != DPM_IGNORED_DEFAULTS[k]]
+        edm_only = dict(rho=rho, S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise)
+        ignored = [f'--{k}' for k, v in edm_only.items() if v != SAMPLER_DEFAULTS[k]]
         return 'dpm', dict(num_steps=num_steps, **range_kwargs, **dpm), ignored
     if dpm:
         raise GenerateError('--dpm-order/--dpm-method/--dpm-skip apply only to --solver dpm')
@@ -247,8 +254,10 @@ def describe_run(net, network_name, sampler_name, sampler_kwargs, ignored, seeds
 # The sampling loop of one rank. A thread writes one batch's PNGs while the device samples the
 # next (the main thread waits in to_uint8's copy, which releases the GIL).
 
-def _sample_to_pngs(net, sampler_name, sampler_kwargs, batches, outdir, subdirs, device, class_idx, precision,
-        pad_to, max_batch_size, compile_mode, log, progress):
+# run: what generate() resolved (device, class_idx, precision, pad_to, max_batch_size, compile_mode, log).
+def _sample_to_pngs(net, sampler_name, sampler_kwargs, batches, outdir, subdirs, run, progress):
+    device, class_idx, precision, pad_to = run.device, run.class_idx, run.precision, run.pad_to
+    max_batch_size, compile_mode, log = run.max_batch_size, run.compile_mode, run.log
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as writer:
         written = None
         for k, batch_seeds in enumerate(tqdm.tqdm(batches, unit='batch', disable=not progress)):
@@ -333,8 +342,9 @@ def generate(network, outdir, seeds=range(64), subdirs=False, class_idx=None, ma
     if compile_mode:
         net = compile_net(net, compile_mode)
         log(f'Compiling the network (torch.compile mode {compile_mode}, batch {pad_to}) on the first batch...')
-    _sample_to_pngs(net, sampler_name, sampler_kwargs, batches, outdir, subdirs, device, class_idx, precision, pad_to,
-        max_batch_size, compile_mode, log, progress=(rank == 0 and verbose))
+    run = dnnlib.EasyDict(device=device, class_idx=class_idx, precision=precision, pad_to=pad_to,
+        max_batch_size=max_batch_size, compile_mode=compile_mode, log=log)
+    _sample_to_pngs(net, sampler_name, sampler_kwargs, batches, outdir, subdirs, run, progress=(rank == 0 and verbose))
 
     distributed.barrier()
     if grid is not None and rank == 0:

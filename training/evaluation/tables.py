@@ -1,9 +1,9 @@
-"""The paper's tables from one command each: FID against training images, FID against NFE, and
-training curves.
+"""The paper's tables: FID against training images, FID against NFE, and training curves. Their
+command line is training/tools/tables.py:
 
-    python -m training.evaluation.tables kimg RUN_DIR... --kimg=50000,100000,150000,200000 --ref=REF.npz --outdir=DIR
-    python -m training.evaluation.tables nfe SNAPSHOT... --nfe=25,49,79 --solver=edm,dpm --ref=REF.npz --outdir=DIR
-    python -m training.evaluation.tables curves RUN_DIR... --stat=Loss/loss --out=training-curves.png
+    python -m training.tools.tables kimg RUN_DIR... --kimg=50000,100000,150000,200000 --ref=REF.npz --outdir=DIR
+    python -m training.tools.tables nfe SNAPSHOT... --nfe=25,49,79 --solver=edm,dpm --ref=REF.npz --outdir=DIR
+    python -m training.tools.tables curves RUN_DIR... --stat=Loss/loss --out=training-curves.png
 
 Each evaluation (one snapshot, sampler, seed range, detector and reference) is stored in
 OUTDIR/cache/ the moment it is done, keyed by the snapshot's SHA-256 and those settings, so a
@@ -16,12 +16,10 @@ number with its provenance) and results.png (with matplotlib installed).
 import datetime
 import hashlib
 import json
-import math
 import os
 import re
 import time
 
-import click
 import torch
 import tqdm
 
@@ -29,14 +27,12 @@ import dnnlib
 from fdm.io.network_files import CheckpointError, load_network_file
 from fdm.methods import METHODS, TITLES
 from fdm.samplers import sampler_nfe, sampler_settings
-from torch_utils import distributed as dist, precision as precision_lib
+from torch_utils import distributed as dist
 from training.evaluation.digits import WEIGHTS as DIGITS_WEIGHTS
 from torch_utils.io.download import download_cached, file_sha256
 from torch_utils.errors import UserError, one_line
-from torch_utils.cli.command import run_command
 from training.evaluation.feature_stats import check_dims, frechet_distance, load_stats, summarize
 from torch_utils.io.files import jsonable, write_json, atomic_write
-from torch_utils.cli.options import Range, option_type
 from training.evaluation import fid as evaluation
 from training.evaluation import generation
 from training.evaluation import plots
@@ -255,7 +251,7 @@ def fid_compute(det, ref_stats, batch, precision):
                 raise TableError(f"{path}: {one_line(err)}") from None
         net = loaded['net']
         sampler_name, sampler_kwargs, _nfe = sampler_of(job['solver'], job['num_steps'])
-        mu, sigma = evaluation.generated_stats(net, sampler_name, sampler_kwargs, job['seeds'],
+        mu, sigma = evaluation.generated_stats(net, (sampler_name, sampler_kwargs), job['seeds'],
             _CountingDetector(det, advance), batch=batch, precision=precision, progress=False)
         return dict(fid=float(frechet_distance(mu, sigma, *ref_stats)))
     return compute
@@ -445,91 +441,5 @@ def training_curves(runs, out, stats=('Loss/loss',), plot_size=(800, 500)):
     plots.line_plots(panels, out, 'training images (kimg)', size=plot_size,
         dashed=[l for l in labels if l.split(' (')[0].endswith('-FDM')])
     return labels
-
-#----------------------------------------------------------------------------
-# Command line: python -m training.evaluation.tables kimg|nfe|curves ...
-
-def _float_list(ctx, param, value):
-    if value is None or value == 'all':
-        return None
-    try:
-        out = [float(v) for v in value.split(',') if v.strip()]
-    except ValueError:
-        raise click.BadParameter(f'{value!r} is not "all" or a list of numbers like 50000,100000') from None
-    if not out or not all(math.isfinite(v) and v > 0 for v in out):
-        raise click.BadParameter(f'{value!r}: give positive numbers of kimg, e.g. 50000,100000')
-    return sorted(set(out))
-
-def _int_list(ctx, param, value):
-    try:
-        return sorted(set(dnnlib.util.parse_int_list(value, minimum=1, max_items=1000)))
-    except ValueError as err:
-        raise click.BadParameter(str(err)) from None
-
-def _solvers(ctx, param, value):
-    out = [s.strip() for s in value.split(',') if s.strip()]
-    wrong = [s for s in out if s not in SOLVER_TITLES]
-    if not out or wrong:
-        raise click.BadParameter(f'{value!r}: give solvers among {",".join(SOLVER_TITLES)}')
-    return out
-
-def _size(ctx, param, value):
-    m = re.fullmatch(r'(\d+)x(\d+)', value)
-    if not m or not all(64 <= int(v) <= 8000 for v in m.groups()):
-        raise click.BadParameter(f'{value!r}: give WIDTHxHEIGHT in pixels, each 64..8000, e.g. 800x500')
-    return int(m.group(1)), int(m.group(2))
-
-def _scoring_options(fn):
-    options = [
-        click.option('--ref', 'ref', help='Reference statistics (fid.py ref)', metavar='NPZ|URL', required=True),
-        click.option('--outdir', help='Where results.md/json/png and the cache go', metavar='DIR', required=True),
-        click.option('--seeds', help='Seeds of each FID', metavar='LIST', type=generation.parse_seeds, default='0-49999', show_default=True),
-        click.option('--protocol', 'protocol_num', help='Instead: three seed ranges of N images, minimum (and mean, std) as fid.py protocol', metavar='N', type=option_type(Range(min=2, integer=True))),
-        click.option('--batch', help='Maximum batch size per GPU', metavar='INT', type=option_type(Range(min=1, integer=True)), default=64, show_default=True),
-        click.option('--precision', help='Network precision while sampling', type=click.Choice(list(precision_lib.PRECISIONS)), default='fp32', show_default=True),
-        click.option('--detector', help='Feature detector as in fid.py: URL, path, "nvidia", "pytorch-fid" or "digits"', metavar='URL|PATH'),
-        click.option('--trust-detector', 'trust_detector', help='Run a TorchScript --detector file that is not a known official one (as fid.py)', is_flag=True),
-        click.option('--plot-size', 'plot_size', help='results.png size in pixels', metavar='WxH', callback=_size, default='800x500', show_default=True),
-    ]
-    for option in reversed(options):
-        fn = option(fn)
-    return fn
-
-@click.group()
-def main():
-    """The paper's tables: FID against training images, FID against NFE, training curves."""
-
-@main.command()
-@click.argument('runs', nargs=-1, required=True, metavar='RUN_DIR...')
-@click.option('--kimg', help='Training durations (kimg), or "all" snapshots', metavar='LIST|all', callback=_float_list, default='all', show_default=True)
-@click.option('--tolerance', help='Largest relative distance of a snapshot from its --kimg', metavar='FLOAT', type=option_type(Range(min=0)), default=0.05, show_default=True)
-@click.option('--solver', help='Sampler, as in generate.py', type=click.Choice(list(SOLVER_TITLES)), default='edm', show_default=True)
-@click.option('--steps', help='Sampling steps', metavar='INT', type=option_type(Range(min=1, integer=True)), default=18, show_default=True)
-@_scoring_options
-def kimg(runs, kimg, tolerance, solver, steps, **kwargs):
-    """FID against training images: one column per run, one row per duration."""
-    run_command(fid_vs_training, list(runs), kimg=kimg, tolerance=tolerance, solver=solver, steps=steps, **kwargs)
-
-@main.command()
-@click.argument('networks', nargs=-1, required=True, metavar='SNAPSHOT...')
-@click.option('--nfe', help='Network evaluations per image', metavar='LIST', callback=_int_list, default='25,49,79', show_default=True)
-@click.option('--solver', 'solvers', help='Samplers, one table each', metavar='LIST', callback=_solvers, default='edm,dpm', show_default=True)
-@_scoring_options
-def nfe(networks, nfe, solvers, **kwargs):
-    """FID against NFE: one table per solver, one column per network, one row per NFE."""
-    run_command(fid_vs_nfe, list(networks), nfe=nfe, solvers=solvers, **kwargs)
-
-@main.command()
-@click.argument('runs', nargs=-1, required=True, metavar='RUN_DIR...')
-@click.option('--stat', 'stats', help='Statistic of stats.jsonl (repeatable)', metavar='NAME', multiple=True, default=['Loss/loss'], show_default=True)
-@click.option('--out', help='The PNG to write', metavar='PNG', default='training-curves.png', show_default=True)
-@click.option('--plot-size', 'plot_size', help='Size in pixels', metavar='WxH', callback=_size, default='800x500', show_default=True)
-def curves(runs, stats, out, plot_size):
-    """Training curves: statistics of stats.jsonl against training images, runs overlaid."""
-    run_command(training_curves, list(runs), out, stats=stats, plot_size=plot_size)
-    click.echo(f'Wrote {out}')
-
-if __name__ == '__main__':
-    main()
 
 #----------------------------------------------------------------------------

@@ -90,7 +90,7 @@ def build(arch, precond, resolution, cond, cbase, cres, device, channels_last):
         net = net.to(memory_format=torch.channels_last)
     return net
 
-def bench_training(net, loss_fn, augment_pipe, batch, cond, device, precision, compile_mode, channels_last, iters, warmup=2):
+def bench_training(net, loss_fn, augment_pipe, batch, cond, device, precision, compile_mode, channels_last, iters):
     """img/s of the training loop's own step (training_step: flattened gradients, Adam, EMA) on synthetic
     uint8 images already on the device, and the time of the first step (it includes compiling)."""
     net = copy.deepcopy(net).train().requires_grad_(True)
@@ -116,7 +116,7 @@ def bench_training(net, loss_fn, augment_pipe, batch, cond, device, precision, c
     step()
     synchronize(device)
     first_step = time.perf_counter() - compile_start
-    seconds = timed(step, device, warmup, iters)
+    seconds = timed(step, device, warmup=2, iters=iters)
     launches = count_launches(step, device)
     run.stats.collect()  # the loss was accumulated on the device all along: read once, as per tick
     return batch / seconds, first_step, launches

@@ -31,6 +31,8 @@ RESOLUTION = 16
 NETWORK = dict(model_type='SongUNet', embedding_type='positional', encoder_type='standard', decoder_type='standard',
     channel_mult_noise=1, resample_filter=[1, 1], model_channels=32, channel_mult=[1, 2, 2], num_blocks=2,
     attn_resolutions=[8], dropout=0.1)
+# Adam's learning rate, and FDM's warmup (steps) and momentum multiplier, for every digits run.
+LR, WARMUP_ITE, FDM_MULTIPLIER = 1e-3, 200, 2.0
 
 # The methods the digits pipeline trains: the three baseline/FDM pairs (iDDPM has no FDM version).
 PRECONDS = [m for m in METHODS if m != 'iddpm']
@@ -50,19 +52,18 @@ def prepare_data(outdir, device):
         feature_stats.save_stats(ref, mu, sigma)
     return data, ref
 
-def train(data, run_dir, precond='fdm_edm', total_kimg=100, seed=0, batch=64, lr=1e-3, warmup_ite=200,
-        fdm_multiplier=2.0, ticks=10, snapshots=1, device=None):
+def train(data, run_dir, precond='fdm_edm', total_kimg=100, seed=0, batch=64, ticks=10, snapshots=1, device=None):
     """Train a class-conditional model: `ticks` progress lines, `snapshots` evenly spaced snapshots
     (plus the one after the first step)."""
     if ticks % snapshots:
         raise ValueError(f'ticks={ticks} must be a multiple of snapshots={snapshots}')
     os.makedirs(run_dir, exist_ok=True)
-    network_kwargs, loss_kwargs = method_kwargs(precond, warmup_ite, fdm_multiplier)
+    network_kwargs, loss_kwargs = method_kwargs(precond, WARMUP_ITE, FDM_MULTIPLIER)
     network_kwargs = dict(class_name=network_kwargs.pop('class_name'), **NETWORK, **network_kwargs)
     config = dict(
         dataset_kwargs=dict(path=data, use_labels=True, xflip=False, cache=True, resolution=RESOLUTION),
         data_loader_kwargs=dict(num_workers=0), network_kwargs=network_kwargs, loss_kwargs=loss_kwargs,
-        optimizer_kwargs=dict(lr=lr, betas=[0.9, 0.999], eps=1e-8), augment_kwargs=None, seed=seed,
+        optimizer_kwargs=dict(lr=LR, betas=[0.9, 0.999], eps=1e-8), augment_kwargs=None, seed=seed,
         batch_size=batch, total_kimg=total_kimg, ema_halflife_kimg=total_kimg / 20, lr_rampup_kimg=total_kimg / 50,
         kimg_per_tick=total_kimg / ticks, snapshot_ticks=ticks // snapshots, state_dump_ticks=None, grid_images=0, device=device)
     write_json(os.path.join(run_dir, 'training_options.json'), dict(config, device=None if device is None else str(device)))

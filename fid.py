@@ -19,7 +19,7 @@ from torch_utils.cli.compile_modes import COMPILE_MODES, resolve_compile_mode
 from torch_utils.cli.command import run_command
 from training.evaluation import fid as evaluation
 from torch_utils.cli.options import Range, option_type
-from training.evaluation.generation import SAMPLER_DEFAULTS, SAMPLER_RANGES, parse_seeds
+from training.evaluation.generation import SAMPLER_CHOICES, SAMPLER_DEFAULTS, SAMPLER_RANGES, parse_seeds
 
 #----------------------------------------------------------------------------
 # Command line.
@@ -101,7 +101,7 @@ def calc(images, ref_path, num, seed, batch, workers, detector, trust_detector):
 @click.option('--ref', 'ref_path', help='Reference statistics', metavar='NPZ|URL', type=str, required=True)
 @click.option('--seeds', help='Random seeds (e.g. 0-49999)', metavar='LIST', type=parse_seeds, default='0-49999', show_default=True)
 @click.option('--class', 'class_idx', help='Class label  [default: random]', metavar='INT', type=option_type(SAMPLER_RANGES['class_idx']), default=None)
-@click.option('--solver', help='Sampler, as in generate.py  [default: edm]', type=click.Choice(['edm', 'dpm', 'euler', 'heun']))
+@click.option('--solver', help='Sampler, as in generate.py  [default: edm]', type=click.Choice(SAMPLER_CHOICES['solver']))
 @steps_option
 @precision_option
 @click.option('--outdir', help='Also save the PNGs here (as generate.py --subdirs)', metavar='DIR', type=str)

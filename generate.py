@@ -15,7 +15,7 @@ from torch_utils import precision as precision_lib
 from torch_utils.cli.compile_modes import COMPILE_MODES
 from torch_utils.cli.command import run_command
 from torch_utils.cli.options import Range, option_type
-from training.evaluation.generation import GRID_MIN_WIDTH, SAMPLER_DEFAULTS, SAMPLER_RANGES, generate, parse_seeds
+from training.evaluation.generation import GRID_MIN_WIDTH, SAMPLER_CHOICES, SAMPLER_DEFAULTS, SAMPLER_RANGES, generate, parse_seeds
 
 #----------------------------------------------------------------------------
 
@@ -45,13 +45,13 @@ def _number(name):
 @click.option('--S_max', 'S_max', help='Stoch. max noise level (inf: no limit)', metavar='FLOAT', type=_number('S_max'), default=SAMPLER_DEFAULTS['S_max'], show_default=True)
 @click.option('--S_noise', 'S_noise', help='Stoch. noise inflation', metavar='FLOAT', type=_number('S_noise'), default=SAMPLER_DEFAULTS['S_noise'], show_default=True)
 
-@click.option('--solver', help='Sampler  [default: edm, or heun with --disc/--schedule/--scaling]', type=click.Choice(['edm', 'dpm', 'euler', 'heun']))
-@click.option('--disc', help='Ablate time step discretization {t_i}', type=click.Choice(['vp', 've', 'iddpm', 'edm']))
-@click.option('--schedule', help='Ablate noise schedule sigma(t)', type=click.Choice(['vp', 've', 'linear']))
-@click.option('--scaling', help='Ablate signal scaling s(t)', type=click.Choice(['vp', 'none']))
+@click.option('--solver', help='Sampler  [default: edm, or heun with --disc/--schedule/--scaling]', type=click.Choice(SAMPLER_CHOICES['solver']))
+@click.option('--disc', help='Ablate time step discretization {t_i}', type=click.Choice(SAMPLER_CHOICES['disc']))
+@click.option('--schedule', help='Ablate noise schedule sigma(t)', type=click.Choice(SAMPLER_CHOICES['schedule']))
+@click.option('--scaling', help='Ablate signal scaling s(t)', type=click.Choice(SAMPLER_CHOICES['scaling']))
 @click.option('--dpm-order', 'dpm_order', help='DPM-Solver++ order  [default: 3]', metavar='INT', type=_number('dpm_order'))
-@click.option('--dpm-method', 'dpm_method', help='DPM-Solver++ method  [default: singlestep]', type=click.Choice(['singlestep', 'multistep']))
-@click.option('--dpm-skip', 'dpm_skip', help='DPM-Solver++ time steps  [default: logSNR]', type=click.Choice(['logSNR', 'time_uniform', 'time_quadratic']))
+@click.option('--dpm-method', 'dpm_method', help='DPM-Solver++ method  [default: singlestep]', type=click.Choice(SAMPLER_CHOICES['dpm_method']))
+@click.option('--dpm-skip', 'dpm_skip', help='DPM-Solver++ time steps  [default: logSNR]', type=click.Choice(SAMPLER_CHOICES['dpm_skip']))
 
 @click.option('--grid', help='Also save all images as one grid PNG (outside --outdir)', metavar='PNG', type=str)
 @click.option('--grid-width', 'grid_width', help=f'Upscale the grid (nearest neighbour) to at least this width; 0 = native size  [default: {GRID_MIN_WIDTH}]', metavar='PIXELS', type=option_type(Range(min=0, max=65536, integer=True)))

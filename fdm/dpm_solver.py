@@ -141,15 +141,6 @@ def dpm_solver_sampler(net, latents, class_labels=None, randn_like=torch.randn_l
         raise TypeError(f'dpm_solver_sampler() got unexpected options {unknown}')
     sigma_min = float(SIGMA_MIN if sigma_min is None else sigma_min)
     sigma_max = float(SIGMA_MAX if sigma_max is None else sigma_max)
-    if num_steps < 1:
-        raise ValueError(f'num_steps must be at least 1, got {num_steps}')
-    if not 0 < sigma_min < sigma_max:
-        raise ValueError(f'need 0 < sigma_min < sigma_max, got {sigma_min} and {sigma_max}')
-    if order not in (1, 2, 3):
-        raise ValueError(f'order must be 1, 2 or 3, got {order}')
-    if method not in ('singlestep', 'multistep'):
-        raise ValueError(f"method must be 'singlestep' or 'multistep', got {method!r}")
-    time_steps(skip_type, sigma_max, sigma_min, 1)  # validates skip_type
 
     def denoise(x, t):
         # A fill kernel, not as_tensor: as_tensor copies the Python float from the host, a

@@ -146,14 +146,6 @@ def ablation_sampler(net, latents, class_labels=None, randn_like=torch.randn_lik
         sigma_min=None, sigma_max=None, rho=7, solver='heun', discretization='edm', schedule='linear',
         scaling='none', epsilon_s=1e-3, C_1=0.001, C_2=0.008, M=1000, alpha=1,
         S_churn=0, S_min=0, S_max=float('inf'), S_noise=1):
-    if num_steps < 1:
-        raise ValueError(f'num_steps must be at least 1, got {num_steps}')
-    if solver not in ('euler', 'heun'):
-        raise ValueError(f"unknown solver {solver!r}; expected 'euler' or 'heun'")
-    if scaling not in ('vp', 'none'):
-        raise ValueError(f"unknown scaling {scaling!r}; expected 'vp' or 'none'")
-    if not 0 < alpha <= 1:
-        raise ValueError(f'alpha must be in (0, 1], got {alpha}')  # else the 2nd point can pass t = 0
     sigma_min, sigma_max = ablation_sigma_range(net, discretization, sigma_min, sigma_max, epsilon_s)
 
     # VP constants chosen so that sigma(epsilon_s) = sigma_min and sigma(1) = sigma_max:

@@ -73,8 +73,6 @@ def default_sigma_range(discretization='edm', epsilon_s=1e-3):
 # N = 1 (where the reference divides by zero) gives the single step sigma_max -> 0.
 
 def edm_sigma_steps(num_steps, sigma_min=SIGMA_MIN, sigma_max=SIGMA_MAX, rho=7, round_sigma=None, device=None):
-    if num_steps < 1:
-        raise ValueError(f'num_steps must be at least 1, got {num_steps}')
     i = torch.arange(num_steps, dtype=torch.float64, device=device)
     frac = i / (num_steps - 1) if num_steps > 1 else i
     t = (sigma_max ** (1 / rho) + frac * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho

@@ -21,6 +21,7 @@ import tqdm
 
 import dnnlib
 from fdm.io.network_files import CheckpointError, load_network
+from fdm.schedules import SIGMA_MAX, SIGMA_MIN
 from fdm.samplers import SAMPLERS, PerSeedGenerator, sampler_nfe, sampler_settings, sampler_sigma_range
 from torch_utils import distributed, precision as precision_lib
 from torch_utils.cli.compile_modes import resolve_compile_mode
@@ -66,20 +67,27 @@ SAMPLER_RANGES = dict(
     S_noise=Range(min=0, max=10), dpm_order=Range(min=1, max=3, integer=True), class_idx=Range(min=0, integer=True),
     max_batch_size=Range(min=1, integer=True))
 
+# The choices of each named sampler option (generate.py's and fid.py's click choices too). The
+# samplers themselves take these values as given.
+SAMPLER_CHOICES = dict(solver=('edm', 'dpm', 'euler', 'heun'), disc=('vp', 've', 'iddpm', 'edm'),
+    schedule=('vp', 've', 'linear'), scaling=('vp', 'none'), dpm_method=('singlestep', 'multistep'),
+    dpm_skip=('logSNR', 'time_uniform', 'time_quadratic'))
+
 def select_sampler(solver=None, disc=None, schedule=None, scaling=None, dpm_order=None, dpm_method=None,
         dpm_skip=None, num_steps=None, sigma_min=None, sigma_max=None, rho=None, S_churn=None, S_min=None,
         S_max=None, S_noise=None):
     """-> (sampler name in SAMPLERS, its kwargs, list of options it ignores). None: the default
     (SAMPLER_DEFAULTS, or the sampler's sigma range)."""
     check_options(SAMPLER_RANGES, locals())
+    for name, choices in SAMPLER_CHOICES.items():
+        if locals()[name] not in (None, *choices):
+            raise GenerateError(f"unknown --{name.replace('_', '-')} {locals()[name]!r}; expected one of {', '.join(choices)}")
     given = dict(num_steps=num_steps, rho=rho, S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise)
     num_steps, rho, S_churn, S_min, S_max, S_noise = (SAMPLER_DEFAULTS[k] if v is None else v for k, v in given.items())
     range_kwargs = {k: v for k, v in dict(sigma_min=sigma_min, sigma_max=sigma_max).items() if v is not None}
     common = dict(num_steps=num_steps, **range_kwargs, rho=rho, S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise)
     ablation = {k: v for k, v in dict(discretization=disc, schedule=schedule, scaling=scaling).items() if v is not None}
     dpm = {k: v for k, v in dict(order=dpm_order, method=dpm_method, skip_type=dpm_skip).items() if v is not None}
-    if solver not in (None, 'edm', 'dpm', 'euler', 'heun'):
-        raise GenerateError(f"unknown --solver {solver!r}; expected edm, dpm, euler or heun")
 
     if solver == 'dpm':
         if ablation:
@@ -87,6 +95,10 @@ def select_sampler(solver=None, disc=None, schedule=None, scaling=None, dpm_orde
                 '--solver dpm; drop them, or use --solver euler or heun')
         edm_only = dict(rho=rho, S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise)
         ignored = [f'--{k}' for k, v in edm_only.items() if v != SAMPLER_DEFAULTS[k]]
+        lo, hi = (SIGMA_MIN if sigma_min is None else sigma_min), (SIGMA_MAX if sigma_max is None else sigma_max)
+        if not lo < hi:
+            raise GenerateError(f'--solver dpm needs sigma_min < sigma_max, got {lo:g} and {hi:g}; '
+                'change --sigma_min or --sigma_max')
         return 'dpm', dict(num_steps=num_steps, **range_kwargs, **dpm), ignored
     if dpm:
         raise GenerateError('--dpm-order/--dpm-method/--dpm-skip apply only to --solver dpm')

@@ -188,7 +188,7 @@ def write_and_features(folder, num):
 
 def run_fid_cli(*args):
     """fid.py with these arguments. A --detector here is the test's own TorchScript file (or a
-    hostile pickle, refused all the same), so it is trusted (tests/test_detector_policy.py)."""
+    hostile pickle, refused all the same), so it is trusted (tests/evaluation/test_detector_policy.py)."""
     from click.testing import CliRunner
     import fid
     args = [str(a) for a in args]

@@ -19,7 +19,7 @@ parts=${*:-equiv bench curves}
 for part in $parts; do
 case $part in
 equiv)  # Fast paths against their exact counterparts on CUDA; no host sync inside a training step.
-    python -m pytest -q -p no:cacheprovider tests/test_cuda_training.py tests/test_precision.py 2>&1 | tail -15 | tee -a "$summary"
+    python -m pytest -q -p no:cacheprovider tests/train/test_cuda_training.py tests/train/test_precision.py 2>&1 | tail -15 | tee -a "$summary"
     ;;
 bench)  # The benchmark's default configuration (DDPM++ cond. CIFAR-10 FDM-EDM, batch 128 per GPU), one table per setting.
     for args in "--precision=fp32" "--precision=tf32" "--precision=bf16 --channels-last" \

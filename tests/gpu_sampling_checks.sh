@@ -12,7 +12,7 @@ summary="$out/sampling.txt"
 nvidia-smi --query-gpu=name,memory.total --format=csv 2>/dev/null | tee "$summary"
 
 # 1. No host sync per sampler step; every compile mode against eager; batch independence on CUDA.
-python -m pytest -q -o addopts="" -p no:warnings tests/test_fast_sampling.py tests/test_generate.py -k cuda \
+python -m pytest -q -o addopts="" -p no:warnings tests/method/test_fast_sampling.py tests/evaluation/test_generate.py -k cuda \
     2>&1 | tail -5 | tee -a "$summary"
 
 # 2. img/s of generate_batch (what generate.py runs per batch: per-seed latents, sampler,

@@ -10,7 +10,7 @@ loading the state), at a random moment of training, or at the moment a snapshot 
 write has begun (the parent sees its temporary file appear; the training code has no hook).
 Where it really landed is read from what it left behind: a temporary file of an interrupted
 write names the file being written. After every kill, every complete file in the run
-directory must load and pass its checksum. tests/test_reliability.py runs a short version.
+directory must load and pass its checksum. tests/train/test_reliability.py runs a short version.
 """
 
 import os

@@ -13,8 +13,8 @@ from click.testing import CliRunner
 import fdm
 import train
 from conftest import free_port, one_line_error, run_train_cli, write_image_zip
-from train_helpers import assert_same_state, loop_config
-from train_helpers import run_loop
+from helpers import assert_same_state, loop_config
+from helpers import run_loop
 
 #----------------------------------------------------------------------------
 

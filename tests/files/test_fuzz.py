@@ -8,7 +8,7 @@ hang fails a test.
 Each test runs FDM_FUZZ_EXAMPLES examples (default 100, a fixed, derandomized sequence so CI
 is reproducible); setting the variable also randomizes the examples, for long runs:
 
-    FDM_FUZZ_EXAMPLES=5000 python -m pytest tests/test_fuzz.py tests/test_fuzz_network_files.py --hypothesis-show-statistics
+    FDM_FUZZ_EXAMPLES=5000 python -m pytest tests/files/test_fuzz.py tests/files/test_fuzz_network_files.py --hypothesis-show-statistics
 """
 
 import io

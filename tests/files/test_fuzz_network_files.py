@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 from conftest import damaged, fuzz, no_hang, write_file
 from fdm.io.network_files import FORMAT_NAME, CheckpointError, load_network_file, save_snapshot
 from fdm.preconditioning import PRECOND_CLASSES
-from reference_pickle import (NONE, assembled, attributes, guarded_objects, op_build, op_bytes, op_call, op_dict, op_dtype,
+from helpers import (NONE, assembled, attributes, guarded_objects, op_build, op_bytes, op_call, op_dict, op_dtype,
     op_global, op_int, op_tuple, op_unicode, write_reference_pickle)
 from torch_utils import persistence
 from torch_utils.io.files import is_dense, tensors_digest

@@ -93,9 +93,9 @@ def test_state_round_trip_and_mismatch():
 
 def test_training_resume_and_reconstruction(tmp_path, tiny_zip, one_thread):
     from fdm import load_network
-    from train_helpers import loop_config
+    from helpers import loop_config
     from training.phema import reconstruct
-    from train_helpers import run_loop
+    from helpers import run_loop
     from training.checkpoint.training_state import load_training_state
     stds = [0.05, 0.10]
     for name in ('a', 'b1', 'b2'):
@@ -124,8 +124,8 @@ def test_training_resume_and_reconstruction(tmp_path, tiny_zip, one_thread):
 
 def test_resume_without_stored_profiles_is_refused(tmp_path, tiny_zip, one_thread):
     from fdm.io.network_files import CheckpointError
-    from train_helpers import loop_config
-    from train_helpers import run_loop
+    from helpers import loop_config
+    from helpers import run_loop
     os.makedirs(tmp_path / 'a')
     run_loop(run_dir=str(tmp_path / 'a'), **loop_config(tiny_zip, total_kimg=0.016))
     with pytest.raises(CheckpointError, match='without --phema-std'):

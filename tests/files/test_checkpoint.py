@@ -15,7 +15,7 @@ import fdm
 from fdm.io.network_files import CheckpointError, load_network_file, save_snapshot
 from training.tools.convert import main as convert_main
 from fdm.preconditioning import PRECOND_CLASSES
-from reference_pickle import MARKER_SOURCE, write_reference_pickle
+from helpers import MARKER_SOURCE, write_reference_pickle
 
 # The tiny denoiser with augmentation labels; wake makes every tensor distinctive (zero-initialised layers included).
 @pytest.fixture(scope='module')

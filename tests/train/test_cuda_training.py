@@ -8,10 +8,10 @@ import pytest
 import torch
 
 from conftest import write_image_zip
-from train_helpers import assert_same_state, loop_config, reference_sanitize, small_net
+from helpers import assert_same_state, loop_config, reference_sanitize, small_net
 from training.data.dataset import DeviceBatches, ImageFolderDataset, InfiniteSampler
 from training.train_step import flatten_gradients, gradient_buffers, sanitize_gradients, update_ema
-from train_helpers import run_loop
+from helpers import run_loop
 
 pytestmark = [pytest.mark.cuda, pytest.mark.skipif(not torch.cuda.is_available(), reason='needs CUDA')]
 

@@ -17,7 +17,7 @@ import torch
 import fdm
 from conftest import ROOT
 from fdm.io.network_files import FORMAT_NAME, CheckpointError, load_network_file, save_snapshot
-from reference_pickle import (FALSE, NONE, TRUE, assembled, attributes, guarded_objects, op_build, op_bytes, op_call, op_dict,
+from helpers import (FALSE, NONE, TRUE, assembled, attributes, guarded_objects, op_build, op_bytes, op_call, op_dict,
     op_dtype, op_global, op_int, op_tuple, op_unicode, write_reference_pickle)
 from torch_utils.io.files import nested_digest, tensors_digest
 from torch_utils.io.safe_pickle import ARRAY_GLOBALS, UnsafePickleError, restricted_load

@@ -13,10 +13,10 @@ import torch
 
 from conftest import one_line_error, run_train_cli
 from fdm.io.network_files import CheckpointError
-from reference_pickle import write_reference_pickle, write_reference_training_state
+from helpers import write_reference_pickle, write_reference_training_state
 from torch_utils.io.safe_pickle import UnsafePickleError, restricted_load_torch_zip
-from train_helpers import assert_same_state, loop_config
-from train_helpers import run_loop
+from helpers import assert_same_state, loop_config
+from helpers import run_loop
 from training.checkpoint.training_state import find_resume_state, load_training_state
 
 # 10 steps of 100 images: the state is at exactly 1000 images, so the reference name's kimg * 1000

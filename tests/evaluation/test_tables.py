@@ -236,8 +236,8 @@ def test_curves_count_a_repeated_tick_once(tmp_path, runs):
 
 @pytest.mark.slow
 def test_curves_of_a_real_tiny_run(tmp_path, tiny_zip, one_thread):
-    from train_helpers import loop_config
-    from train_helpers import run_loop
+    from helpers import loop_config
+    from helpers import run_loop
     run = tmp_path / 'run'
     run.mkdir()
     run_loop(run_dir=str(run), **loop_config(tiny_zip))

@@ -12,7 +12,7 @@ from click.testing import CliRunner
 import fdm
 from fdm.io.network_files import CheckpointError, load_network_file, save_snapshot
 from training.tools.convert import main as convert_main
-from reference_pickle import write_reference_pickle
+from helpers import write_reference_pickle
 
 def outputs(net):
     g = torch.Generator().manual_seed(1)

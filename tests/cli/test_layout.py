@@ -12,7 +12,7 @@ import os
 
 import pytest
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 SCRIPTS = {'train', 'generate', 'fid', 'dataset_tool'}
 PACKAGES = ['training', 'fdm', 'torch_utils', 'dnnlib']
 
@@ -110,9 +110,24 @@ def test_no_cycle_between_folders():
             visit(u, [u])
     assert not cycles, 'import cycles between folders:\n' + '\n'.join(cycles)
 
+# Every Python file of tests/ and its folders.
+def files_of_tests():
+    found = []
+    for folder, dirs, files in os.walk(os.path.join(ROOT, 'tests')):
+        dirs[:] = sorted(d for d in dirs if d != '__pycache__')
+        found += [os.path.relpath(os.path.join(folder, f), ROOT) for f in sorted(files) if f.endswith('.py')]
+    return found
+
+def test_tests_follow_the_layout():
+    # Tests live in a folder named for what they test; shared code is conftest.py's fixtures and helpers.py.
+    top = sorted(os.path.basename(p) for p in files_of_tests() if os.path.dirname(p) == 'tests')
+    assert top == ['conftest.py', 'helpers.py', 'kill_drill.py'], top
+    assert not [p for p in files_of_tests() if os.path.basename(p).startswith('test_') and len(open(os.path.join(ROOT, p),
+        encoding='utf-8').read().splitlines()) > 600], 'a test file over 600 lines: split it by concept'
+
 def test_tests_use_scripts_only_through_their_command_line():
     wrong = []
-    for path in python_files('tests'):
+    for path in files_of_tests():
         tree = ast.parse(open(os.path.join(ROOT, path), encoding='utf-8').read(), filename=path)
         scripts = set()
         for node in ast.walk(tree):
@@ -128,12 +143,11 @@ def test_tests_use_scripts_only_through_their_command_line():
     assert not wrong, 'tests that reach into a script instead of the library:\n' + '\n'.join(wrong)
 
 def test_no_test_module_imports_another():
-    # Shared helpers live in conftest.py (importable, as pytest puts tests/ on the path); a test
-    # module that imports another would run or break with it.
-    test_modules = {name[:-3] for name in os.listdir(os.path.join(ROOT, 'tests'))
-        if name.startswith('test_') and name.endswith('.py')}
+    # Shared helpers live in conftest.py and helpers.py (importable, as pytest puts tests/ on the
+    # path); a test module that imports another would run or break with it.
+    test_modules = {os.path.basename(p)[:-3] for p in files_of_tests() if os.path.basename(p).startswith('test_')}
     wrong = []
-    for path in python_files('tests'):
+    for path in files_of_tests():
         for module, line in imported_modules(path):
             if module.split('.')[0] in test_modules or module.startswith('tests.'):
                 wrong.append(f'{path}:{line} imports {module}')

@@ -8,12 +8,12 @@ import pytest
 import torch
 
 from conftest import write_image_zip
-from train_helpers import assert_same_state, backward, loop_config, reference_sanitize, small_net
+from helpers import assert_same_state, backward, loop_config, reference_sanitize, small_net
 from training.data.dataset import DeviceBatches, ImageFolderDataset, InfiniteSampler
 from fdm.io.network_files import CheckpointError
 from training.checkpoint.training_state import load_optimizer_state
 from training.train_step import flatten_gradients, gradient_buffers, make_optimizer, sanitize_gradients, update_ema
-from train_helpers import run_loop
+from helpers import run_loop
 
 @pytest.mark.parametrize('channels_last', [False, True])
 def test_flattened_gradients_keep_values_and_sanitise_as_the_reference(channels_last):

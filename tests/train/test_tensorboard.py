@@ -5,8 +5,8 @@ import os
 
 import pytest
 
-from train_helpers import loop_config
-from train_helpers import run_loop
+from helpers import loop_config
+from helpers import run_loop
 
 pytestmark = pytest.mark.usefixtures('one_thread')
 

@@ -58,8 +58,8 @@ def test_benchmark_runs_small_on_cpu():
     assert int(rows['top-level aten operators per training step (profiler)'].replace(',', '')) > 100
 
 def test_bf16_and_channels_last_training_close_to_fp32(tmp_path, tiny_zip):
-    from train_helpers import loop_config
-    from train_helpers import run_loop
+    from helpers import loop_config
+    from helpers import run_loop
     losses = {}
     for name, extra in [('fp32', {}), ('bf16', dict(precision='bf16')), ('cl', dict(channels_last=True))]:
         os.makedirs(tmp_path / name)

@@ -16,6 +16,9 @@ class OptionError(UserError, ValueError):
 class FileError(UserError):
     """A file that cannot be read or written; the message says which, why, and what to do."""
 
+class EvaluationError(UserError):
+    """Images that cannot be generated or scored as asked (generate.py, fid.py, the tables)."""
+
 def describe_exception(err):
     """'TypeName: message' on one line, for wrapping a third-party error into our message."""
     return ' '.join(f'{type(err).__name__}: {err}'.split())

@@ -20,12 +20,9 @@ import torch
 import tqdm
 
 from torch_utils import distributed as dist
-from torch_utils.errors import UserError
+from torch_utils.errors import EvaluationError
 from torch_utils.io.files import atomic_write
 from torch_utils.io.download import download_cached
-
-class FIDError(UserError):
-    """A problem with the user's inputs to an FID; the message says what is wrong and what to do."""
 
 #----------------------------------------------------------------------------
 # Statistics and the Frechet distance.
@@ -34,7 +31,7 @@ def stats_from_sums(n, sum_f, sum_ff):
     """(mu [D], sigma [D, D]) as float64 numpy arrays from the count, sum f and sum f f^T."""
     n = float(n)
     if n < 2:
-        raise FIDError(f'need at least 2 images for a covariance, got {int(n)}')
+        raise EvaluationError(f'need at least 2 images for a covariance, got {int(n)}')
     sum_f = np.asarray(sum_f, dtype=np.float64)
     sum_ff = np.asarray(sum_ff, dtype=np.float64)
     mu = sum_f / n
@@ -65,7 +62,7 @@ def frechet_distance(mu1, sigma1, mu2, sigma2):
     s = sqrtm_real(np.dot(sigma1, sigma2))
     fid = float(m + np.trace(sigma1 + sigma2 - 2 * s))
     if not np.isfinite(fid):
-        raise FIDError('the FID is not finite: the covariance product has no usable square root; '
+        raise EvaluationError('the FID is not finite: the covariance product has no usable square root; '
             'check that both statistics come from enough images (more images than feature dimensions)')
     return fid
 
@@ -116,19 +113,19 @@ def _check_arrays(z, path):
     headers = {key: _array_header(z, f'{key}.npy') for key in ('mu', 'sigma')}
     for key, (shape, dtype, _size) in headers.items():
         if dtype.kind != 'f' or dtype.itemsize not in (4, 8):
-            raise FIDError(f'{path}: {key} holds {dtype} values, not float32 or float64; {remedy}')
+            raise EvaluationError(f'{path}: {key} holds {dtype} values, not float32 or float64; {remedy}')
     (mu_shape, _, _), (sigma_shape, _, _) = headers['mu'], headers['sigma']
     if len(mu_shape) != 1 or tuple(sigma_shape) != (mu_shape[0],) * 2:
-        raise FIDError(f'{path}: mu {list(mu_shape)} and sigma {list(sigma_shape)} are not [D] and [D, D]; {remedy}')
+        raise EvaluationError(f'{path}: mu {list(mu_shape)} and sigma {list(sigma_shape)} are not [D] and [D, D]; {remedy}')
     if not 1 <= mu_shape[0] <= MAX_FEATURE_DIM:
-        raise FIDError(f'{path}: {mu_shape[0]} features, not 1 to {MAX_FEATURE_DIM}; {remedy}')
+        raise EvaluationError(f'{path}: {mu_shape[0]} features, not 1 to {MAX_FEATURE_DIM}; {remedy}')
     for key, (shape, dtype, header_size) in headers.items():
         info = z.getinfo(f'{key}.npy')
         if info.file_size != header_size + int(np.prod(shape)) * dtype.itemsize:
-            raise FIDError(f'{path}: {key} holds {info.file_size - header_size} bytes of data but its header describes '
+            raise EvaluationError(f'{path}: {key} holds {info.file_size - header_size} bytes of data but its header describes '
                 f'{list(shape)} {dtype}; the file is damaged, {remedy}')
         if info.file_size > SMALL_MEMBER and info.file_size > MAX_EXPANSION * info.compress_size:
-            raise FIDError(f'{path}: {key} expands from {info.compress_size} compressed bytes to {info.file_size}, '
+            raise EvaluationError(f'{path}: {key} expands from {info.compress_size} compressed bytes to {info.file_size}, '
                 f'which real statistics never do; {remedy}')
 
 # An array of a member that _check_arrays has passed: its allocation is what the file holds.
@@ -142,29 +139,29 @@ def load_stats(path_or_url):
     try:
         local = download_cached(path_or_url)
     except (FileNotFoundError, IOError) as err:
-        raise FIDError(f'reference statistics {err}') from None
+        raise EvaluationError(f'reference statistics {err}') from None
     try:
         with zipfile.ZipFile(local) as z:
             names = z.namelist()
             if 'mu.npy' not in names or 'sigma.npy' not in names:
                 keys = sorted(n[:-4] if n.endswith('.npy') else n for n in names)
-                raise FIDError(f'{path_or_url}: has no "mu" and "sigma" arrays (found {keys}); '
+                raise EvaluationError(f'{path_or_url}: has no "mu" and "sigma" arrays (found {keys}); '
                     'make the reference with "fid.py ref"')
             _check_arrays(z, path_or_url)
             mu, sigma = (_read_array(z, f'{key}.npy').astype(np.float64, copy=False) for key in ('mu', 'sigma'))
-    except FIDError:
+    except EvaluationError:
         raise
     except (OSError, ValueError, EOFError, TypeError, NotImplementedError, RuntimeError, zipfile.BadZipFile, zlib.error) as err:
-        raise FIDError(f'{path_or_url}: cannot be read as a statistics npz ({type(err).__name__}: {err}); '
+        raise EvaluationError(f'{path_or_url}: cannot be read as a statistics npz ({type(err).__name__}: {err}); '
             'the file is damaged or not a reference, make it again with "fid.py ref"') from None
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
-        raise FIDError(f'{path_or_url}: contains NaN or infinite values; make the reference again')
+        raise EvaluationError(f'{path_or_url}: contains NaN or infinite values; make the reference again')
     return mu, sigma
 
 # A reference is only comparable with features of the detector that made it.
 def check_dims(detector, mu, ref):
     if mu.shape[0] != detector.feature_dim:
-        raise FIDError(f"reference '{ref}' has {mu.shape[0]}-dimensional statistics but the detector "
+        raise EvaluationError(f"reference '{ref}' has {mu.shape[0]}-dimensional statistics but the detector "
             f"'{detector.name}' gives {detector.feature_dim} features; use a reference made with the same detector")
 
 #----------------------------------------------------------------------------

@@ -9,29 +9,28 @@ import os
 import time
 
 import torch
+
+from torch_utils.errors import EvaluationError
 import tqdm
 
 from torch_utils import distributed as dist, precision as precision_lib
-from training.evaluation.feature_stats import (FeatureSums, FIDError, check_dims, compute_stats, frechet_distance, load_stats,
+from training.evaluation.feature_stats import (FeatureSums, check_dims, compute_stats, frechet_distance, load_stats,
     rate, save_stats, summarize)
 from torch_utils.io.files import check_destination
 from training.evaluation.inception import load_detector
 from training.evaluation import generation
-from training.data.dataset import DatasetError, ImageFolderDataset
+from training.data.dataset import ImageFolderDataset
 
 #----------------------------------------------------------------------------
 # Inputs: images, the detector, the generating network.
 
 def open_images(path, num=None, seed=0):
     """The images to score: all of them, or a seeded random subset of `num` (an error if fewer)."""
-    try:
-        dataset = ImageFolderDataset(path, max_size=num, random_seed=seed)
-    except DatasetError as err:
-        raise FIDError(str(err)) from None
+    dataset = ImageFolderDataset(path, max_size=num, random_seed=seed)
     if num is not None and len(dataset) < num:
-        raise FIDError(f"found {len(dataset)} images in '{path}' but --num={num}; generate more images or lower --num")
+        raise EvaluationError(f"found {len(dataset)} images in '{path}' but --num={num}; generate more images or lower --num")
     if dataset.num_channels not in (1, 3):
-        raise FIDError(f"images in '{path}' have {dataset.num_channels} channels; FID needs grayscale or RGB images")
+        raise EvaluationError(f"images in '{path}' have {dataset.num_channels} channels; FID needs grayscale or RGB images")
     return dataset
 
 def open_detector(spec, device=None, trust=False):
@@ -41,17 +40,14 @@ def open_detector(spec, device=None, trust=False):
         return load_detector(spec, device=device or dist.device(), verbose=(dist.get_rank() == 0), trust=trust)
 
 def open_generator(network, device, precision='fp32', class_idx=None, compile_mode=None, **sampler_options):
-    """(net, sampler name, sampler kwargs) chosen as generate.py chooses them; its errors become FIDErrors.
+    """(net, sampler name, sampler kwargs) chosen as generate.py chooses them; its errors are its own.
     compile_mode: the net's U-Net compiled as generate.py --compile does."""
-    try:
-        sampler_name, sampler_kwargs, _ignored = generation.select_sampler(**sampler_options)
-        net, _name = generation.load_net(network, device, log=dist.print0)
-    except generation.GenerateError as err:
-        raise FIDError(str(err)) from None
+    sampler_name, sampler_kwargs, _ignored = generation.select_sampler(**sampler_options)
+    net, _name = generation.load_net(network, device, log=dist.print0)
     if net.img_channels not in (1, 3):
-        raise FIDError(f"--network {network} makes {net.img_channels}-channel images; FID needs grayscale or RGB images")
+        raise EvaluationError(f"--network {network} makes {net.img_channels}-channel images; FID needs grayscale or RGB images")
     if class_idx is not None and not 0 <= class_idx < net.label_dim:
-        raise FIDError(f'--class {class_idx} does not exist: the network has {net.label_dim} classes'
+        raise EvaluationError(f'--class {class_idx} does not exist: the network has {net.label_dim} classes'
             + ('; drop --class' if not net.label_dim else f', 0..{net.label_dim - 1}'))
     precision_lib.configure(precision, device)  # the TF32 switches generate.py would set
     if compile_mode is not None:
@@ -63,7 +59,7 @@ def make_outdir(path):
     try:
         os.makedirs(path, exist_ok=True)
     except OSError as err:
-        raise FIDError(f"cannot create --outdir '{path}' ({err.strerror}); choose a writable folder") from None
+        raise EvaluationError(f"cannot create --outdir '{path}' ({err.strerror}); choose a writable folder") from None
 
 #----------------------------------------------------------------------------
 # Images straight from the sampler. generation.to_uint8 is the very quantisation generate.py
@@ -108,7 +104,7 @@ def calc_fid(dataset, ref_stats, detector, batch=64, workers=3, progress=True):
 def make_reference(data, dest, detector=None, batch=64, workers=3, trust_detector=False):
     """fid.py ref: write the statistics (mu, sigma) of every image of a dataset to `dest`."""
     if os.path.isdir(dest):
-        raise FIDError(f"--dest '{dest}' is a folder; give the path of the .npz file to write")
+        raise EvaluationError(f"--dest '{dest}' is a folder; give the path of the .npz file to write")
     check_destination(dest, '--dest')  # before the images and the detector are read
     dataset = open_images(data)
     det = open_detector(detector, trust=trust_detector)
@@ -139,7 +135,7 @@ def fid_of_network(network, ref_path, seeds, class_idx=None, solver='edm', steps
     """fid.py gen: the FID of the images of `seeds`, generated in memory (and saved to `outdir` if given).
     steps: None is generate.py's default (generation.SAMPLER_DEFAULTS)."""
     if len(seeds) < 2:
-        raise FIDError(f'--seeds gives {len(seeds)} image; a covariance needs at least 2, e.g. --seeds=0-49999')
+        raise EvaluationError(f'--seeds gives {len(seeds)} image; a covariance needs at least 2, e.g. --seeds=0-49999')
     ref_stats = load_stats(ref_path)
     det = open_detector(detector, trust=trust_detector)
     check_dims(det, ref_stats[0], ref_path)
@@ -168,7 +164,7 @@ def protocol_of_network(network, ref_path, num=50000, solver='edm', steps=None, 
     """fid.py protocol --network: the three seed ranges generated in memory (saved to OUTDIR/seeds-A-B
     if `outdir`); returns the three FIDs. steps: None is generate.py's default."""
     if 3 * num > generation.MAX_SEEDS:  # before any work: the seed lists are materialised per range
-        raise FIDError(f'--num={num} asks for {3 * num} seeds, more than the {generation.MAX_SEEDS} a run may take; '
+        raise EvaluationError(f'--num={num} asks for {3 * num} seeds, more than the {generation.MAX_SEEDS} a run may take; '
             f'use --num <= {generation.MAX_SEEDS // 3}')
     ref_stats = load_stats(ref_path)
     det = open_detector(detector, trust=trust_detector)

@@ -25,13 +25,10 @@ from fdm.schedules import SIGMA_MAX, SIGMA_MIN
 from fdm.samplers import SAMPLERS, PerSeedGenerator, sampler_nfe, sampler_settings, sampler_sigma_range
 from torch_utils import distributed, precision as precision_lib
 from torch_utils.cli.compile_modes import resolve_compile_mode
-from torch_utils.errors import UserError
+from torch_utils.errors import EvaluationError
 from torch_utils.io.files import atomic_write, check_destination, jsonable, write_json
 from torch_utils.cli.options import Range, check_options
 from torch_utils.io.download import is_url
-
-class GenerateError(UserError):
-    """A problem with generate.py's options or inputs; the message says what to do."""
 
 #----------------------------------------------------------------------------
 # --seeds of generate.py and fid.py: '1,2,5-10' -> [1, 2, 5, 6, 7, 8, 9, 10].
@@ -81,7 +78,7 @@ def select_sampler(solver=None, disc=None, schedule=None, scaling=None, dpm_orde
     check_options(SAMPLER_RANGES, locals())
     for name, choices in SAMPLER_CHOICES.items():
         if locals()[name] not in (None, *choices):
-            raise GenerateError(f"unknown --{name.replace('_', '-')} {locals()[name]!r}; expected one of {', '.join(choices)}")
+            raise EvaluationError(f"unknown --{name.replace('_', '-')} {locals()[name]!r}; expected one of {', '.join(choices)}")
     given = dict(num_steps=num_steps, rho=rho, S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise)
     num_steps, rho, S_churn, S_min, S_max, S_noise = (SAMPLER_DEFAULTS[k] if v is None else v for k, v in given.items())
     range_kwargs = {k: v for k, v in dict(sigma_min=sigma_min, sigma_max=sigma_max).items() if v is not None}
@@ -91,20 +88,20 @@ def select_sampler(solver=None, disc=None, schedule=None, scaling=None, dpm_orde
 
     if solver == 'dpm':
         if ablation:
-            raise GenerateError('--disc/--schedule/--scaling select the EDM ablation sampler and do not combine with '
+            raise EvaluationError('--disc/--schedule/--scaling select the EDM ablation sampler and do not combine with '
                 '--solver dpm; drop them, or use --solver euler or heun')
         edm_only = dict(rho=rho, S_churn=S_churn, S_min=S_min, S_max=S_max, S_noise=S_noise)
         ignored = [f'--{k}' for k, v in edm_only.items() if v != SAMPLER_DEFAULTS[k]]
         lo, hi = (SIGMA_MIN if sigma_min is None else sigma_min), (SIGMA_MAX if sigma_max is None else sigma_max)
         if not lo < hi:
-            raise GenerateError(f'--solver dpm needs sigma_min < sigma_max, got {lo:g} and {hi:g}; '
+            raise EvaluationError(f'--solver dpm needs sigma_min < sigma_max, got {lo:g} and {hi:g}; '
                 'change --sigma_min or --sigma_max')
         return 'dpm', dict(num_steps=num_steps, **range_kwargs, **dpm), ignored
     if dpm:
-        raise GenerateError('--dpm-order/--dpm-method/--dpm-skip apply only to --solver dpm')
+        raise EvaluationError('--dpm-order/--dpm-method/--dpm-skip apply only to --solver dpm')
     if solver in ('euler', 'heun') or ablation:
         if solver == 'edm':
-            raise GenerateError('--disc/--schedule/--scaling select the EDM ablation sampler; use them with '
+            raise EvaluationError('--disc/--schedule/--scaling select the EDM ablation sampler; use them with '
                 '--solver euler or heun (or without --solver), not --solver edm')
         return 'ablation', dict(common, solver=solver or 'heun', **ablation), []
     return 'edm', common, []
@@ -234,13 +231,13 @@ def load_net(network, device, log=print):
         return network.eval().requires_grad_(False).to(device), type(network).__name__
     name = str(network)
     if not is_url(name) and not name.startswith('file://') and not os.path.isfile(name):
-        raise GenerateError(f'--network {name}: no such file; give a network snapshot (.pt/.pkl) or a URL')
+        raise EvaluationError(f'--network {name}: no such file; give a network snapshot (.pt/.pkl) or a URL')
     with distributed.rank0_first():
         log(f'Loading network from "{name}"...')
         try:
             net = load_network(name, device)
         except (CheckpointError, OSError) as err:
-            raise GenerateError(f'--network: {err}') from None
+            raise EvaluationError(f'--network: {err}') from None
     return net, name
 
 # Everything that decides the images, as written to generate_options.json.
@@ -249,9 +246,9 @@ def describe_run(net, network_name, sampler_name, sampler_kwargs, ignored, seeds
         sigma_min, sigma_max = (float(v) for v in sampler_sigma_range(sampler_name, net, **sampler_kwargs))
         nfe = sampler_nfe(sampler_name, **sampler_kwargs)
     except ValueError as err:
-        raise GenerateError(str(err)) from None
+        raise EvaluationError(str(err)) from None
     if not 0 < sigma_min < sigma_max:
-        raise GenerateError(f'the noise range is empty: sigma {sigma_min:g}..{sigma_max:g} (after clamping to '
+        raise EvaluationError(f'the noise range is empty: sigma {sigma_min:g}..{sigma_max:g} (after clamping to '
             f'the network\'s {net.sigma_min:g}..{net.sigma_max:g}); give --sigma_min below --sigma_max')
     return jsonable(dict(
         network=network_name,
@@ -279,11 +276,11 @@ def _sample_to_pngs(net, sampler_name, sampler_kwargs, batches, outdir, subdirs,
                     precision, pad_to=pad_to))
             except RuntimeError as err:
                 if _out_of_memory(err):
-                    raise GenerateError(f'out of memory on {device} at --batch {max_batch_size}; lower --batch '
+                    raise EvaluationError(f'out of memory on {device} at --batch {max_batch_size}; lower --batch '
                         f'(e.g. --batch {max(max_batch_size // 2, 1)})') from None
                 if compile_mode and isinstance(err, torch._dynamo.exc.BackendCompilerFailed):
                     first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-                    raise GenerateError(f'--compile failed ({first_line}); run without --compile') from None
+                    raise EvaluationError(f'--compile failed ({first_line}); run without --compile') from None
                 raise
             if k == 0 and compile_mode:
                 log(f'First batch, including compilation: {time.perf_counter() - start:.1f} s')
@@ -302,14 +299,14 @@ def generate(network, outdir, seeds=range(64), subdirs=False, class_idx=None, ma
         **sampler_options):
     seeds = list(seeds)
     if not seeds:
-        raise GenerateError('--seeds is empty; give seeds like 0-63')
+        raise EvaluationError('--seeds is empty; give seeds like 0-63')
     check_options(SAMPLER_RANGES, dict(class_idx=class_idx, max_batch_size=max_batch_size))
     try:
         compile_mode = resolve_compile_mode(compile, compile_mode)
     except ValueError as err:
-        raise GenerateError(str(err)) from None
+        raise EvaluationError(str(err)) from None
     if grid is not None and os.path.commonpath([os.path.abspath(grid), os.path.abspath(outdir)]) == os.path.abspath(outdir):
-        raise GenerateError(f'--grid {grid} lies inside --outdir, where fid.py would count it as a sample; '
+        raise EvaluationError(f'--grid {grid} lies inside --outdir, where fid.py would count it as a sample; '
             'put the grid somewhere else')
     check_destination(outdir, '--outdir', folder=True)  # before the network is read: a bad path costs nothing
     if grid is not None:
@@ -318,16 +315,16 @@ def generate(network, outdir, seeds=range(64), subdirs=False, class_idx=None, ma
     try:
         device = torch.device(device) if device is not None else distributed.device()
     except RuntimeError as err:
-        raise GenerateError(f'--device {device!r} is not a device ({err}); use e.g. cpu, cuda or cuda:1') from None
+        raise EvaluationError(f'--device {device!r} is not a device ({err}); use e.g. cpu, cuda or cuda:1') from None
     precision_lib.configure(precision, device)
     rank, world_size = distributed.get_rank(), distributed.get_world_size()
     log = (lambda *args: print(*args, flush=True)) if (verbose and rank == 0) else (lambda *args: None)
 
     net, network_name = load_net(network, device, log)
     if class_idx is not None and not net.label_dim:
-        raise GenerateError(f'--class {class_idx} given, but the network is unconditional (label_dim 0); drop --class')
+        raise EvaluationError(f'--class {class_idx} given, but the network is unconditional (label_dim 0); drop --class')
     if class_idx is not None and not 0 <= class_idx < net.label_dim:
-        raise GenerateError(f'--class {class_idx} is out of range; this network has classes 0..{net.label_dim - 1}')
+        raise EvaluationError(f'--class {class_idx} is out of range; this network has classes 0..{net.label_dim - 1}')
     if ignored:
         log(f'Warning: {", ".join(ignored)} do not apply to --solver dpm and are ignored')
     batch_auto = max_batch_size is None
@@ -340,7 +337,7 @@ def generate(network, outdir, seeds=range(64), subdirs=False, class_idx=None, ma
         try:
             os.makedirs(outdir, exist_ok=True)
         except OSError as err:
-            raise GenerateError(f'cannot write to --outdir {outdir} ({err.strerror}); choose a writable folder') from None
+            raise EvaluationError(f'cannot write to --outdir {outdir} ({err.strerror}); choose a writable folder') from None
         write_json(os.path.join(outdir, 'generate_options.json'), settings)
     distributed.barrier()
     log(f'Sampler: {settings["solver"]} ({settings["sampler_function"]}), {settings["num_steps"]} steps, '

@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from torch_utils.errors import UserError
+from torch_utils.errors import FileError
 from torch_utils.io.safe_pickle import PersistentRecord, PlainObject, UnsafePickleError, restricted_load
 from torch_utils.io.download import download_cached, file_sha256
 
@@ -42,7 +42,7 @@ NVIDIA_INCEPTION_URL = 'https://api.ngc.nvidia.com/v2/models/nvidia/research/sty
 PYTORCH_FID_URL = 'https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth'
 ALIASES = {'nvidia': NVIDIA_INCEPTION_URL, 'pytorch-fid': PYTORCH_FID_URL}
 
-class DetectorError(UserError):
+class DetectorError(FileError):
     """A detector file that cannot be used; the message says why and what to do."""
 
 #----------------------------------------------------------------------------

@@ -24,21 +24,18 @@ import torch
 import tqdm
 
 import dnnlib
-from fdm.io.network_files import CheckpointError, load_network_file
+from fdm.io.network_files import load_network_file
 from fdm.methods import METHODS, TITLES
 from fdm.samplers import sampler_nfe, sampler_settings
 from torch_utils import distributed as dist
 from training.evaluation.digits import WEIGHTS as DIGITS_WEIGHTS
 from torch_utils.io.download import download_cached, file_sha256
-from torch_utils.errors import UserError, one_line
+from torch_utils.errors import EvaluationError, UserError, one_line
 from training.evaluation.feature_stats import check_dims, frechet_distance, load_stats, summarize
 from torch_utils.io.files import jsonable, write_json, atomic_write
 from training.evaluation import fid as evaluation
 from training.evaluation import generation
 from training.evaluation import plots
-
-class TableError(UserError):
-    """A problem with a table's runs, snapshots or options; the message says what to do."""
 
 SOLVER_TITLES = dict(edm='EDM Heun', dpm='DPM-Solver++', euler='Euler (EDM ablation)', heun='Heun (EDM ablation)')
 
@@ -52,14 +49,14 @@ def list_snapshots(run_dir):
     """[(kimg from the file name, path)] of a run folder, oldest first; ours (.pt) before a
     reference pickle (.pkl) of the same kimg."""
     if not os.path.isdir(run_dir):
-        raise TableError(f'{run_dir}: no such run folder; give the folders train.py made')
+        raise EvaluationError(f'{run_dir}: no such run folder; give the folders train.py made')
     found = {}
     for name in sorted(os.listdir(run_dir), key=lambda n: n.endswith('.pt')):
         m = SNAPSHOT_NAME.match(name)
         if m:
             found[int(m.group(1))] = os.path.join(run_dir, name)
     if not found:
-        raise TableError(f'{run_dir}: no network-snapshot-*.pt or .pkl files; train longer or give another folder')
+        raise EvaluationError(f'{run_dir}: no network-snapshot-*.pt or .pkl files; train longer or give another folder')
     return sorted(found.items())
 
 def pick_snapshots(run_dir, targets, tolerance=0.05):
@@ -72,7 +69,7 @@ def pick_snapshots(run_dir, targets, tolerance=0.05):
     for target in targets:
         kimg, path = min(snapshots, key=lambda s: abs(s[0] - target))
         if abs(kimg - target) > tolerance * target:
-            raise TableError(f'{run_dir}: no snapshot within {tolerance:.0%} of {target:g} kimg (the nearest is '
+            raise EvaluationError(f'{run_dir}: no snapshot within {tolerance:.0%} of {target:g} kimg (the nearest is '
                 f'{os.path.basename(path)}); drop that --kimg, raise --tolerance, or train longer')
         picked[target] = path
     return picked
@@ -81,14 +78,12 @@ def inspect_snapshot(path):
     """The snapshot read end to end (format, checksum, network) before any work is spent on it:
     dict(path, sha256, kimg (images seen / 1000, where recorded), class_name, precond, title)."""
     if not os.path.isfile(path):
-        raise TableError(f'{path}: no such snapshot file; give a network-snapshot-*.pt or .pkl')
+        raise EvaluationError(f'{path}: no such snapshot file; give a network-snapshot-*.pt or .pkl')
     try:
         data = load_network_file(path, name=path)
         sha256 = file_sha256(path)
-    except CheckpointError as err:
-        raise TableError(one_line(err)) from None
     except OSError as err:
-        raise TableError(f'{path}: cannot be read ({err.strerror}); check the file and its permissions') from None
+        raise EvaluationError(f'{path}: cannot be read ({err.strerror}); check the file and its permissions') from None
     class_name = type(data['ema']).__name__
     extra = data.get('extra') if isinstance(data.get('extra'), dict) else {}
     m = SNAPSHOT_NAME.match(os.path.basename(path))
@@ -203,15 +198,12 @@ def seed_ranges(seeds, protocol_num=None):
         return [list(range(k * protocol_num, (k + 1) * protocol_num)) for k in range(3)]
     seeds = list(seeds)
     if len(seeds) < 2:
-        raise TableError(f'--seeds gives {len(seeds)} image; an FID needs at least 2, e.g. --seeds=0-49999')
+        raise EvaluationError(f'--seeds gives {len(seeds)} image; an FID needs at least 2, e.g. --seeds=0-49999')
     return [seeds]
 
 def sampler_of(solver, steps):
     """(sampler name, kwargs, NFE) as generate.py and fid.py gen choose them for --solver/--steps."""
-    try:
-        name, kwargs, _ignored = generation.select_sampler(solver=solver, num_steps=steps)
-    except generation.GenerateError as err:
-        raise TableError(str(err)) from None
+    name, kwargs, _ignored = generation.select_sampler(solver=solver, num_steps=steps)
     return name, kwargs, sampler_nfe(name, **kwargs)
 
 def steps_for_nfe(solver, nfe):
@@ -220,7 +212,7 @@ def steps_for_nfe(solver, nfe):
     heun = sampler_of(solver, 2)[2] == 3  # two Heun steps cost three evaluations
     steps = (nfe + 1) // 2 if heun else nfe
     if sampler_of(solver, steps)[2] != nfe:
-        raise TableError(f'--nfe {nfe}: the {SOLVER_TITLES[solver]} sampler makes 2N-1 network evaluations with N '
+        raise EvaluationError(f'--nfe {nfe}: the {SOLVER_TITLES[solver]} sampler makes 2N-1 network evaluations with N '
             f'steps, so only odd NFE are possible; use {nfe - 1} or {nfe + 1}')
     return steps
 
@@ -248,7 +240,7 @@ def fid_compute(det, ref_stats, batch, precision):
             try:
                 loaded.update(path=path, net=evaluation.open_generator(path, det.device, precision)[0])
             except UserError as err:
-                raise TableError(f"{path}: {one_line(err)}") from None
+                raise EvaluationError(f"{path}: {one_line(err)}") from None
         net = loaded['net']
         sampler_name, sampler_kwargs, _nfe = sampler_of(job['solver'], job['num_steps'])
         mu, sigma = evaluation.generated_stats(net, (sampler_name, sampler_kwargs), job['seeds'],
@@ -304,7 +296,7 @@ def _evaluate_cells(cells, det, ref_stats, info, outdir, batch, precision, progr
         try:
             os.makedirs(os.path.join(outdir, 'cache'), exist_ok=True)
         except OSError as err:
-            raise TableError(f'cannot create --outdir {outdir} ({err.strerror}); choose a writable folder') from None
+            raise EvaluationError(f'cannot create --outdir {outdir} ({err.strerror}); choose a writable folder') from None
     dist.barrier()
     cache = ResultCache(os.path.join(outdir, 'cache'))
     flat = [job for _cell_id, jobs in cells for job in jobs]
@@ -395,7 +387,7 @@ def read_stats(path):
         with open(path, 'rb') as f:
             data = f.read()
     except OSError as err:
-        raise TableError(f'{path}: cannot be read ({err.strerror}); give run folders that train.py wrote') from None
+        raise EvaluationError(f'{path}: cannot be read ({err.strerror}); give run folders that train.py wrote') from None
     lines = data.split(b'\n')
     if lines and lines[-1].strip():
         lines = lines[:-1]  # a kill can leave half a line at the end
@@ -407,7 +399,7 @@ def read_stats(path):
             entry = json.loads(line)
             entries[float(entry['Progress/kimg']['mean'])] = entry
         except (ValueError, KeyError, TypeError):
-            raise TableError(f'{path}: line {number} is not a stats.jsonl entry of train.py; the file is damaged') from None
+            raise EvaluationError(f'{path}: line {number} is not a stats.jsonl entry of train.py; the file is damaged') from None
     return entries
 
 # A statistic's value in one entry: the tick's mean (training_stats), or a plain number.
@@ -429,12 +421,12 @@ def training_curves(runs, out, stats=('Loss/loss',), plot_size=(800, 500)):
     per_run = []
     for run in runs:
         if not os.path.isfile(os.path.join(run, 'stats.jsonl')):
-            raise TableError(f'{run}: no stats.jsonl; give run folders that train.py wrote')
+            raise EvaluationError(f'{run}: no stats.jsonl; give run folders that train.py wrote')
         per_run.append(read_stats(os.path.join(run, 'stats.jsonl')))
     known = sorted({k for entries in per_run for e in entries.values() for k in e if _stat_value(e, k) is not None})
     for stat in stats:
         if stat not in known:
-            raise TableError(f'--stat {stat}: not in stats.jsonl; choose from {", ".join(known)}')
+            raise EvaluationError(f'--stat {stat}: not in stats.jsonl; choose from {", ".join(known)}')
     labels = unique_labels([_run_title(r) for r in runs], [os.path.basename(os.path.normpath(r)) for r in runs])
     panels = [(stat, {label: [(k, _stat_value(e, stat)) for k, e in entries.items() if _stat_value(e, stat) is not None]
         for label, entries in zip(labels, per_run)}) for stat in stats]

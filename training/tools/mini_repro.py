@@ -15,6 +15,8 @@ import time
 import click
 import torch
 
+from torch_utils.errors import EvaluationError
+
 from fdm.methods import TITLES
 from training.evaluation.digits import WEIGHTS as DIGITS_WEIGHTS
 from torch_utils.io.files import atomic_write, write_json
@@ -78,7 +80,7 @@ def main(outdir, kimg, evals, per_class, methods, seed, batch, smoke):
             snapshots=evals, device=device)
     try:
         results = evaluate_runs(outdir, methods, ref, per_class, 0.5 * kimg / evals, device)
-    except tables.TableError as err:
+    except EvaluationError as err:
         raise click.ClickException(str(err)) from None
     table = tables.markdown_table('Training images (kimg)', [TITLES[m] for m in methods],
         {TITLES[m]: results[m] for m in methods})

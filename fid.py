@@ -8,6 +8,9 @@ and the three-seed-range protocol.
 
 `gen` (and `protocol --network`) score images straight from the sampler, quantised to uint8
 exactly as generate.py saves them, so they give the FID of the PNGs without writing them.
+Results read "FID 2.345" (three decimals; "FD-digits" with --detector=digits). `ref` never
+overwrites: an existing --dest made from the same images and detector is kept as the result,
+any other is refused.
 Without torchrun everything runs in one process, on the GPU if there is one, else on the CPU.
 The work is done by training/evaluation/fid.py and training/evaluation/feature_stats.py.
 """
@@ -80,7 +83,11 @@ def main():
 @workers_option
 @detector_option
 def ref(data, dest, batch, workers, detector, trust_detector):
-    """Write the reference statistics (mu, sigma) of all images of a dataset."""
+    """Write the reference statistics (mu, sigma) of all images of a dataset.
+
+    An existing --dest is kept: as the result if it was made from the same images with the same
+    detector, otherwise the command stops without computing anything.
+    """
     run_command(evaluation.make_reference, data, dest, detector, **given(batch=batch, workers=workers), trust_detector=trust_detector)
 
 @main.command()

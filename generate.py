@@ -7,6 +7,11 @@ Each image depends only on its seed and the network: per-seed random generators 
 same whatever the batch size or the number of processes (up to the last bits of float rounding
 on a CPU, whose kernels depend on the batch shape). Without torchrun it runs in one process, on
 the GPU if there is one, else on the CPU. The work is done by training/evaluation/generation.py.
+
+What decides the images goes to OUTDIR/generate_options.json before the first image. Rerunning
+the same command continues a killed run: only the seeds whose PNGs are missing are made, and the
+folder ends as an uninterrupted run leaves it. A folder of other images (another network, sampler
+setting, seed list, class, layout, precision or device type) is refused and left as it is.
 """
 
 import click
@@ -30,7 +35,7 @@ def _number(name):
 
 @click.command()
 @click.option('--network', 'network', help='Network snapshot (ours or a reference .pkl)', metavar='PATH|URL', type=str, required=True)
-@click.option('--outdir', help='Where to save the output images', metavar='DIR', type=str, required=True)
+@click.option('--outdir', help='Where to save the output images (the same command again continues it)', metavar='DIR', type=str, required=True)
 @click.option('--seeds', help='Random seeds (e.g. 1,2,5-10)  [default: 0-63]', metavar='LIST', type=parse_seeds)
 @click.option('--subdirs', help='Create subdirectory for every 1000 seeds', is_flag=True)
 @click.option('--class', 'class_idx', help='Class label  [default: random]', metavar='INT', type=_number('class_idx'), default=None)

@@ -10,7 +10,9 @@ import contextlib
 import inspect
 import json
 import os
+import signal
 import sys
+import time
 import warnings
 
 import click
@@ -19,8 +21,9 @@ from torch_utils import distributed
 from torch_utils.cli.compile_modes import COMPILE_MODES
 from torch_utils.errors import UserError, one_line
 from torch_utils.cli.options import option_type
-from training.config import TRAIN_RANGES, parse_cres, setup_training_config
-from training.run_dir import next_run_dir, open_run_dir
+from training.config import (COMMAND_FILE, MAX_DEFAULT_WORKERS, TRAIN_RANGES, check_continues_run, parse_cres, run_folder_options,
+    setup_training_config)
+from training.run_dir import check_run_dir, describe_end, describe_interruption, next_run_dir, open_run_dir
 
 #----------------------------------------------------------------------------
 
@@ -42,14 +45,16 @@ DEFAULTS['timeout'] = inspect.signature(distributed.init).parameters['timeout_s'
 
 def _help(text, name):
     value = DEFAULTS[name]
+    if name == 'workers':
+        return f'{text}  [default: {MAX_DEFAULT_WORKERS}, at most the CPU count]'
     return f'{text}  [default: {value:g}]' if isinstance(value, float) else f'{text}  [default: {value}]'
 
 #----------------------------------------------------------------------------
 
 @click.command()
 # Main options.
-@click.option('--outdir', help='Where to save the results', metavar='DIR', type=str, required=True)
-@click.option('--data', help='Path to the dataset', metavar='ZIP|DIR', type=str, required=True)
+@click.option('--outdir', help='Where to save the results  [required, except with --resume: then the run\'s own folder]', metavar='DIR', type=str)
+@click.option('--data', help='Path to the dataset  [required, except with --resume or in a run folder: the run\'s]', metavar='ZIP|DIR', type=str)
 @click.option('--cond', help=_help('Train class-conditional model', 'cond'), metavar='BOOL', type=bool)
 @click.option('--arch', help=_help('Network architecture', 'arch'), type=click.Choice(['ddpmpp', 'ncsnpp', 'adm']))
 @click.option('--precond', help=_help('Preconditioning & loss function', 'precond'), type=click.Choice(['vp', 've', 'edm', 'iddpm', 'fdm_edm', 'fdm_vp', 'fdm_ve']))
@@ -92,7 +97,7 @@ def _help(text, name):
 @click.option('--tensorboard', help='Also write the statistics of each tick to <run>/runs for TensorBoard', is_flag=True)
 @click.option('--seed', help='Random seed  [default: random]', metavar='INT', type=_number('seed'))
 @click.option('--transfer', help='Transfer learning from network file', metavar='PT|PKL|URL', type=str)
-@click.option('--resume', help='Resume from training state file or run directory', metavar='PT|DIR', type=str)
+@click.option('--resume', help='Resume from training state file or run directory (alone: with the run\'s options, in its folder)', metavar='PT|DIR', type=str)
 @click.option('--timeout', help=_help('Seconds a process waits for the others before it stops with an error', 'timeout'), metavar='SEC', type=_number('timeout'))
 @click.option('-n', '--dry-run', help='Print training options and exit', is_flag=True)
 @click.pass_context
@@ -101,6 +106,7 @@ def main(ctx, dry_run, timeout, **opts):
     explicit = {name for name in opts if ctx.get_parameter_source(name) == click.core.ParameterSource.COMMANDLINE}
     timeout = DEFAULTS['timeout'] if timeout is None else timeout
     opts = {name: value for name, value in opts.items() if value is not None}
+    signal.signal(signal.SIGTERM, _interrupt)  # a scheduler's SIGTERM stops the run as Ctrl-C does
     with _stop_on_lost_process(timeout):
         if not dry_run:
             distributed.init(timeout_s=timeout)
@@ -111,26 +117,48 @@ def _train(dry_run, opts, explicit):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always')
         try:
+            opts, source = run_folder_options(opts, explicit)
             c, run = setup_training_config(**opts, world_size=world_size, explicit=explicit)
+            check_continues_run(c, source, in_place=run.nosubdir and source is not None
+                and os.path.abspath(source) == os.path.abspath(run.outdir))
         except UserError as err:
             raise click.ClickException(one_line(err)) from None
     warning_lines = [f'Warning: {w.message}' for w in caught]
+    run_dir = run.outdir if run.nosubdir else next_run_dir(run.outdir, run.desc)
     if dry_run:
-        click.echo('\n'.join(warning_lines + [json.dumps(c, indent=2), 'Dry run; exiting.']))
+        try:
+            check_run_dir(run_dir, run.nosubdir)
+        except UserError as err:
+            raise click.ClickException(one_line(err)) from None
+        action = 'continue the run in' if run.start.state is not None and run.nosubdir else 'write to'
+        click.echo('\n'.join(warning_lines + [json.dumps(c, indent=2), f'Would {action} {run_dir}.', 'Dry run; exiting.']))
         return
 
-    run_dir = run.outdir if run.nosubdir else next_run_dir(run.outdir, run.desc)
+    # Every option as this run resolved it (defaults filled in): what --resume=RUN alone reuses.
+    names = [p.name for p in main.params if p.name not in ('dry_run', 'timeout')]
+    command = dict(argv=sys.argv[1:], options={name: opts.get(name, DEFAULTS.get(name)) for name in names} | dict(seed=c.seed))
     rank0 = distributed.get_rank() == 0
+    start_time = time.time()
     try:
-        with open_run_dir(run_dir, run.nosubdir, c) if rank0 else contextlib.nullcontext([]) as notes:
+        with open_run_dir(run_dir, run.nosubdir, c, {COMMAND_FILE: command}) if rank0 else contextlib.nullcontext([]) as notes:
             if rank0:
                 print(f'Output directory: {run_dir}')
                 print('\n'.join(notes + warning_lines + [json.dumps(c, indent=2)]))  # in the log too: what resume skipped
             from training.training_loop import training_loop  # imported late: a heavy import, after the option checks
-            training_loop(run_dir=run_dir, start=run.start, **c)
+            try:
+                result = training_loop(run_dir=run_dir, start=run.start, **c)
+            except KeyboardInterrupt:
+                if rank0:
+                    print(describe_interruption(run_dir), flush=True)  # in log.txt too
+                raise SystemExit(130) from None
+            if rank0:
+                print(describe_end(run_dir, result, time.time() - start_time, c), flush=True)
     except UserError as err:
         raise click.ClickException(one_line(err)) from None
     distributed.shutdown()
+
+def _interrupt(_signum, _frame):
+    raise KeyboardInterrupt
 
 #----------------------------------------------------------------------------
 

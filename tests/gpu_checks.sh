@@ -62,6 +62,7 @@ net = build_precond('FDM_EDMPrecond', img_resolution=32, img_channels=3, label_d
 save_snapshot('gpu-data/ddpmpp-cifar-random.pt', net)
 PY
     for args in "--precision=fp32" "--precision=bf16 --compile"; do
+        rm -rf "$out/gen"  # generate.py refuses a folder of other settings (and would skip seeds already there)
         start=$(date +%s.%N)
         python generate.py --network=gpu-data/ddpmpp-cifar-random.pt --outdir="$out/gen" --seeds=0-4095 --steps=18 \
             $args > "$out/gen.log" 2>&1

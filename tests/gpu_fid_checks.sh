@@ -43,6 +43,7 @@ det="$data/random-inception.pth"
 
 # 1. Target: features of 50,000 32x32 images from disk in under 60 s ("Features of ... img/s" line).
 for args in "--batch=64 --workers=3" "--batch=250 --workers=8" "--batch=500 --workers=12"; do
+    rm -f "$out/random-ref.npz"  # fid.py ref keeps an existing file of the same inputs instead of recomputing
     python fid.py ref --data="$data/random-32x32.zip" --dest="$out/random-ref.npz" --detector="$det" $args \
         > "$out/fid-ref.log" 2>&1
     echo "ref $args: $(grep '^Features of' "$out/fid-ref.log")" | tee -a "$summary"

@@ -36,7 +36,8 @@ import torch  # noqa: E402
 
 from conftest import write_image_zip  # noqa: E402
 from fdm.io.network_files import CheckpointError, load_network_file  # noqa: E402
-from training.checkpoint.training_state import STATE_NAME, load_training_state  # noqa: E402
+from training.checkpoint.names import STATE_NAME, list_files  # noqa: E402
+from training.checkpoint.training_state import load_training_state  # noqa: E402
 
 #----------------------------------------------------------------------------
 # One training process, watched line by line.
@@ -119,8 +120,8 @@ def damaged_files(run_dir):
     return bad
 
 def final_state(run_dir):
-    found = sorted((int(m.group(1)), name) for name in os.listdir(run_dir) if (m := STATE_NAME.match(name)))
-    return load_training_state(os.path.join(run_dir, found[-1][1]))
+    _nimg, name = list_files(run_dir, STATE_NAME)[-1]  # the most images seen: every tick has a state of its own
+    return load_training_state(os.path.join(run_dir, name))
 
 def same_tensors(a, b):
     """Exact equality of nested dicts/lists of tensors and plain values."""

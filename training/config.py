@@ -7,6 +7,8 @@ here, once, and handed to the training loop.
 """
 
 import dataclasses
+import json
+import os
 import re
 import secrets
 import warnings
@@ -21,6 +23,7 @@ from fdm.methods import METHOD_SPECIFIC_OPTIONS, METHODS, method_kwargs
 from torch_utils import distributed
 from torch_utils.cli.compile_modes import resolve_compile_mode
 from torch_utils.errors import FileError, OptionError
+from torch_utils.io.files import read_json_bounded
 from torch_utils.cli.options import Range, check_options
 from training.data.dataset import ImageFolderDataset
 from fdm.networks import ARCH_PRESETS
@@ -28,6 +31,7 @@ from training.phema import gamma_from_std
 from training.checkpoint.starting_point import check_resume_seed, read_transfer
 from training.checkpoint.training_state import find_resume_state
 
+MAX_DEFAULT_WORKERS = 8  # --workers when not given: this many, at most the CPU count
 MAX_LIST_ITEMS = 32  # --cres: more channel multipliers than any network has resolutions is a typo
 
 # The valid range of every numeric option of train.py; train.py's click types and
@@ -46,9 +50,9 @@ AUGMENT_TRANSFORMS = dict(xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, t
 
 #----------------------------------------------------------------------------
 
-def setup_training_config(data, outdir='training-runs', cond=False, arch='ddpmpp', precond='fdm_edm', duration=200.0,
+def setup_training_config(data=None, outdir='training-runs', cond=False, arch='ddpmpp', precond='fdm_edm', duration=200.0,
         batch=512, batch_gpu=None, cbase=None, cres=None, lr=10e-4, ema=0.5, dropout=0.13, augment=0.12, xflip=False,
-        fp16=False, ls=1.0, bench=True, cache=True, workers=8, desc=None, nosubdir=False, tick=50.0, snap=200, dump=500,
+        fp16=False, ls=1.0, bench=True, cache=True, workers=None, desc=None, nosubdir=False, tick=50.0, snap=200, dump=500,
         seed=None, transfer=None, resume=None, lr_rampup=10.0, warmup_ite=None, fdm_multiplier=2.0,
         grid_images=64, precision='fp32', compile=False, compile_mode=None, channels_last=False, data_on_device='auto',
         phema_std=None, tensorboard=False, world_size=1, explicit=()):
@@ -56,6 +60,8 @@ def setup_training_config(data, outdir='training-runs', cond=False, arch='ddpmpp
     Returns (config for training_loop, run). run: outdir, desc and nosubdir of the run directory,
     and `start`, what the run starts from (read once, here). `explicit`: the options the user set."""
     check_options(TRAIN_RANGES, locals())
+    if data is None:
+        raise OptionError('--data is missing; give the dataset zip or folder (or --resume=RUN to continue a run)')
     c = dnnlib.EasyDict()
 
     # Dataset: opened here so that a bad path or format fails before anything starts.
@@ -65,6 +71,8 @@ def setup_training_config(data, outdir='training-runs', cond=False, arch='ddpmpp
     c.dataset_kwargs.max_size = len(dataset)
     if cond and not dataset.has_labels:
         raise OptionError(f'--cond=1 needs labels, but {data} has no dataset.json labels; add them or use --cond=0')
+    if workers is None:  # the reference's 8, but never more processes than CPUs to run them
+        workers = min(MAX_DEFAULT_WORKERS, os.cpu_count() or 1)
     c.data_loader_kwargs = dnnlib.EasyDict(num_workers=workers)
     if workers > 0:
         c.data_loader_kwargs.update(prefetch_factor=2, persistent_workers=True)
@@ -152,6 +160,111 @@ def setup_training_config(data, outdir='training-runs', cond=False, arch='ddpmpp
     if desc is not None:
         desc_str += f'-{desc}'
     return c, dnnlib.EasyDict(outdir=outdir, desc=desc_str, nosubdir=nosubdir, start=start)
+
+#----------------------------------------------------------------------------
+# A run folder is one run. Rerunning train.py on a folder that holds a run (--nosubdir) continues
+# it from its newest valid state, and --resume=RUN_OR_STATE alone takes the run's options from
+# its command.json; either way the fixed options must be the run's own, and only these may change.
+
+RESUMABLE_OPTIONS = ('duration', 'tick', 'snap', 'dump', 'workers', 'batch_gpu', 'precision', 'compile',
+    'compile_mode', 'channels_last', 'bench', 'data_on_device', 'cache', 'grid_images', 'tensorboard', 'fp16')
+
+# The entries of training_options.json that those options (or the resume itself) set.
+_RESUMABLE_KEYS = ('total_kimg', 'kimg_per_tick', 'snapshot_ticks', 'state_dump_ticks', 'data_loader_kwargs', 'batch_gpu',
+    'precision', 'compile', 'channels_last', 'cudnn_benchmark', 'data_on_device', 'dataset_kwargs.cache', 'grid_images',
+    'tensorboard', 'network_kwargs.use_fp16', 'resume_state', 'transfer')
+
+# The option behind each fixed entry of training_options.json, to name what differs.
+_OPTION_OF_KEY = {'dataset_kwargs.path': 'data', 'dataset_kwargs.use_labels': 'cond', 'dataset_kwargs.xflip': 'xflip',
+    'network_kwargs.class_name': 'precond', 'loss_kwargs.class_name': 'precond', 'network_kwargs.model_channels': 'cbase',
+    'network_kwargs.channel_mult': 'cres', 'network_kwargs.dropout': 'dropout', 'network_kwargs.augment_dim': 'augment',
+    'augment_kwargs': 'augment', 'network_kwargs.fdm_multiplier': 'fdm_multiplier', 'loss_kwargs.warmup_ite': 'warmup_ite',
+    'optimizer_kwargs.lr': 'lr', 'ema_halflife_kimg': 'ema', 'lr_rampup_kimg': 'lr_rampup', 'batch_size': 'batch',
+    'loss_scaling': 'ls', 'seed': 'seed', 'phema_stds': 'phema_std'}
+
+COMMAND_FILE = 'command.json'  # the options a run was started with, all of them (defaults filled in)
+MAX_OPTIONS_BYTES = 1 << 20     # training_options.json and command.json are a few kB
+
+def _flatten(c, prefix=''):
+    out = {}
+    for key, value in c.items():
+        if isinstance(value, dict) and f'{prefix}{key}' not in _RESUMABLE_KEYS and f'{prefix}{key}' != 'augment_kwargs':
+            out.update(_flatten(value, f'{prefix}{key}.'))
+        else:
+            out[f'{prefix}{key}'] = value
+    return out
+
+def _read_json(path):
+    return read_json_bounded(path, MAX_OPTIONS_BYTES, remedy='restore it, or choose another --outdir')
+
+def differing_options(stored, c):
+    """The fixed options in which config c differs from a run's stored training_options.json, as
+    ['--cbase 16 (the run: 32)', ...] ([] when c continues that run)."""
+    a, b = _flatten(stored), _flatten(c)
+    keys = [k for k in sorted(set(a) | set(b)) if k not in _RESUMABLE_KEYS and a.get(k) != b.get(k)]
+    named = {}
+    for key in keys:
+        option = _OPTION_OF_KEY.get(key, 'arch' if key.startswith('network_kwargs.') else key)
+        named.setdefault(option, f'--{option} {json.dumps(b.get(key))} (the run: {json.dumps(a.get(key))})')
+    return list(named.values())
+
+def run_folder_options(opts, explicit):
+    """train.py's options for a folder that holds a run: (options, run folder or None). --nosubdir
+    into a run folder continues it (resume from it, its seed); --resume without --data takes the
+    options of the run it names from its command.json, overridden only by RESUMABLE_OPTIONS."""
+    opts = dict(opts)
+    outdir, resume = opts.get('outdir'), opts.get('resume')
+    source = None
+    if resume is not None:
+        if not os.path.exists(resume):
+            raise OptionError(f'--resume {resume}: no such training state or run folder; check the path')
+        source = resume if os.path.isdir(resume) else os.path.dirname(os.path.abspath(resume))
+        if outdir is None:  # in place: the run's own folder
+            opts.update(outdir=source, nosubdir=True)
+    elif outdir is not None and opts.get('nosubdir') and os.path.isfile(os.path.join(outdir, 'training_options.json')):
+        source = outdir
+    if source is None:
+        if outdir is None:
+            raise OptionError('--outdir is missing; give the folder to train into (or --resume=RUN to continue a run in place)')
+        return opts, None
+    if opts.get('data') is None:
+        command = os.path.join(source, COMMAND_FILE)
+        if not os.path.isfile(command):
+            raise OptionError(f'{source} has no {COMMAND_FILE} to take the run\'s options from (a run of an older '
+                'version or of the reference); give its options (--data, --cond, --arch, ...) with --resume')
+        stored = _read_json(command).get('options')
+        if not isinstance(stored, dict):
+            raise FileError(f'{command} holds no options; restore it, or give the run\'s options with --resume')
+        fixed = sorted(name for name in explicit if name not in RESUMABLE_OPTIONS + ('outdir', 'nosubdir', 'resume', 'desc')
+            and opts.get(name) != stored.get(name))
+        if fixed:
+            raise OptionError(f'--{", --".join(fixed)} cannot change when a run continues (the run has '
+                + ', '.join(f'--{n} {json.dumps(stored.get(n))}' for n in fixed) + '); drop them, or start a new run')
+        opts = {**{k: v for k, v in stored.items() if v is not None}, **opts}
+    if opts.get('seed') is None and os.path.isfile(os.path.join(source, 'training_options.json')):
+        seed = _read_json(os.path.join(source, 'training_options.json')).get('seed')
+        opts['seed'] = seed if isinstance(seed, int) else None
+    if resume is None and _has_training_state(source):  # a rerun continues from the newest valid state;
+        opts['resume'] = source                          # without one it starts over, with the run's seed
+    if opts.get('resume') is not None and 'transfer' not in explicit:
+        opts.pop('transfer', None)  # the state supersedes the weights the run started from
+    return opts, source
+
+def check_continues_run(c, source, in_place):
+    """Refuse a config whose fixed options differ from the run it continues, naming each: always in
+    the run's own folder, and for a --resume elsewhere when the run is ours (it has command.json;
+    a reference run's options are written in the reference's own terms)."""
+    if source is None or not os.path.isfile(os.path.join(source, 'training_options.json')):
+        return
+    if not in_place and not os.path.isfile(os.path.join(source, COMMAND_FILE)):
+        return
+    differ = differing_options(_read_json(os.path.join(source, 'training_options.json')), c)
+    if differ:
+        raise OptionError(f'{source} holds a run with other options: {"; ".join(differ)}; rerun with the run\'s '
+            'options (or --resume=RUN alone), or choose another --outdir')
+
+def _has_training_state(folder):
+    return any(name.startswith('training-state-') and name.endswith('.pt') for name in os.listdir(folder))
 
 #----------------------------------------------------------------------------
 # What a run starts from, read once before the run folder exists: the opened dataset, and the

@@ -11,13 +11,13 @@ The command line that rebuilds an EMA from a run is `python -m training.tools.ph
 
 import copy
 import os
-import re
 
 import numpy as np
 import torch
 
 from fdm.io.network_files import load_network_file, save_snapshot
 from torch_utils.errors import UserError
+from training.checkpoint.names import PHEMA_NAME, list_files, phema_name
 
 #----------------------------------------------------------------------------
 # sigma_rel <-> gamma (Eq. 3): sigma_rel^2 = (gamma + 1) / ((gamma + 2)^2 (gamma + 3)).
@@ -125,22 +125,21 @@ class PowerEMAs:
                 v.copy_(stored[k])
 
 #----------------------------------------------------------------------------
-# Files: with each network snapshot, one snapshot per tracked std, an ordinary network file
-# whose 'extra' says which profile it holds.
+# Files: with each network snapshot, one snapshot per tracked std (phema-<step>-<std>.pt, named
+# by training.checkpoint.names), an ordinary network file whose 'extra' says which profile it holds.
 
-PHEMA_NAME = re.compile(r'^phema-(\d+)-(\d+\.\d+)\.pt$')
-
-def save_phema_snapshots(run_dir, kimg_name, phema, ema, cur_nimg, **snapshot_kwargs):
+def save_phema_snapshots(run_dir, phema, ema, cur_nimg, **snapshot_kwargs):
     module = copy.deepcopy(ema)
     for std, gamma, state in zip(phema.stds, phema.gammas, phema.emas):
         module.load_state_dict(state)
-        save_snapshot(os.path.join(run_dir, f'phema-{kimg_name}-{std:.3f}.pt'), module,
+        save_snapshot(os.path.join(run_dir, phema_name(cur_nimg, std)), module,
             extra=dict(phema=dict(std=std, gamma=gamma, cur_nimg=int(cur_nimg))), **snapshot_kwargs)
 
 def reconstruct(run_dir, std, out, kimg=None, log=print):
     """Write to `out` the snapshot of the power-function EMA of relative std `std` at `kimg` (default:
     the newest stored profiles), as the least-squares combination of the stored ones up to then."""
-    paths = sorted(os.path.join(run_dir, name) for name in os.listdir(run_dir) if PHEMA_NAME.match(name)) \
+    # In training order (old whole-kimg names included), so the last one used is the newest.
+    paths = [os.path.join(run_dir, name) for _nimg, name in list_files(run_dir, PHEMA_NAME)] \
         if os.path.isdir(run_dir) else []
     if not paths:
         raise UserError(f'{run_dir}: no phema-*.pt snapshots; train with --phema-std to store post-hoc EMA profiles')

@@ -7,9 +7,11 @@ import json
 import os
 import re
 import shutil
+import time
 
 import dnnlib
-from torch_utils.io.files import FileError, atomic_write, check_destination
+from torch_utils.io.files import FileError, atomic_write, check_destination, write_json
+from training.checkpoint import names
 
 #----------------------------------------------------------------------------
 # Next free run directory: 1 + the largest leading number among existing subdirectories.
@@ -24,16 +26,16 @@ def next_run_dir(outdir, desc):
     return os.path.join(outdir, f'{max(ids, default=-1) + 1:05d}-{desc}')
 
 # Every file a run writes, by name: a folder in the place of one would fail a write mid-run.
-RUN_FILE = re.compile(r'^(training_options\.json|log\.txt|stats\.jsonl|(network-snapshot|training-state)-\d+\.pt|'
-    r'samples-\d+\.png)$')
-OWN_FILES = {'training_options.json', 'log.txt', '.lock'}  # what a run has written before its first tick
+RUN_FILE = re.compile(r'^(training_options\.json|command\.json|log\.txt|stats\.jsonl)$')
+STEP_FILES = (names.SNAPSHOT_NAME, names.STATE_NAME, names.GRID_NAME, names.PHEMA_NAME)
+OWN_FILES = {'training_options.json', 'command.json', 'log.txt', '.lock'}  # what a run has written before its first tick
 
 # The run folder of rank 0 for the run's life: checked (before anything is written, so a bad
-# --outdir fails at once), made, locked, and tidied. The context is the notes for the log (see
+# --outdir fails at once), made, locked, and tidied. json_files: {name: object} written beside training_options.json. The context is the notes for the log (see
 # tidy_interrupted_run); log.txt tees stdout and stderr inside it. A run that fails before it
 # has written more than its options and log removes the folder again, if it made it.
 @contextlib.contextmanager
-def open_run_dir(run_dir, nosubdir, options):
+def open_run_dir(run_dir, nosubdir, options, json_files=None):
     check_run_dir(run_dir, nosubdir)
     created = not os.path.exists(run_dir)
     try:
@@ -45,6 +47,8 @@ def open_run_dir(run_dir, nosubdir, options):
         lock = lock_run_dir(run_dir)
         notes = tidy_interrupted_run(run_dir) if nosubdir else []
         write_training_options(run_dir, options)
+        for name, content in (json_files or {}).items():
+            write_json(os.path.join(run_dir, name), content)
         logger = dnnlib.util.Logger(os.path.join(run_dir, 'log.txt'), error=FileError)
         yield notes
     except BaseException:
@@ -68,7 +72,7 @@ def check_run_dir(run_dir, nosubdir):
     if not os.path.isdir(run_dir):
         return
     for name in sorted(os.listdir(run_dir)):
-        if RUN_FILE.match(name) and os.path.isdir(os.path.join(run_dir, name)):
+        if (RUN_FILE.match(name) or any(p.match(name) for p in STEP_FILES)) and os.path.isdir(os.path.join(run_dir, name)):
             raise FileError(f"'{os.path.join(run_dir, name)}' is a folder where the run writes a file; "
                 'remove it or choose another --outdir')
     for name in ['log.txt', 'stats.jsonl']:
@@ -95,9 +99,9 @@ def lock_run_dir(run_dir):
 
 # Only when the folder holds nothing but what this run wrote before failing: never a user's file.
 def remove_if_unused(run_dir):
-    names = set(os.listdir(run_dir))
-    if names <= OWN_FILES:
-        for name in names:
+    present = set(os.listdir(run_dir))
+    if present <= OWN_FILES:
+        for name in present:
             os.remove(os.path.join(run_dir, name))
         os.rmdir(run_dir)
 
@@ -138,5 +142,41 @@ def check_free_space(run_dir, net, snapshot=True, state=True, count=3):
             f'about {per_save / 2**20:.1f} MiB; free space or choose another --outdir, or the run will stop at a '
             'failed write (earlier files stay intact)', flush=True)
     return free, per_save
+
+#----------------------------------------------------------------------------
+# What the user reads at the end of a run, or when it is interrupted: where its results are and
+# the commands that use them.
+
+def newest_file(run_dir, pattern):
+    """The file of run_dir named by `pattern` (training/checkpoint/names.py) of the latest step, or None."""
+    found = [name for _nimg, name in names.list_files(run_dir, pattern) if name.endswith('.pt')]
+    return os.path.join(run_dir, found[-1]) if found else None
+
+def describe_end(run_dir, result, seconds, c):
+    snapshot = newest_file(run_dir, names.SNAPSHOT_NAME)
+    state = newest_file(run_dir, names.STATE_NAME)
+    loss = result.get('loss')
+    lines = [f'Training done in {_format_seconds(seconds)}: {result["cur_nimg"]:,} images seen ({result["step"]:,} steps)'
+        + (f', final loss {loss:.4f}.' if loss is not None else '.')]
+    lines.append(f'Newest snapshot: {snapshot or "none (--snap)"}; newest training state: {state or "none (--dump)"}')
+    if snapshot is not None:
+        samples = os.path.join(run_dir, 'samples-50k')
+        name = os.path.splitext(os.path.basename(c['dataset_kwargs']['path']))[0]
+        lines += ['Sample 50,000 images:', f'  python generate.py --network={snapshot} --outdir={samples} --seeds=0-49999 --subdirs',
+            'Score them against the dataset\'s statistics (python fid.py ref --data=DATASET --dest=REF.npz makes them):',
+            f'  python fid.py calc --images={samples} --ref=fid-refs/{name}.npz']
+    if state is not None:
+        lines.append(f'Train further: python train.py --resume={run_dir} --duration=MIMG')
+    return '\n'.join(lines)
+
+def describe_interruption(run_dir):
+    state = newest_file(run_dir, names.STATE_NAME)
+    where = (f'the last complete training state is {state}; continue the run with:\n  python train.py --resume={run_dir}'
+        if state is not None else 'no training state was written yet (--dump); the run starts over when rerun')
+    return f'Interrupted at {time.strftime("%Y-%m-%d %H:%M:%S")}; {where}'
+
+def _format_seconds(seconds):
+    s = int(round(seconds))
+    return f'{s // 3600}h {(s // 60) % 60:02d}m {s % 60:02d}s' if s >= 3600 else f'{s // 60}m {s % 60:02d}s'
 
 #----------------------------------------------------------------------------

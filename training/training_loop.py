@@ -30,6 +30,7 @@ from torch_utils.io.files import append_line
 from torch_utils.tensorboard import open_writer, write_stats
 from torch_utils.training_stats import StatsCollector
 from training.augment import AugmentPipe
+from training.checkpoint.names import snapshot_files, state_name
 from training.checkpoint.starting_point import load_transfer
 from training.checkpoint.training_state import CheckpointIO, Progress
 from training.config import batch_split
@@ -137,18 +138,17 @@ def training_loop(
             if not done and progress.cur_tick != 0 and progress.cur_nimg < progress.tick_start_nimg + kimg_per_tick * 1000:
                 continue
             tick_end_time = time.time()
-            _report_tick(run_dir, run, lr, total_nimg, dict(start=start_time, tick_start=tick_start_time,
+            loss = _report_tick(run_dir, run, lr, total_nimg, dict(start=start_time, tick_start=tick_start_time,
                 tick_end=tick_end_time, maintenance=maintenance_time), board)
             tick = progress.cur_tick
             progress.cur_tick += 1
             progress.tick_start_nimg = progress.cur_nimg  # a resumed run starts a new tick exactly here
-            kimg_name = f'{progress.cur_nimg // 1000:06d}'
             if snapshot_ticks is not None and (done or tick % snapshot_ticks == 0):
                 distributed.check_ranks_agree(net.parameters())
                 if rank == 0:
-                    _save_snapshots(run_dir, kimg_name, run, c)
+                    _save_snapshots(run_dir, run, c)
             if state_dump_ticks is not None and (done or (tick % state_dump_ticks == 0 and tick != 0)) and rank == 0:
-                checkpoint.save(os.path.join(run_dir, f'training-state-{kimg_name}.pt'), seed)
+                checkpoint.save(os.path.join(run_dir, state_name(progress.cur_nimg)), seed)  # one name per step
             distributed.barrier()
             tick_start_time = time.time()
             maintenance_time = tick_start_time - tick_end_time
@@ -158,8 +158,7 @@ def training_loop(
         if board is not None:
             board.close()
 
-    distributed.print0('Exiting...')
-    return dict(net=net, ema=ema, cur_nimg=progress.cur_nimg, step=progress.step)
+    return dict(net=net, ema=ema, cur_nimg=progress.cur_nimg, step=progress.step, loss=loss)
 
 #----------------------------------------------------------------------------
 # Setup.
@@ -189,7 +188,7 @@ def _after_first_step(net, ddp, compile, device, start):
 #----------------------------------------------------------------------------
 # Once per tick: the progress line, a stats.jsonl entry, snapshot and training state.
 
-# times: wall-clock seconds of the run's start, this tick's start and end, and the maintenance
+# Returns the tick's mean loss. times: wall-clock seconds of the run's start, this tick's start and end, and the maintenance
 # (snapshots, states) between the previous tick and this one.
 def _report_tick(run_dir, run, lr, total_nimg, times, board=None):
     world, progress, device = distributed.get_world_size(), run.progress, run.device
@@ -224,16 +223,19 @@ def _report_tick(run_dir, run, lr, total_nimg, times, board=None):
         append_line(os.path.join(run_dir, 'stats.jsonl'), json.dumps(entry) + '\n')
         if board is not None:
             write_stats(board, entry, progress.cur_nimg)
+    return results['Loss/loss']['mean']
 
 # The snapshot holds the EMA network; with it the sample grid and the post-hoc EMA profiles.
-def _save_snapshots(run_dir, kimg_name, run, c):
-    extra = dict(cur_nimg=run.progress.cur_nimg, step=run.progress.step)
+def _save_snapshots(run_dir, run, c):
+    cur_nimg = run.progress.cur_nimg
+    extra = dict(cur_nimg=cur_nimg, step=run.progress.step)
     kwargs = dict(loss_fn=run.loss_fn, augment_pipe=run.augment_pipe, dataset_kwargs=c.dataset_kwargs)
-    save_snapshot(os.path.join(run_dir, f'network-snapshot-{kimg_name}.pt'), run.ema, extra=extra, **kwargs)
+    files = snapshot_files(run_dir, cur_nimg, grid=bool(c.grid_images), stds=run.phema.stds if run.phema is not None else ())
+    save_snapshot(files['snapshot'], run.ema, extra=extra, **kwargs)
     if c.grid_images:
-        save_sample_grid(os.path.join(run_dir, f'samples-{kimg_name}.png'), run.ema, c.grid_images, run.device)
+        save_sample_grid(files['grid'], run.ema, c.grid_images, run.device)
     if run.phema is not None:
-        save_phema_snapshots(run_dir, kimg_name, run.phema, run.ema, run.progress.cur_nimg, **kwargs)
+        save_phema_snapshots(run_dir, run.phema, run.ema, cur_nimg, **kwargs)
 
 def _stat(value):
     return dict(num=1, mean=float(value), std=0.0)

@@ -117,6 +117,13 @@ def test_train_command_dry_runs(tmp_path, monkeypatch, args, world):
             args[i] = '--data=' + write_image_zip(tmp_path / name, num_images=4, resolution=resolution)
         if arg.startswith('--outdir='):
             args[i] = f'--outdir={tmp_path / "runs"}'
+        if arg.startswith('--resume='):  # a real run to continue: one step on a stand-in dataset
+            run = tmp_path / 'run'
+            data = write_image_zip(tmp_path / 'resumed.zip', num_images=4, resolution=8)
+            made = CliRunner().invoke(train.main, ['--outdir', str(run), '--nosubdir', '--data', data, '--cbase=8',
+                '--cres=1', '--batch=4', '--duration=0.000004', '--workers=0', '--grid-images=0'])
+            assert made.exit_code == 0, made.output
+            args[i] = f'--resume={run}'
     monkeypatch.setenv('WORLD_SIZE', str(world))
     result = CliRunner().invoke(train.main, args + ['--dry-run'])
     assert result.exit_code == 0, result.output

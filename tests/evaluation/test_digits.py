@@ -51,7 +51,7 @@ def test_fd_digits_via_fid_py(tmp_path):
     r = runner.invoke(fid.main, ['calc', '--images', str(tmp_path / 'd.zip'), '--ref', str(tmp_path / 'ref.npz'),
         '--detector=digits', '--num=1797', '--workers=0'])
     assert r.exit_code == 0, r.output
-    assert abs(float(r.output.split('FID ')[1].split()[0])) < 1e-6  # the set against itself
+    assert abs(float(r.output.split('FD-digits ')[1].split()[0])) < 1e-6  # the set against itself
 
 @pytest.mark.slow
 def test_mini_repro_smoke(tmp_path):

@@ -3,12 +3,16 @@ with a tiny stand-in detector (1 and 2 processes), user errors, and statistics f
 more than they hold. The detectors themselves: test_fid_detectors.py; images straight from a
 network (fid.py gen, protocol --network): test_fid_network.py."""
 
+import hashlib
 import inspect
 import io
+import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
+import time
 import warnings
 import zipfile
 import zlib
@@ -17,7 +21,7 @@ import numpy as np
 import pytest
 
 import fid
-from conftest import (ROOT, assert_one_line_exit_1, assert_user_error, fid_line, numpy_features, numpy_stats,
+from conftest import (ROOT, assert_one_line_exit_1, assert_user_error, fid_line, numpy_features, numpy_stats, one_line_error,
     run_fid_cli, run_fid_limited, write_and_features, write_folder, write_image_zip)
 from training.evaluation import feature_stats
 from torch_utils.errors import EvaluationError, one_line
@@ -76,15 +80,25 @@ def test_summarize_min_mean_sample_std():
 #----------------------------------------------------------------------------
 # fid.py end to end with the tiny detector.
 
+# The digest a reference records of an image folder, recomputed by hand: each image's name and the
+# SHA-256 of its bytes, in name order.
+def folder_sha256(folder):
+    h = hashlib.sha256()
+    for name in sorted(os.listdir(folder)):
+        h.update(f'{name}:{hashlib.sha256(open(os.path.join(folder, name), "rb").read()).hexdigest()};'.encode())
+    return h.hexdigest()
+
 def test_ref_and_calc_end_to_end(tmp_path, detector_file):
     data = write_folder(tmp_path / 'data', 20, seed=0)
     other = write_folder(tmp_path / 'other', 16, seed=1)
     dest = tmp_path / 'refs' / 'data.npz'
     result = run_fid_cli('ref', '--data', data, '--dest', dest, '--detector', detector_file, '--workers', 0, '--batch', 6)
     assert result.exit_code == 0, result.output
-    with np.load(dest, allow_pickle=False) as npz:
-        assert sorted(npz.keys()) == ['mu', 'sigma']
-        mu, sigma = npz['mu'], npz['sigma']
+    with np.load(dest, allow_pickle=False) as npz:  # as the reference reads it: no pickles, extra keys tolerated
+        assert sorted(npz.keys()) == ['inputs', 'mu', 'sigma']
+        mu, sigma, inputs = npz['mu'], npz['sigma'], json.loads(str(npz['inputs']))
+    assert inputs == dict(data=os.path.abspath(data), data_sha256=folder_sha256(data), num_images=20, detector=detector_file,
+        detector_sha256=hashlib.sha256(open(detector_file, 'rb').read()).hexdigest())
     assert mu.dtype == np.float64 and mu.shape == (12,) and sigma.shape == (12, 12)
     ref_mu, ref_sigma = numpy_stats(numpy_features(data))
     np.testing.assert_allclose(mu, ref_mu, atol=1e-7)
@@ -95,13 +109,14 @@ def test_ref_and_calc_end_to_end(tmp_path, detector_file):
     result = run_fid_cli('calc', '--images', data, '--ref', dest, '--num', 20, '--detector', detector_file, '--workers', 0)
     assert result.exit_code == 0, result.output
     last = fid_line(result)
-    assert abs(float(last.split()[1])) < 1e-6 and '20 images' in last and str(dest) in last
+    assert last == f"FID 0.000 from 20 images in '{data}' against '{dest}'"
     result = run_fid_cli('calc', '--images', other, '--ref', dest, '--num', 16, '--detector', detector_file, '--workers', 0)
     assert result.exit_code == 0, result.output
     last = fid_line(result)
     expected = feature_stats.frechet_distance(*numpy_stats(numpy_features(other)), ref_mu, ref_sigma)
-    assert float(last.split()[1]) == pytest.approx(expected, rel=1e-5)
-    assert last == f"FID {float(last.split()[1]):g} from 16 images in '{other}' against '{dest}'"
+    assert last == f"FID {expected:.3f} from 16 images in '{other}' against '{dest}'"  # three decimals, always
+    got = evaluation.fid_of_images(other, dest, num=16, workers=0, detector=detector_file, trust_detector=True)
+    assert got == pytest.approx(expected, rel=1e-5)  # the printed value, unrounded
 
 def test_calc_takes_seeded_subset(tmp_path, detector_file):
     # More images than --num: the subset is RandomState(seed).shuffle(arange(n))[:num].
@@ -115,8 +130,9 @@ def test_calc_takes_seeded_subset(tmp_path, detector_file):
     expected = feature_stats.frechet_distance(*numpy_stats(subset), ref_mu, ref_sigma)
     result = run_fid_cli('calc', '--images', data, '--ref', dest, '--num', 13, '--seed', 7, '--detector', detector_file, '--workers', 0)
     assert result.exit_code == 0, result.output
-    last = fid_line(result)
-    assert float(last.split()[1]) == pytest.approx(expected, rel=1e-5) and '13 images' in last
+    assert fid_line(result) == f"FID {expected:.3f} from 13 images in '{data}' against '{dest}'"
+    got = evaluation.fid_of_images(data, dest, num=13, seed=7, workers=0, detector=detector_file, trust_detector=True)
+    assert got == pytest.approx(expected, rel=1e-5)
 
 def test_protocol_prints_min_mean_std(tmp_path, detector_file):
     dirs = [write_folder(tmp_path / f'seeds{i}', 14, seed=20 + i) for i in range(3)]
@@ -126,10 +142,11 @@ def test_protocol_prints_min_mean_std(tmp_path, detector_file):
     fids = [feature_stats.frechet_distance(*numpy_stats(numpy_features(d)), ref_mu, ref_sigma) for d in dirs]
     result = run_fid_cli('protocol', '--images', *dirs, '--ref', dest, '--num', 14, '--detector', detector_file, '--workers', 0)
     assert result.exit_code == 0, result.output
-    words = fid_line(result).split()
-    assert words[:2] == ['FID', 'min'] and words[3] == 'mean' and words[5] == 'std'
-    np.testing.assert_allclose([float(words[2]), float(words[4]), float(words[6])],
-        [min(fids), np.mean(fids), np.std(fids, ddof=1)], rtol=1e-5)
+    assert [line for line in result.stdout.splitlines() if line.startswith('FID ')] == [
+        *(f"FID {f:.3f} from 14 images in '{d}'" for f, d in zip(fids, dirs)),
+        f"FID min {min(fids):.3f}  mean {np.mean(fids):.3f}  std {np.std(fids, ddof=1):.3f}  over 3 seed ranges against '{dest}'"]
+    got = evaluation.protocol_of_images(dirs, dest, num=14, workers=0, detector=detector_file, trust_detector=True)
+    np.testing.assert_allclose(got, fids, rtol=1e-5)
 
 def test_grayscale_zip_is_repeated_to_rgb(tmp_path, detector_file):
     # A zip of 1-channel images: the detector sees the gray values in all three channels.
@@ -145,6 +162,83 @@ def test_grayscale_zip_is_repeated_to_rgb(tmp_path, detector_file):
     ref_mu, ref_sigma = numpy_stats(numpy_features(folder))
     np.testing.assert_allclose(mu, ref_mu, atol=1e-7)
     np.testing.assert_allclose(sigma, ref_sigma, atol=1e-7)
+
+#----------------------------------------------------------------------------
+# fid.py ref never overwrites: an existing --dest is the result if it records the same images and
+# detector, and is refused otherwise; either way it is left as it was.
+
+def file_state(path):
+    st = os.stat(path)
+    return open(path, 'rb').read(), st.st_ino, st.st_mtime_ns
+
+def test_ref_keeps_an_existing_dest(tmp_path, detector_file):
+    data = write_folder(tmp_path / 'data', 20, seed=0)
+    dest = tmp_path / 'data.npz'
+    args = ['--dest', dest, '--detector', detector_file, '--workers', 0]
+    assert run_fid_cli('ref', '--data', data, *args).exit_code == 0
+    before = file_state(dest)
+    remedy = 'delete it or choose another --dest'
+
+    # The same images (also as a copy elsewhere: they are named by their bytes) and detector: nothing to do.
+    copy = tmp_path / 'copy'
+    shutil.copytree(data, copy)
+    for images in (data, copy):
+        result = run_fid_cli('ref', '--data', images, *args)
+        assert result.exit_code == 0, result.output
+        assert f"'{dest}' already holds the statistics of these 20 images with 'tiny-detector.pt'; nothing to do" in result.stdout
+        assert 'Calculating' not in result.output and file_state(dest) == before
+
+    # Other images, images changed in place, another detector: refused in one line.
+    other = write_folder(tmp_path / 'other', 16, seed=1)
+    assert one_line_error(run_fid_cli('ref', '--data', other, *args)) == (f"Error: --dest '{dest}' already holds statistics "
+        f"of other images (20 in '{data}', this run 16 in '{other}'); {remedy}")
+    write_folder(copy, 1, seed=5)  # 000000.png, other pixels
+    assert one_line_error(run_fid_cli('ref', '--data', copy, *args)) == (f"Error: --dest '{dest}' already holds statistics "
+        f"of other images (20 in '{data}', this run 20 in '{copy}'); {remedy}")
+    write_folder(data, 1, seed=5)
+    assert one_line_error(run_fid_cli('ref', '--data', data, *args)) == (f"Error: --dest '{dest}' already holds statistics "
+        f"of other images (20 in '{data}', this run 20 in '{data}', whose files changed); {remedy}")
+    result = run_fid_cli('ref', '--data', copy, '--dest', dest, '--detector', 'digits', '--workers', 0)
+    assert one_line_error(result) == (f"Error: --dest '{dest}' already holds statistics of other images (20 in '{data}', "
+        f"this run 20 in '{copy}') and another detector ({detector_file}, this run digits); {remedy}")
+    assert file_state(dest) == before
+
+def test_ref_refuses_a_dest_that_records_nothing(tmp_path, detector_file):
+    data = write_folder(tmp_path / 'data', 4)
+    published = tmp_path / 'published.npz'  # as the reference's fid-refs are: mu and sigma only
+    feature_stats.save_stats(published, np.zeros(12), np.eye(12))
+    other = tmp_path / 'notes.npz'
+    other.write_text('not a zip')
+    for dest, why in [(published, 'does not record what it was made from (it was made elsewhere or by an older version)'),
+            (other, 'is not a statistics file (BadZipFile: File is not a zip file)')]:
+        before = file_state(dest)
+        result = run_fid_cli('ref', '--data', data, '--dest', dest, '--detector', detector_file, '--workers', 0)
+        assert one_line_error(result) == f"Error: --dest '{dest}' already exists and {why}; delete it or choose another --dest"
+        assert file_state(dest) == before
+
+#----------------------------------------------------------------------------
+# How results and progress are shown.
+
+def test_the_metric_is_named_for_its_detector(tmp_path):
+    assert [evaluation.metric_name(d) for d in (None, 'nvidia', 'pytorch-fid', '/x/detector.pt', 'digits')] == [
+        'FID', 'FID', 'FID', 'FID', 'FD-digits']
+    data = write_folder(tmp_path / 'data', 80)  # more images than the 64 features: a full-rank covariance
+    dest = tmp_path / 'digits.npz'
+    assert run_fid_cli('ref', '--data', data, '--dest', dest, '--detector', 'digits', '--workers', 0).exit_code == 0
+    result = run_fid_cli('calc', '--images', data, '--ref', dest, '--num', 80, '--detector', 'digits', '--workers', 0)
+    assert result.exit_code == 0, result.output
+    assert f"FD-digits 0.000 from 80 images in '{data}' against '{dest}'" in result.stdout.splitlines()
+
+def test_progress_counts_images_and_rates_read_well(tmp_path, detector_file):
+    data = write_folder(tmp_path / 'data', 13)
+    result = run_fid_cli('ref', '--data', data, '--dest', tmp_path / 'x.npz', '--detector', detector_file, '--workers', 0,
+        '--batch', 4)
+    assert result.exit_code == 0 and '13/13' in result.stderr and 'img' in result.stderr and 'batch' not in result.stderr
+    now = time.perf_counter()
+    assert feature_stats.rate(6, now) == '6 images in 0.0 s'  # too short to time: no rate
+    assert feature_stats.rate(6, now - 20) == '6 images in 20.0 s (3.3 s/img)'
+    assert feature_stats.rate(12, now - 2) == '12 images in 2.0 s (6.0 img/s)'
+    assert feature_stats.rate(1000, now - 2) == '1000 images in 2.0 s (500 img/s)'
 
 @pytest.mark.slow
 def test_two_processes_give_the_same_statistics(tmp_path, detector_file):

@@ -166,25 +166,34 @@ def test_options_json(nets, tmp_path):
     assert s['solver'] == 'euler' and s['sampler'] == 'ablation' and s['nfe'] == 3 and s['sigma_max'] == 80  # clamped
 
 def test_make_grid_native_and_upscaled():
+    # 5 images of 4x6 in 2 columns: 3 rows of cells 4x6 with one white pixel between cells (none
+    # around the grid), 14 x 13 in all; the sixth cell stays blank.
     images = np.random.RandomState(0).randint(0, 256, [5, 4, 6, 1]).astype(np.uint8)
     native = generation.make_grid(images, gw=2)
-    assert native.shape == (12, 12, 1) and np.array_equal(native[4:8, 6:12], images[3]) and not native[8:, 6:].any()
-    assert np.array_equal(generation.make_grid(images, gw=2, min_width=12), native)  # already wide enough
-    big = generation.make_grid(images, gw=2, min_width=25)  # 12 -> 36: the factor is 3
-    assert big.shape == (36, 36, 1) and np.array_equal(big[::3, ::3], native)
+    assert native.shape == (3 * 4 + 2, 2 * 6 + 1, 1)
+    for i, image in enumerate(images):
+        y, x = divmod(i, 2)
+        assert np.array_equal(native[5 * y:5 * y + 4, 7 * x:7 * x + 6], image), i
+    assert (native[[4, 9]] == 255).all() and (native[:, 6] == 255).all()  # the gaps
+    assert (native[10:, 7:] == 255).all()  # the empty cell
+    assert np.array_equal(generation.make_grid(images, gw=2, min_width=13), native)  # already wide enough
+    big = generation.make_grid(images, gw=2, min_width=27)  # 13 -> 39: the factor is 3
+    assert big.shape == (42, 39, 1) and np.array_equal(big[::3, ::3], native)
+    assert np.array_equal(big, native.repeat(3, axis=0).repeat(3, axis=1))
 
 def test_grid(nets, tmp_path):
     run('--network', nets['cond'], '--outdir', tmp_path / 'o', '--seeds', '0-4', '--steps', 2, '--grid', tmp_path / 'g.png')
     upscaled = read_png(tmp_path / 'g.png')
-    # 3 columns, 2 rows of 8x8, repeated 22 times (the smallest factor reaching 512 pixels wide).
-    assert upscaled.shape == (16 * 22, 24 * 22, 3)
-    grid = upscaled[::22, ::22]
-    assert np.array_equal(grid.repeat(22, axis=0).repeat(22, axis=1), upscaled)  # nearest: pixels only repeated
+    # 3 columns, 2 rows of 8x8 with 1-pixel gaps (26 x 17), repeated 20 times (the smallest factor reaching 512 pixels wide).
+    assert upscaled.shape == (17 * 20, 26 * 20, 3)
+    grid = upscaled[::20, ::20]
+    assert np.array_equal(grid.repeat(20, axis=0).repeat(20, axis=1), upscaled)  # nearest: pixels only repeated
     images = read_images(tmp_path / 'o', range(5))
     for i, image in enumerate(images):
         y, x = divmod(i, 3)
-        assert np.array_equal(grid[8 * y:8 * y + 8, 8 * x:8 * x + 8], image)
-    assert not grid[8:, 16:].any()  # the empty sixth cell
+        assert np.array_equal(grid[9 * y:9 * y + 8, 9 * x:9 * x + 8], image)
+    assert (grid[8] == 255).all() and (grid[:, [8, 17]] == 255).all()  # white gaps between the cells
+    assert (grid[9:, 18:] == 255).all()  # the empty sixth cell
     run('--network', nets['cond'], '--outdir', tmp_path / 'n', '--seeds', '0-4', '--steps', 2, '--grid', tmp_path / 'n.png',
         '--grid-width', 0)
     assert np.array_equal(read_png(tmp_path / 'n.png'), grid)  # --grid-width=0: the native size

@@ -89,12 +89,12 @@ def test_kimg_table_equals_fid_py_gen(tmp_path, runs, ref):
         # fid.py gen's own computation, same seeds and batch: the same number exactly.
         assert cell['fid'] == evaluation.fid_of_network(snapshot, ref, list(range(6)), steps=2, batch=4, detector='digits')
         assert f'{cell["fid"]:.2f}' in table
-    # And through fid.py's command line (which prints 6 significant digits).
+    # And through fid.py's command line (which prints three decimals, and names the metric of its detector).
     snapshot = got['EDM', 2.0]['snapshot']
     gen = CliRunner().invoke(fid.main, ['gen', '--network', snapshot, '--ref', ref, '--seeds', '0-5', '--steps', '2',
         '--batch', '4', '--detector', 'digits'])
     assert gen.exit_code == 0, gen.output
-    assert f"FID {got['EDM', 2.0]['fid']:g} from 6 images" in gen.output
+    assert f"FD-digits {got['EDM', 2.0]['fid']:.3f} from 6 images" in gen.output
     assert_lines(out / 'results.png', 2, (640, 400))
 
 def test_every_snapshot_is_a_row_of_the_images_it_has_seen(tmp_path, runs, ref):

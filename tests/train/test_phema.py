@@ -104,8 +104,9 @@ def test_training_resume_and_reconstruction(tmp_path, tiny_zip, one_thread):
     run_loop(run_dir=str(tmp_path / 'b1'), **loop_config(tiny_zip, total_kimg=0.024), phema_stds=stds)
     run_loop(run_dir=str(tmp_path / 'b2'), **loop_config(tiny_zip, total_kimg=0.048,
         resume_state=str(tmp_path / 'b1')), phema_stds=stds)
-    straight = load_training_state(str(tmp_path / 'a' / 'training-state-000000.pt'))
-    resumed = load_training_state(str(tmp_path / 'b2' / 'training-state-000000.pt'))
+    # Ticks of 16 images, snapshots every second tick: profiles stored at 8, 40 and 48 images.
+    straight = load_training_state(str(tmp_path / 'a' / 'training-state-000000_048.pt'))
+    resumed = load_training_state(str(tmp_path / 'b2' / 'training-state-000000_048.pt'))
     assert straight['cur_nimg'] == resumed['cur_nimg'] == 48 and straight['phema']['stds'] == stds
     for a, b in zip(straight['phema']['emas'], resumed['phema']['emas']):
         assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
@@ -114,13 +115,17 @@ def test_training_resume_and_reconstruction(tmp_path, tiny_zip, one_thread):
     assert not torch.equal(straight['phema']['emas'][0][key], straight['phema']['emas'][1][key])
     assert not torch.equal(straight['phema']['emas'][0][key], straight['ema'][key])
 
-    # A stored profile is rebuilt as itself (weights 0 and 1), and the result is an ordinary snapshot.
-    out = tmp_path / 'phema-0.100.pt'
-    weights = reconstruct(str(tmp_path / 'a'), 0.10, str(out), log=lambda *args: None)
-    assert weights == pytest.approx([0, 1], abs=1e-6)
-    rebuilt, stored = load_network(out), load_network(tmp_path / 'a' / 'phema-000000-0.100.pt')
-    for (k, x), (_, y) in zip(rebuilt.state_dict().items(), stored.state_dict().items()):
-        assert torch.allclose(x, y, rtol=0, atol=1e-6), k
+    # A stored profile is rebuilt as itself (weight 1 on it, 0 on the others: the files are taken in
+    # training order, two stds per snapshot), and the result is an ordinary snapshot.
+    assert sorted(n for n in os.listdir(tmp_path / 'a') if n.startswith('phema-')) == [
+        f'phema-000000_{t:03d}-{std:.3f}.pt' for t in (8, 40, 48) for std in stds]
+    for kimg, stored_name, weight_at in [(None, 'phema-000000_048-0.100.pt', 5), (0.040, 'phema-000000_040-0.100.pt', 3)]:
+        out = tmp_path / 'phema-0.100.pt'
+        weights = reconstruct(str(tmp_path / 'a'), 0.10, str(out), kimg=kimg, log=lambda *args: None)
+        assert weights == pytest.approx([float(i == weight_at) for i in range(weight_at + 1)], abs=1e-6)
+        rebuilt, stored = load_network(out), load_network(tmp_path / 'a' / stored_name)
+        for (k, x), (_, y) in zip(rebuilt.state_dict().items(), stored.state_dict().items()):
+            assert torch.allclose(x, y, rtol=0, atol=1e-6), k
 
 def test_resume_without_stored_profiles_is_refused(tmp_path, tiny_zip, one_thread):
     from fdm.io.network_files import CheckpointError

@@ -71,7 +71,7 @@ def test_reference_state_resumes_as_our_own(runs, tmp_path):
         with warnings.catch_warnings():
             warnings.simplefilter('ignore' if kind == 'ref' else 'error')
             results[kind] = run_loop(run_dir=str(tmp_path / kind), **config(runs['data'], 1.2, resume_state=str(runs[kind])))
-        results[kind]['state'] = load_training_state(str(tmp_path / kind / 'training-state-000001.pt'))
+        results[kind]['state'] = load_training_state(str(tmp_path / kind / 'training-state-000001_200.pt'))
     ours, ref = results['ours'], results['ref']
     assert ours['cur_nimg'] == ref['cur_nimg'] == 1200 and ours['step'] == ref['step'] == 12
     assert_same_state(ours['net'].state_dict(), ref['net'].state_dict())

@@ -47,7 +47,7 @@ def state_file(tmp_path, tiny_zip):
     run = tmp_path / 'run'
     result = run_train_cli(*tiny_args(run, tiny_zip, '--nosubdir'))
     assert result.exit_code == 0, result.output
-    return run / 'training-state-000000.pt'
+    return run / 'training-state-000000_016.pt'
 
 def test_damaged_training_states_are_detected(tmp_path, state_file):
     raw = state_file.read_bytes()
@@ -73,7 +73,7 @@ def test_damaged_training_states_are_detected(tmp_path, state_file):
     assert load_training_state(str(tmp_path / 'v1.pt'))['step'] == 2
 
 def test_damaged_snapshot_description_is_detected(tmp_path, state_file):
-    snap = state_file.parent / 'network-snapshot-000000.pt'
+    snap = state_file.parent / 'network-snapshot-000000_016.pt'
     data = torch.load(snap, weights_only=True)
     torch.save(dict(data, description=data['description'][:-5]), tmp_path / 'snap.pt')
     with pytest.raises(CheckpointError, match='description in the snapshot is damaged|snap.pt: checksum mismatch'):
@@ -98,9 +98,9 @@ def test_resume_takes_newest_valid_state_and_names_the_skipped(tmp_path, tiny_zi
     assert 'Warning: skipping training-state-000002.pt: cannot be read' in result.output
     assert f'Resuming from "{run / "training-state-000001.pt"}" (16 images seen)' in result.output
     assert 'skipping training-state-000003.pt' in (run / 'log.txt').read_text()  # the log keeps it too
-    assert load_training_state(str(run / 'training-state-000000.pt'))['step'] == 3
+    assert load_training_state(str(run / 'training-state-000000_024.pt'))['step'] == 3
     # Nothing valid left: a clear error instead of a fresh start.
-    for name in ['training-state-000000.pt', 'training-state-000001.pt']:
+    for name in ['training-state-000000_024.pt', 'training-state-000001.pt']:
         (run / name).write_bytes(b'PK\x03\x04 not a state')
     with pytest.warns(UserWarning, match='skipping'), pytest.raises(CheckpointError, match='none of its 4 training-state files is valid'):
         find_resume_state(str(run))
@@ -116,7 +116,7 @@ def test_resume_refuses_adam_moments_of_another_shape(tmp_path, tiny_zip, state_
     before = state_file.read_bytes()
     line = one_line_error(run_train_cli(*tiny_args(state_file.parent, tiny_zip, '--nosubdir', '--resume', str(state_file),
         duration_steps=3)))
-    assert "training-state-000000.pt: Adam's exp_avg for parameter 0 is shape [1] where the network has shape" in line
+    assert "training-state-000000_016.pt: Adam's exp_avg for parameter 0 is shape [1] where the network has shape" in line
     assert 'resume from an earlier state' in line and state_file.read_bytes() == before
 
 def test_resuming_a_finished_run_changes_nothing(tmp_path, tiny_zip, state_file):
@@ -206,8 +206,8 @@ def test_low_free_space_is_reported_before_training(tmp_path, tiny_zip, monkeypa
     assert warning < result.output.index('tick 0')
     # The estimate is honest: one snapshot plus one state, as actually written (within 10%).
     run = tmp_path / 'run'
-    written = sum(os.path.getsize(run / name) for name in ['network-snapshot-000000.pt', 'training-state-000000.pt'])
-    _free, estimate = training.run_dir.check_free_space(str(run), fdm.load_network(run / 'network-snapshot-000000.pt'))
+    written = sum(os.path.getsize(run / name) for name in ['network-snapshot-000000_008.pt', 'training-state-000000_008.pt'])
+    _free, estimate = training.run_dir.check_free_space(str(run), fdm.load_network(run / 'network-snapshot-000000_008.pt'))
     assert 0.9 < estimate / written < 1.1
 
 def test_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
@@ -245,7 +245,7 @@ def test_training_stops_cleanly_when_a_write_fails(tmp_path, tiny_zip, state_fil
     run = state_file.parent
     before = state_file.read_bytes()
     limit = len(before) // 2  # the snapshot fits, the training state does not
-    assert os.path.getsize(run / 'network-snapshot-000000.pt') < limit
+    assert os.path.getsize(run / 'network-snapshot-000000_016.pt') < limit
     set_limit = lambda: resource.setrlimit(resource.RLIMIT_FSIZE, (limit, resource.getrlimit(resource.RLIMIT_FSIZE)[1]))
     proc = subprocess.run([sys.executable, 'train.py', *tiny_args(run, tiny_zip, '--nosubdir', '--resume', str(run),
         duration_steps=3)], cwd=ROOT, env=dict(os.environ, OMP_NUM_THREADS='1'), capture_output=True, text=True,
@@ -253,7 +253,7 @@ def test_training_stops_cleanly_when_a_write_fails(tmp_path, tiny_zip, state_fil
     assert proc.returncode == 1, proc.stdout + proc.stderr
     errors = [line for line in proc.stderr.splitlines() if line.startswith('Error')]
     assert len(errors) == 1 and 'Traceback' not in proc.stderr, proc.stderr
-    assert 'training-state-000000.pt (File too large); any previous version of it is unchanged' in errors[0]
+    assert 'training-state-000000_024.pt (File too large); any previous version of it is unchanged' in errors[0]
     assert state_file.read_bytes() == before
     assert load_training_state(str(state_file))['step'] == 2
     assert not [name for name in os.listdir(run) if name.startswith('.tmp-')]

@@ -26,17 +26,17 @@ def test_cli_one_tick_writes_every_file(tmp_path, tiny_zip):
     (run_dir,) = (tmp_path / 'runs').iterdir()
     assert run_dir.name == '00000-tiny-cond-ddpmpp-fdm_edm-gpus1-batch8-fp32'
     names = set(os.listdir(run_dir))
-    assert {'training_options.json', 'log.txt', 'stats.jsonl', 'network-snapshot-000000.pt',
-        'training-state-000000.pt', 'samples-000000.png'} <= names
+    assert {'training_options.json', 'log.txt', 'stats.jsonl', 'network-snapshot-000000_008.pt',
+        'training-state-000000_008.pt', 'samples-000000_008.png'} <= names  # 8 images: 0.008 kimg
     assert not [n for n in names if n.startswith('.tmp')]  # no leftovers of atomic writes
     options = json.loads((run_dir / 'training_options.json').read_text())
     assert options['seed'] == 3 and options['network_kwargs']['fdm_multiplier'] == 2.0
     stats = [json.loads(line) for line in (run_dir / 'stats.jsonl').read_text().splitlines()]
     assert np.isfinite(stats[-1]['Loss/loss']['mean']) and stats[-1]['Train/nonfinite_grads']['mean'] == 0
     assert 'tick 0' in (run_dir / 'log.txt').read_text()
-    net = fdm.load_network(run_dir / 'network-snapshot-000000.pt')
+    net = fdm.load_network(run_dir / 'network-snapshot-000000_008.pt')
     assert type(net).__name__ == 'FDM_EDMPrecond' and net.label_dim == 4
-    assert PIL.Image.open(run_dir / 'samples-000000.png').size == (4 * 8 * 16, 8 * 16)  # one column per class, x16 to 512 wide
+    assert PIL.Image.open(run_dir / 'samples-000000_008.png').size == ((4 * 9 - 1) * 15, 8 * 15)  # a column per class, 1-px gaps, x15 to >= 512 wide
 
 def test_resume_is_bit_exact(tmp_path, tiny_zip):
     # 6 steps straight, against 3 steps, then a resume for the other 3.
@@ -71,7 +71,7 @@ def test_two_gloo_processes_hold_identical_weights(tmp_path, tiny_zip):
     a = torch.load(tmp_path / 'rank0.pt', weights_only=True)
     b = torch.load(tmp_path / 'rank1.pt', weights_only=True)
     assert_same_state(a, b)
-    assert (tmp_path / 'run' / 'network-snapshot-000000.pt').exists()
+    assert (tmp_path / 'run' / 'network-snapshot-000000_032.pt').exists()
 
 #----------------------------------------------------------------------------
 # Bad input: one line that says what is wrong, no traceback, nothing started.

@@ -14,6 +14,7 @@ import hashlib
 import json
 import math
 import os
+import stat
 import tempfile
 
 import torch
@@ -153,6 +154,27 @@ def jsonable(value):
     if isinstance(value, (list, tuple)):
         return [jsonable(v) for v in value]
     return value
+
+# A small JSON file of the user's own (a run folder's options): a regular file, at most max_bytes,
+# an object; anything else is one line naming the file and `remedy`.
+def read_json_bounded(path, max_bytes, remedy):
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, 'O_NONBLOCK', 0))  # a FIFO must not block the open
+        with os.fdopen(fd, 'rb') as f:
+            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+                raise FileError(f'{path} is not a regular file; {remedy}')
+            data = f.read(max_bytes + 1)
+    except OSError as err:
+        raise FileError(f'cannot read {path} ({err.strerror}); {remedy}') from None
+    if len(data) > max_bytes:
+        raise FileError(f'{path} is larger than {max_bytes:,} bytes; it is not what this code wrote, {remedy}')
+    try:
+        obj = json.loads(data)
+    except (ValueError, UnicodeDecodeError, RecursionError) as err:
+        raise FileError(f'{path} is not valid JSON ({type(err).__name__}); {remedy}') from None
+    if not isinstance(obj, dict):
+        raise FileError(f'{path} does not hold a JSON object; {remedy}')
+    return obj
 
 def write_json(path, obj, durable=True):
     """obj as indented JSON (non-finite floats as strings) through atomic_write."""

@@ -19,7 +19,8 @@ import zipfile
 
 from fdm.io.network_files import CheckpointError, rebuild_network, record_description, record_tensors, load_reference_pickle
 from torch_utils.io.safe_pickle import PersistentRecord, UnsafePickleError, restricted_load_torch_zip
-from training.checkpoint.training_state import MAX_NIMG, STATE_FORMAT, STATE_NAME, state_error
+from training.checkpoint.names import STATE_NAME, nimg_of, snapshot_name
+from training.checkpoint.training_state import MAX_NIMG, STATE_FORMAT, state_error
 
 REMEDY = 'resume from another state'
 
@@ -43,11 +44,11 @@ def read_reference_state(path, batch_size, seed=None, draw_seed=None):
     """A reference training state and its snapshot -> our state: cur_nimg = kimg * 1000 as the
     reference counts it, step = cur_nimg // batch_size, the tick and non-finite counters at 0."""
     name = os.path.basename(path)
-    digits = STATE_NAME.match(name).group(1)
-    cur_nimg = int(digits) * 1000
-    snapshot = os.path.join(os.path.dirname(path), f'network-snapshot-{digits}.pkl')
+    m = STATE_NAME.match(name)
+    cur_nimg = nimg_of(m)
     if cur_nimg >= MAX_NIMG:
-        raise CheckpointError(f'{name}: {digits} kimg is beyond any real run; {REMEDY}')
+        raise CheckpointError(f'{name}: {m["kimg"]} kimg is beyond any real run; {REMEDY}')
+    snapshot = os.path.join(os.path.dirname(path), snapshot_name(cur_nimg, 'pkl'))
     if not os.path.isfile(snapshot):
         raise CheckpointError(f'{name} is a reference EDM/FDM training state, but {snapshot} (its EMA, written with '
             'it) is missing; put that file beside it, or resume from another state')

@@ -7,17 +7,16 @@ also takes the reference's training states (training.checkpoint.reference_state)
 import dataclasses
 import math
 import os
-import re
 import warnings
 
 import torch
 
 from fdm.io.network_files import CheckpointError
 from torch_utils.io.files import atomic_save, check_digest, check_envelope, load_plain, nested_digest, tree_error
+from training.checkpoint.names import STATE_NAME, check_step, list_files
 
 STATE_FORMAT = 'fdm-training-state'
 STATE_VERSION = 2  # 2: with a SHA-256 over everything in the file
-STATE_NAME = re.compile(r'^training-state-(\d+)\.pt$')
 MAX_NIMG = 10**12  # images: far more than any run (EDM's longest, ImageNet-64, is 2.5e9); steps too
 COUNTER_LIMITS = dict(cur_nimg=MAX_NIMG, step=MAX_NIMG, cur_tick=MAX_NIMG, tick_start_nimg=MAX_NIMG,
     nonfinite_total=2**63, seed=2**64)
@@ -25,7 +24,8 @@ REMEDY = 'resume from an earlier state'
 
 #----------------------------------------------------------------------------
 # --resume takes a file or a run directory; a kill can leave the newest state of a directory
-# damaged, so the newest one that verifies is taken and each one skipped is named.
+# damaged, so the newest one that verifies is taken and each one skipped is named. Newest: the
+# most images seen by the name (training.checkpoint.names), old whole-kimg names included.
 
 def find_resume_state(path, batch_size=None, seed=None, draw_seed=None):
     """(state file, its verified contents): `path` itself, or the newest valid state in a run directory.
@@ -35,10 +35,10 @@ def find_resume_state(path, batch_size=None, seed=None, draw_seed=None):
         if not os.path.isfile(path):
             raise CheckpointError(f'{path}: no such file; --resume takes a training-state-*.pt file or a run directory')
         return path, read(path)
-    found = sorted((int(m.group(1)), name) for name in os.listdir(path) if (m := STATE_NAME.match(name)))
+    found = list_files(path, STATE_NAME)
     if not found:
         raise CheckpointError(f'{path}: no training-state-*.pt in this directory; pass a state file or a run directory that has one')
-    for _kimg, name in reversed(found):
+    for _nimg, name in reversed(found):
         try:
             return os.path.join(path, name), read(os.path.join(path, name))
         except CheckpointError as err:
@@ -140,6 +140,7 @@ class CheckpointIO:
         self.progress, self.net, self.ema, self.optimizer, self.phema = progress, net, ema, optimizer, phema
 
     def save(self, path, seed):
+        check_step(path, self.progress.cur_nimg)  # never over another step's state
         fields = dataclasses.asdict(self.progress)
         fields.update(seed=seed, net=self.net.state_dict(), ema=self.ema.state_dict(), optimizer=self.optimizer.state_dict())
         if self.phema is not None:

@@ -6,6 +6,7 @@ mu = sum f / n, Sigma = (sum f f^T - n mu mu^T) / (n - 1) (the unbiased covarian
 """
 
 import contextlib
+import json
 import os
 import re
 import time
@@ -74,19 +75,47 @@ def summarize(fids):
 
 def rate(num, start):
     """'N images in T s (R img/s)' since `start` (time.perf_counter()); the stats end in a host copy,
-    so the device has finished by the time this is called."""
+    so the device has finished by the time this is called. Below one image a second the rate reads
+    's/img'; a run too short to time (under 0.1 s) gets no rate."""
     elapsed = time.perf_counter() - start
-    return f'{num} images in {elapsed:.1f} s ({num / max(elapsed, 1e-9):.0f} img/s)'
+    text = f'{num} images in {elapsed:.1f} s'
+    if elapsed < 0.1 or num == 0:
+        return text
+    per_second = num / elapsed
+    if per_second < 1:
+        return f'{text} ({elapsed / num:.1f} s/img)'
+    return f'{text} ({per_second:.0f} img/s)' if per_second >= 10 else f'{text} ({per_second:.1f} img/s)'
 
 #----------------------------------------------------------------------------
 # Statistics files: an npz with mu (float64 [D]) and sigma (float64 [D, D]), as the reference
-# writes them, so its published fid-refs/*.npz work here too.
+# writes them, so its published fid-refs/*.npz work here too. Ours add `inputs`: a JSON text (a
+# plain unicode array, read without pickles) saying what the statistics were made from. Readers
+# that take mu and sigma by name, ours and the reference's, pass over it.
 
-def save_stats(path, mu, sigma):
-    """Write the npz (creating its folder) through atomic_write: a reader never sees half a reference."""
+def save_stats(path, mu, sigma, inputs=None):
+    """Write the npz (creating its folder) through atomic_write: a reader never sees half a reference.
+    inputs: a JSON-able dict recorded with the statistics (see read_inputs)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     arrays = dict(mu=np.asarray(mu, dtype=np.float64), sigma=np.asarray(sigma, dtype=np.float64))
+    if inputs is not None:
+        arrays['inputs'] = np.array(json.dumps(inputs, sort_keys=True))
     atomic_write(path, lambda f: np.savez(f, **arrays))
+
+MAX_INPUTS_CHARS = 1 << 16  # a record is a few hundred characters
+
+def read_inputs(path):
+    """The `inputs` dict save_stats recorded in a statistics npz; None if it has none. ValueError
+    (and the zip and npy readers' errors) for a file that is not a readable npz."""
+    with zipfile.ZipFile(path) as z:
+        if 'inputs.npy' not in z.namelist():
+            return None
+        shape, dtype, _size = _array_header(z, 'inputs.npy')
+        if shape != () or dtype.kind != 'U' or dtype.itemsize > 4 * MAX_INPUTS_CHARS:
+            raise ValueError(f'inputs is {dtype} {list(shape)}, not a JSON text')
+        record = json.loads(str(_read_array(z, 'inputs.npy')))
+    if not isinstance(record, dict):
+        raise ValueError('inputs is not a JSON object')
+    return record
 
 # What a statistics file may claim, checked on the .npy headers before any array is read: a
 # header can claim any shape, and a deflated member can expand a thousandfold. Inception gives
@@ -217,8 +246,12 @@ def compute_stats(dataset, detector, batch=64, workers=3, progress=True):
     loader = torch.utils.data.DataLoader(subset, batch_size=batch, num_workers=workers, pin_memory=cuda,
         prefetch_factor=(4 if workers > 0 else None))
     sums = FeatureSums(detector)
-    for images, _labels in tqdm.tqdm(loader, unit='batch', disable=(rank != 0 or not progress)):
-        sums.add(images.to(detector.device, non_blocking=True))
+    # Rank 0's bar counts the images of all ranks. Every rank's share is rank 0's or one fewer, in batches
+    # of `batch`, so each step but the last scores world x batch images; the last adds the rest.
+    with tqdm.tqdm(total=len(dataset), unit='img', disable=(rank != 0 or not progress)) as bar:
+        for images, _labels in loader:
+            sums.add(images.to(detector.device, non_blocking=True))
+            bar.update(min(len(images) * world, bar.total - bar.n))
     return sums.stats()
 
 #----------------------------------------------------------------------------

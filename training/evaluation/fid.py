@@ -3,23 +3,49 @@
 `fid_of_network` (and `protocol_of_network`) score images straight from the sampler, quantised
 to uint8 exactly as generate.py saves them, so they give the FID of the PNGs without writing
 them. The statistics themselves live in training/evaluation/feature_stats.py.
+
+Nothing is overwritten silently: `make_reference` records the dataset's and the detector's
+digests in the statistics it writes and keeps an existing file only if it records the same; the
+image folders of `gen` and `protocol --outdir` are claimed as generate.py claims its --outdir.
 """
 
+import hashlib
 import os
 import time
+import zipfile
+import zlib
 
+import numpy as np
 import torch
-
-from torch_utils.errors import EvaluationError
 import tqdm
 
 from torch_utils import distributed as dist, precision as precision_lib
+from torch_utils.errors import EvaluationError, describe_exception
 from training.evaluation.feature_stats import (FeatureSums, check_dims, compute_stats, frechet_distance, load_stats,
-    rate, save_stats, summarize)
+    rate, read_inputs, save_stats, summarize)
+from torch_utils.io.download import download_cached, file_sha256
 from torch_utils.io.files import check_destination
-from training.evaluation.inception import load_detector
+from training.evaluation.digits import WEIGHTS as DIGITS_WEIGHTS
+from training.evaluation.inception import ALIASES, load_detector
 from training.evaluation import generation
-from training.data.dataset import ImageFolderDataset
+from training.data.dataset import ImageFolderDataset, is_image_name, list_folder
+
+#----------------------------------------------------------------------------
+# How results are printed: the metric a detector gives, with a fixed number of decimals.
+
+DECIMALS = 3
+
+def metric_name(detector=None):
+    """'FD-digits' for the digits classifier, 'FID' for Inception (and any other detector file)."""
+    return 'FD-digits' if detector == 'digits' else 'FID'
+
+def decimals(value):
+    """'2.345'; a value that rounds to zero is '0.000' (the distance of a set to itself can come out -1e-12)."""
+    return f'{value if round(value, DECIMALS) != 0 else 0.0:.{DECIMALS}f}'
+
+def score(detector, value):
+    """'FID 2.345': the metric of `detector` (a --detector value) and its value."""
+    return f'{metric_name(detector)} {decimals(value)}'
 
 #----------------------------------------------------------------------------
 # Inputs: images, the detector, the generating network.
@@ -54,6 +80,23 @@ def open_generator(network, device, precision='fp32', class_idx=None, compile_mo
         net = generation.compile_net(net, compile_mode)
     return net, sampler_name, sampler_kwargs
 
+# gen's and protocol's image folders ({path: seeds}) are claimed as generate.py --subdirs claims its
+# --outdir (the same generate_options.json), all before the first image: a folder of other images
+# is refused at no cost, and one of the same images is written again.
+def claim_outdirs(folders, net, network, sampler, device, class_idx=None, precision='fp32', batch=64, compile_mode=None):
+    sampler_name, sampler_kwargs = sampler
+    def claim():
+        digest = generation.network_digest(network)
+        settings = {folder: generation.describe_run(net, str(network), sampler_name, sampler_kwargs, [], seeds, class_idx,
+            network_sha256=digest, max_batch_size=batch, batch_auto=False, world_size=dist.get_world_size(), subdirs=True,
+            grid=None, device=torch.device(device).type, precision=precision, compile=compile_mode is not None,
+            compile_mode=compile_mode) for folder, seeds in folders.items()}
+        for folder, options in settings.items():
+            generation.check_outdir(folder, options)
+        for folder, options in settings.items():
+            generation.claim_outdir(folder, options)
+    generation.on_rank0(claim)
+
 # --outdir of gen/protocol, created before any image is generated so a bad path costs no work.
 def make_outdir(path):
     try:
@@ -73,12 +116,15 @@ def generated_batches(net, sampler, seeds, device, batch=64, class_idx=None, pre
     of generation.select_sampler; fixed_shape (a compiled net): short batches are padded as generate.py pads them."""
     sampler_name, sampler_kwargs = sampler
     rank, world = dist.get_rank(), dist.get_world_size()
-    batches = [b for b in generation.rank_batches(seeds, batch, rank, world) if b]
-    pad_to = max((len(b) for b in batches), default=0) if fixed_shape else None
-    for batch_seeds in tqdm.tqdm(batches, unit='batch', disable=(rank != 0 or not progress)):
-        images = generation.generate_batch(net, sampler_name, sampler_kwargs, batch_seeds, device, class_idx, precision,
-            pad_to=pad_to)
-        yield batch_seeds, torch.from_numpy(generation.to_uint8(images)).permute(0, 3, 1, 2)  # [N, H, W, C] -> [N, C, H, W]
+    plan, per_step = generation.resume_plan(seeds, np.zeros(len(seeds), dtype=bool), batch, rank, world)
+    pad_to = max((len(b) for b, _todo in plan), default=0) if fixed_shape else None
+    with tqdm.tqdm(total=len(seeds), unit='img', disable=(rank != 0 or not progress)) as bar:  # all ranks' images
+        for (batch_seeds, _todo), step_images in zip(plan, per_step):
+            if batch_seeds:
+                images = generation.generate_batch(net, sampler_name, sampler_kwargs, batch_seeds, device, class_idx,
+                    precision, pad_to=pad_to)
+                yield batch_seeds, torch.from_numpy(generation.to_uint8(images)).permute(0, 3, 1, 2)  # [N, H, W, C] -> [N, C, H, W]
+            bar.update(step_images)
 
 def generated_stats(net, sampler, seeds, detector, batch=64, class_idx=None, precision='fp32', outdir=None,
         progress=True, fixed_shape=False):
@@ -102,20 +148,78 @@ def calc_fid(dataset, ref_stats, detector, batch=64, workers=3, progress=True):
 # fid.py's commands: each prints what it does on rank 0 and returns its result.
 
 def make_reference(data, dest, detector=None, batch=64, workers=3, trust_detector=False):
-    """fid.py ref: write the statistics (mu, sigma) of every image of a dataset to `dest`."""
+    """fid.py ref: write the statistics (mu, sigma) of every image of a dataset to `dest`, recording what
+    they were made from. An existing `dest` is kept: if it records the same images and detector it is
+    the result (and nothing is computed), otherwise the command is refused."""
     if os.path.isdir(dest):
         raise EvaluationError(f"--dest '{dest}' is a folder; give the path of the .npz file to write")
     check_destination(dest, '--dest')  # before the images and the detector are read
+    recorded = existing_reference(dest) if os.path.lexists(dest) else None
     dataset = open_images(data)
     det = open_detector(detector, trust=trust_detector)
+    inputs = generation.on_rank0(lambda: reference_inputs(data, len(dataset), detector))
+    if recorded is not None:
+        differences = _reference_differences(recorded, inputs)
+        if differences:
+            raise EvaluationError(f"--dest '{dest}' already holds statistics of {' and '.join(differences)}; "
+                'delete it or choose another --dest')
+        dist.print0(f"'{dest}' already holds the statistics of these {len(dataset)} images with '{det.name}'; nothing to do")
+        return load_stats(dest)
     dist.print0(f"Calculating statistics of {len(dataset)} images in '{data}' with '{det.name}'...")
     start = time.perf_counter()
     mu, sigma = compute_stats(dataset, det, batch=batch, workers=workers)
     dist.print0(f'Features of {rate(len(dataset), start)}')
     if dist.get_rank() == 0:
-        save_stats(dest, mu, sigma)
+        save_stats(dest, mu, sigma, inputs)
     dist.print0(f"Saved the statistics of {len(dataset)} images to '{dest}'")
     return mu, sigma
+
+# What a reference is made from: the bytes of the dataset's images and of the detector's file. The
+# dataset's path is recorded for the messages only: a moved copy holds the same images.
+
+def dataset_sha256(path):
+    """SHA-256 of a dataset: of its zip file, or of a folder's image files (names and contents, in name order)."""
+    if not os.path.isdir(path):
+        return file_sha256(path)
+    h = hashlib.sha256()
+    for name in sorted(n for n in list_folder(path) if is_image_name(n)):
+        h.update(f'{name}:{file_sha256(os.path.join(path, name))};'.encode())
+    return h.hexdigest()
+
+def detector_sha256(detector=None):
+    """SHA-256 of the file behind a --detector value (the digits classifier's weights; for a URL or an alias,
+    its download in the cache, which loading the detector has made)."""
+    if detector == 'digits':
+        return file_sha256(DIGITS_WEIGHTS)
+    return file_sha256(download_cached(ALIASES.get(detector or 'nvidia', detector), verbose=False))
+
+def reference_inputs(data, num_images, detector=None):
+    return dict(data=os.path.abspath(data), data_sha256=dataset_sha256(data), num_images=num_images,
+        detector=detector or 'nvidia', detector_sha256=detector_sha256(detector))
+
+def existing_reference(dest):
+    """The inputs an existing statistics file records; one EvaluationError if it records none."""
+    remedy = 'delete it or choose another --dest'
+    try:
+        recorded = read_inputs(dest)
+    except (OSError, ValueError, EOFError, TypeError, zipfile.BadZipFile, zlib.error) as err:
+        raise EvaluationError(f"--dest '{dest}' already exists and is not a statistics file ({describe_exception(err)}); "
+            f'{remedy}') from None
+    if recorded is None:
+        raise EvaluationError(f"--dest '{dest}' already exists and does not record what it was made from (it was made "
+            f'elsewhere or by an older version); {remedy}')
+    return recorded
+
+def _reference_differences(recorded, inputs):
+    found = []
+    if (recorded.get('data_sha256'), recorded.get('num_images')) != (inputs['data_sha256'], inputs['num_images']):
+        changed = ', whose files changed' if (recorded.get('data'), recorded.get('num_images')) == (inputs['data'],
+            inputs['num_images']) else ''
+        found.append(f"other images ({recorded.get('num_images')} in '{recorded.get('data')}', this run "
+            f"{inputs['num_images']} in '{inputs['data']}'{changed})")
+    if recorded.get('detector_sha256') != inputs['detector_sha256']:
+        found.append(f"another detector ({recorded.get('detector')}, this run {inputs['detector']})")
+    return found
 
 def fid_of_images(images, ref_path, num=50000, seed=0, batch=64, workers=3, detector=None, trust_detector=False):
     """fid.py calc: the FID of `num` images of a folder or zip (a seeded subset if it has more)."""
@@ -127,7 +231,7 @@ def fid_of_images(images, ref_path, num=50000, seed=0, batch=64, workers=3, dete
     start = time.perf_counter()
     fid = calc_fid(dataset, ref_stats, det, batch=batch, workers=workers)
     dist.print0(f'Features of {rate(len(dataset), start)}')
-    dist.print0(f"FID {fid:g} from {len(dataset)} images in '{images}' against '{ref_path}'")
+    dist.print0(f"{score(detector, fid)} from {len(dataset)} images in '{images}' against '{ref_path}'")
     return fid
 
 def fid_of_network(network, ref_path, seeds, class_idx=None, solver='edm', steps=None, precision='fp32', outdir=None,
@@ -143,20 +247,24 @@ def fid_of_network(network, ref_path, seeds, class_idx=None, solver='edm', steps
         make_outdir(outdir)
     net, sampler_name, sampler_kwargs = open_generator(network, det.device, precision, class_idx, compile_mode,
         solver=solver, num_steps=steps)
+    if outdir is not None:
+        claim_outdirs({outdir: seeds}, net, network, (sampler_name, sampler_kwargs), det.device, class_idx, precision, batch,
+            compile_mode)
     dist.print0(f"Generating {len(seeds)} images and their features with '{det.name}'...")
     start = time.perf_counter()
     mu, sigma = generated_stats(net, (sampler_name, sampler_kwargs), seeds, det, batch=batch, class_idx=class_idx,
         precision=precision, outdir=outdir, fixed_shape=compile_mode is not None)
     dist.print0(f'Generated and scored {rate(len(seeds), start)}')
     fid = frechet_distance(mu, sigma, *ref_stats)
-    dist.print0(f"FID {fid:g} from {len(seeds)} images generated by '{network}' against '{ref_path}'")
+    dist.print0(f"{score(detector, fid)} from {len(seeds)} images generated by '{network}' against '{ref_path}'")
     return fid
 
 # The three-seed-range protocol: min, mean and std of the FIDs of seeds 0..num-1, num..2num-1, 2num..3num-1.
 
-def _print_summary(fids, ref_path):
+def _print_summary(fids, ref_path, detector):
     lo, mean, std = summarize(fids)
-    dist.print0(f"FID min {lo:g}  mean {mean:g}  std {std:g}  over {len(fids)} seed ranges against '{ref_path}'")
+    dist.print0(f"{metric_name(detector)} min {decimals(lo)}  mean {decimals(mean)}  std {decimals(std)}  "
+        f"over {len(fids)} seed ranges against '{ref_path}'")
     return lo, mean, std
 
 def protocol_of_network(network, ref_path, num=50000, solver='edm', steps=None, precision='fp32', outdir=None, batch=64,
@@ -173,15 +281,20 @@ def protocol_of_network(network, ref_path, num=50000, solver='edm', steps=None, 
         make_outdir(outdir)
     net, sampler_name, sampler_kwargs = open_generator(network, det.device, precision, compile_mode=compile_mode,
         solver=solver, num_steps=steps)
+    ranges = [range(k * num, (k + 1) * num) for k in range(3)]
+    folders = {os.path.join(outdir, f'seeds-{r[0]}-{r[-1]}'): list(r) for r in ranges} if outdir is not None else {}
+    if folders:
+        claim_outdirs(folders, net, network, (sampler_name, sampler_kwargs), det.device, precision=precision, batch=batch,
+            compile_mode=compile_mode)
     fids = []
-    for seeds in [range(k * num, (k + 1) * num) for k in range(3)]:
+    for seeds in ranges:
         name = f'seeds-{seeds[0]}-{seeds[-1]}'
         folder = os.path.join(outdir, name) if outdir is not None else None
         mu, sigma = generated_stats(net, (sampler_name, sampler_kwargs), seeds, det, batch=batch,
             precision=precision, outdir=folder, fixed_shape=compile_mode is not None)
         fids.append(frechet_distance(mu, sigma, *ref_stats))
-        dist.print0(f"FID {fids[-1]:g} from {num} images " + (f"in '{folder}'" if folder else f"of {name}"))
-    _print_summary(fids, ref_path)
+        dist.print0(f"{score(detector, fids[-1])} from {num} images " + (f"in '{folder}'" if folder else f"of {name}"))
+    _print_summary(fids, ref_path, detector)
     return fids
 
 def protocol_of_images(images, ref_path, num=50000, seed=0, batch=64, workers=3, detector=None, trust_detector=False):
@@ -193,8 +306,8 @@ def protocol_of_images(images, ref_path, num=50000, seed=0, batch=64, workers=3,
     fids = []
     for path, dataset in zip(images, datasets):
         fids.append(calc_fid(dataset, ref_stats, det, batch=batch, workers=workers))
-        dist.print0(f"FID {fids[-1]:g} from {len(dataset)} images in '{path}'")
-    _print_summary(fids, ref_path)
+        dist.print0(f"{score(detector, fids[-1])} from {len(dataset)} images in '{path}'")
+    _print_summary(fids, ref_path, detector)
     return fids
 
 #----------------------------------------------------------------------------

@@ -5,10 +5,15 @@ Each image depends only on its seed and the network: per-seed random generators 
 whatever the batching or the number of processes (in exact arithmetic; a CPU's float kernels may
 differ in the last bits between batch shapes). Seeds are split among torchrun's ranks as the
 reference splits them.
+
+An output folder holds the images of one run: generate_options.json, written before any image,
+records what decides them, and a rerun of the same command makes only the seeds whose PNGs are
+missing, in the batches of an uninterrupted run. A folder of other images is refused.
 """
 
 import concurrent.futures
 import copy
+import json
 import math
 import os
 import time
@@ -25,10 +30,11 @@ from fdm.schedules import SIGMA_MAX, SIGMA_MIN
 from fdm.samplers import SAMPLERS, PerSeedGenerator, sampler_nfe, sampler_settings, sampler_sigma_range
 from torch_utils import distributed, precision as precision_lib
 from torch_utils.cli.compile_modes import resolve_compile_mode
-from torch_utils.errors import EvaluationError
-from torch_utils.io.files import atomic_write, check_destination, jsonable, write_json
+from torch_utils.errors import EvaluationError, UserError, describe_exception
+from torch_utils.io.files import atomic_write, check_destination, jsonable, nested_digest, write_json
 from torch_utils.cli.options import Range, check_options
-from torch_utils.io.download import is_url
+from torch_utils.io.download import download_cached, file_sha256, is_url
+from training.data.dataset import is_image_name
 
 #----------------------------------------------------------------------------
 # --seeds of generate.py and fid.py: '1,2,5-10' -> [1, 2, 5, 6, 7, 8, 9, 10].
@@ -135,18 +141,22 @@ def save_png(array, path):
     atomic_write(path, lambda f: PIL.Image.fromarray(array).save(f, format='PNG'), durable=False)
 
 GRID_MIN_WIDTH = 512  # grids of 16x16 or 32x32 samples are upscaled to at least this width to be judged by eye
+GRID_GAP = 1  # native pixels of background between cells: without them, columns of similar images read as stripes
+GRID_BACKGROUND = 255  # white: visible against the dark backgrounds of digits and most photographs
 
 def make_grid(images, gw=None, min_width=0):
-    """uint8 images [N, H, W, C] -> one grid [k gh H, k gw W, C], row by row; gw columns (default:
-    a roughly square grid, ceil(sqrt(N))); k: the smallest whole factor, nearest-neighbour, that
-    makes it at least min_width wide (k = 1 keeps the native size). Pixels are only repeated."""
+    """uint8 images [N, H, W, C] -> one grid [k (gh (H + GRID_GAP) - GRID_GAP), k (gw (W + GRID_GAP) - GRID_GAP), C],
+    row by row on a GRID_BACKGROUND sheet (empty cells stay blank); gw columns (default: a roughly square
+    grid, ceil(sqrt(N))); k: the smallest whole factor, nearest-neighbour, that makes it at least
+    min_width wide (k = 1 keeps the native size). Pixels are only repeated."""
     n, h, w, c = images.shape
     gw = gw or math.ceil(math.sqrt(n))
     gh = math.ceil(n / gw)
-    grid = np.zeros([gh * h, gw * w, c], dtype=np.uint8)
+    sy, sx = h + GRID_GAP, w + GRID_GAP  # one cell and the gap after it
+    grid = np.full([gh * sy - GRID_GAP, gw * sx - GRID_GAP, c], GRID_BACKGROUND, dtype=np.uint8)
     for i, image in enumerate(images):
         y, x = divmod(i, gw)
-        grid[y * h:(y + 1) * h, x * w:(x + 1) * w] = image
+        grid[y * sy:y * sy + h, x * sx:x * sx + w] = image
     k = max(1, math.ceil(min_width / grid.shape[1]))
     return grid.repeat(k, axis=0).repeat(k, axis=1) if k > 1 else grid
 
@@ -260,39 +270,192 @@ def describe_run(net, network_name, sampler_name, sampler_kwargs, ignored, seeds
         img_resolution=net.img_resolution, img_channels=net.img_channels, **extra, torch_version=torch.__version__))
 
 #----------------------------------------------------------------------------
+# The output folder: what made its images (generate_options.json, written before the first image)
+# and which seeds it already holds. Rank 0 decides and tells the others (on_rank0), so that all
+# ranks make the same seeds even if they see the folder differently.
+
+OPTIONS_FILE = 'generate_options.json'
+
+# What decides the images, as generate_options.json records it, and how a refusal names each. Left
+# out: what changes at most the float rounding of a few pixels (--batch, the number of processes,
+# --compile, the torch version) and what changes no image (--grid, the network's path or URL).
+# The device type counts: CUDA and CPU generators draw different noise for the same seed.
+IMAGE_IDENTITY = dict(network_sha256='another network', solver='another sampler', sampler_kwargs='other sampler settings',
+    seeds='other seeds', class_idx='another class', subdirs='another layout', precision='another precision',
+    device='another device type')
+
+def on_rank0(fn):
+    """fn()'s result on rank 0, handed to every rank; an error on rank 0 is raised on every rank, so
+    that none waits for a rank that has stopped."""
+    result, error = None, None
+    if distributed.get_rank() == 0:
+        try:
+            result = fn()
+        except Exception as err:
+            error = err
+    if distributed.is_distributed():
+        holder = [(result, None if error is None else (error if isinstance(error, UserError) else
+            EvaluationError(f'rank 0 failed: {describe_exception(error)}')))]
+        torch.distributed.broadcast_object_list(holder, src=0)
+        result, shared = holder[0]
+        error = error or shared
+    if error is not None:
+        raise error
+    return result
+
+def network_digest(network):
+    """SHA-256 of the network file (of a URL's download in the cache); for a network passed as an
+    object, of its class name and parameters."""
+    if isinstance(network, torch.nn.Module):
+        return nested_digest(dict(cls=type(network).__name__, state=dict(network.state_dict())))
+    return file_sha256(download_cached(str(network), verbose=False))
+
+def _shown(key, value):
+    if key == 'network_sha256' and isinstance(value, str):
+        return value[:12]
+    if key == 'class_idx':
+        return 'random' if value is None else value
+    if key == 'subdirs':
+        return '--subdirs' if value else 'no --subdirs'
+    return value
+
+def _differences(recorded, settings):
+    """How the images a folder records differ from those of `settings`, one phrase per setting."""
+    found = []
+    for key, what in IMAGE_IDENTITY.items():
+        old, new = recorded.get(key), json.loads(json.dumps(jsonable(settings[key])))
+        if old == new or (key == 'sampler_kwargs' and recorded.get('solver') != settings['solver']):
+            continue  # another sampler has other settings: naming the sampler says it
+        if key == 'sampler_kwargs' and isinstance(old, dict):
+            detail = '; '.join(f'{k} {old.get(k)}, this run {new.get(k)}' for k in sorted(set(old) | set(new), key=str)
+                if old.get(k) != new.get(k))
+        elif key == 'network_sha256':
+            detail = f'sha256 {_shown(key, old)}.., this run {_shown(key, new)}..'
+        else:
+            detail = f'{_shown(key, old)}, this run {_shown(key, new)}'
+        found.append(f'{what} ({detail})')
+    return found
+
+def _holds_images(folder):
+    return any(is_image_name(name) for _root, _dirs, files in os.walk(folder) for name in files)
+
+def check_outdir(outdir, settings, what='--outdir'):
+    """Whether `outdir` may receive the images `settings` describe (describe_run's dict): True if it is
+    new or holds neither images nor generate_options.json (the file is then to be written), False if
+    its generate_options.json records the same images. Otherwise one EvaluationError naming what differs."""
+    remedy = f'choose another {what} or delete it'
+    path = os.path.join(outdir, OPTIONS_FILE)
+    if not os.path.lexists(path):
+        if os.path.isdir(outdir) and _holds_images(outdir):
+            raise EvaluationError(f"{what} '{outdir}' holds images but no {OPTIONS_FILE}, so what made them is unknown; {remedy}")
+        return True
+    try:
+        with open(path, encoding='utf-8') as f:
+            recorded = json.load(f)
+    except (OSError, ValueError) as err:
+        raise EvaluationError(f"{what} '{outdir}': its {OPTIONS_FILE} cannot be read ({describe_exception(err)}); {remedy}") from None
+    if not isinstance(recorded, dict) or 'network_sha256' not in recorded:
+        raise EvaluationError(f"{what} '{outdir}' holds a {OPTIONS_FILE} without the network's digest (from an older "
+            f"version), so its images cannot be matched to this run; {remedy}")
+    differences = _differences(recorded, settings)
+    if differences:
+        held = 'images' if _holds_images(outdir) else f'the {OPTIONS_FILE}'
+        if [d.split(' (')[0] for d in differences] == [IMAGE_IDENTITY['seeds']]:
+            remedy = f"rerun with --seeds={recorded['seeds']} to complete it, or {remedy}"
+        raise EvaluationError(f"{what} '{outdir}' holds {held} of {' and '.join(differences)}; {remedy}")
+    return False
+
+def claim_outdir(outdir, settings, what='--outdir'):
+    """check_outdir, then make the folder and its generate_options.json (a folder of the same images
+    keeps the file of the run that began it)."""
+    if check_outdir(outdir, settings, what):
+        try:
+            os.makedirs(outdir, exist_ok=True)
+        except OSError as err:
+            raise EvaluationError(f'cannot write to {what} {outdir} ({err.strerror}); choose a writable folder') from None
+        write_json(os.path.join(outdir, OPTIONS_FILE), settings)
+
+PNG_SIGNATURE = b'\x89PNG\r\n\x1a\n'
+PNG_END = b'\x00\x00\x00\x00IEND\xaeB`\x82'  # the empty IEND chunk and its CRC: the last 12 bytes of every PNG
+
+def _is_whole_png(path):
+    # The writer renames only complete files, but PNGs are not fsynced: after a power cut a file
+    # may be empty or cut short. Either fails this test and is made again.
+    try:
+        with open(path, 'rb') as f:
+            head = f.read(len(PNG_SIGNATURE))
+            f.seek(-len(PNG_END), os.SEEK_END)
+            return head == PNG_SIGNATURE and f.read() == PNG_END
+    except OSError:
+        return False
+
+def saved_seeds(outdir, seeds, subdirs):
+    """bool [len(seeds)]: whose PNG the folder already holds, whole. Each folder is listed once."""
+    listings = {}
+    done = np.zeros(len(seeds), dtype=bool)
+    for i, seed in enumerate(seeds):
+        path = image_path(outdir, seed, subdirs)
+        folder, name = os.path.split(path)
+        if folder not in listings:
+            listings[folder] = set(os.listdir(folder)) if os.path.isdir(folder) else set()
+        done[i] = name in listings[folder] and _is_whole_png(path)
+    return done
+
+# This rank's batches, those of an uninterrupted run (the same shapes, hence the same arithmetic and
+# images), each with the seeds still missing; and the images still missing at each step over all
+# ranks, for a progress bar that counts everyone's images. Batches are split by position in the
+# seed list, so a seed listed twice is handled as two images, as before.
+def resume_plan(seeds, done, max_batch_size, rank=0, world_size=1):
+    positions = list(range(len(seeds)))
+    todo = lambda part: [seeds[i] for i in part if not done[i]]
+    plan = [([seeds[i] for i in part], todo(part)) for part in rank_batches(positions, max_batch_size, rank, world_size)]
+    per_step = np.zeros(len(plan), dtype=np.int64)
+    for r in range(world_size):
+        for k, part in enumerate(rank_batches(positions, max_batch_size, r, world_size)):
+            per_step[k] += len(part) - int(done[part].sum()) if part else 0
+    return plan, per_step.tolist()
+
+#----------------------------------------------------------------------------
 # The sampling loop of one rank. A thread writes one batch's PNGs while the device samples the
 # next (the main thread waits in to_uint8's copy, which releases the GIL).
 
-# run: what generate() resolved (device, class_idx, precision, pad_to, max_batch_size, compile_mode, log).
-def _sample_to_pngs(net, sampler_name, sampler_kwargs, batches, outdir, subdirs, run, progress):
+# plan, per_step: resume_plan's; run: what generate() resolved (device, class_idx, precision, pad_to,
+# max_batch_size, compile_mode, log). The bar (rank 0) counts the images of all ranks.
+def _sample_to_pngs(net, sampler_name, sampler_kwargs, plan, per_step, outdir, subdirs, run, progress):
     device, class_idx, precision, pad_to = run.device, run.class_idx, run.precision, run.pad_to
     max_batch_size, compile_mode, log = run.max_batch_size, run.compile_mode, run.log
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as writer:
-        written = None
-        for k, batch_seeds in enumerate(tqdm.tqdm(batches, unit='batch', disable=not progress)):
-            start = time.perf_counter()
-            try:
-                images = to_uint8(generate_batch(net, sampler_name, sampler_kwargs, batch_seeds, device, class_idx,
-                    precision, pad_to=pad_to))
-            except RuntimeError as err:
-                if _out_of_memory(err):
-                    raise EvaluationError(f'out of memory on {device} at --batch {max_batch_size}; lower --batch '
-                        f'(e.g. --batch {max(max_batch_size // 2, 1)})') from None
-                if compile_mode and isinstance(err, torch._dynamo.exc.BackendCompilerFailed):
-                    first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-                    raise EvaluationError(f'--compile failed ({first_line}); run without --compile') from None
-                raise
-            if k == 0 and compile_mode:
-                log(f'First batch, including compilation: {time.perf_counter() - start:.1f} s')
-            if written is not None:
-                written.result()  # a write error surfaces here; at most one batch waits in memory
-            written = writer.submit(save_images, images, batch_seeds, outdir, subdirs)
+    bar = tqdm.tqdm(total=sum(per_step), unit='img', disable=not progress)
+    with bar, concurrent.futures.ThreadPoolExecutor(max_workers=1) as writer:
+        written, first = None, True
+        for (batch_seeds, todo), step_images in zip(plan, per_step):
+            if todo:
+                start = time.perf_counter()
+                try:
+                    images = to_uint8(generate_batch(net, sampler_name, sampler_kwargs, batch_seeds, device, class_idx,
+                        precision, pad_to=pad_to))
+                except RuntimeError as err:
+                    if _out_of_memory(err):
+                        raise EvaluationError(f'out of memory on {device} at --batch {max_batch_size}; lower --batch '
+                            f'(e.g. --batch {max(max_batch_size // 2, 1)})') from None
+                    if compile_mode and isinstance(err, torch._dynamo.exc.BackendCompilerFailed):
+                        first_line = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+                        raise EvaluationError(f'--compile failed ({first_line}); run without --compile') from None
+                    raise
+                if first and compile_mode:
+                    log(f'First batch, including compilation: {time.perf_counter() - start:.1f} s')
+                first = False
+                if written is not None:
+                    written.result()  # a write error surfaces here; at most one batch waits in memory
+                missing = set(todo)
+                keep = [i for i, seed in enumerate(batch_seeds) if seed in missing]  # saved PNGs stay as they are
+                written = writer.submit(save_images, images[keep], [batch_seeds[i] for i in keep], outdir, subdirs)
+            bar.update(step_images)
         if written is not None:
             written.result()
 
 #----------------------------------------------------------------------------
-# The whole of generate.py as a function (tests call it). Returns the settings it wrote to
-# outdir/generate_options.json.
+# The whole of generate.py as a function (tests call it). Returns this run's settings, those that
+# outdir/generate_options.json records (a resumed folder keeps the file of the run that began it).
 
 def generate(network, outdir, seeds=range(64), subdirs=False, class_idx=None, max_batch_size=None, device=None,
         grid=None, precision='fp32', verbose=True, compile=False, compile_mode=None, grid_width=GRID_MIN_WIDTH,
@@ -330,30 +493,36 @@ def generate(network, outdir, seeds=range(64), subdirs=False, class_idx=None, ma
     batch_auto = max_batch_size is None
     if batch_auto:
         max_batch_size = auto_batch_size(device, net.img_resolution)
-    settings = describe_run(net, network_name, sampler_name, sampler_kwargs, ignored, seeds, class_idx,
-        max_batch_size=max_batch_size, batch_auto=batch_auto, world_size=world_size, subdirs=subdirs, grid=grid,
-        device=device.type, precision=precision, compile=compile_mode is not None, compile_mode=compile_mode)
-    if rank == 0:
-        try:
-            os.makedirs(outdir, exist_ok=True)
-        except OSError as err:
-            raise EvaluationError(f'cannot write to --outdir {outdir} ({err.strerror}); choose a writable folder') from None
-        write_json(os.path.join(outdir, 'generate_options.json'), settings)
-    distributed.barrier()
+    # Rank 0 digests the network, checks or claims the folder and lists the seeds it holds.
+    def claim():
+        settings = describe_run(net, network_name, sampler_name, sampler_kwargs, ignored, seeds, class_idx,
+            network_sha256=network_digest(network), max_batch_size=max_batch_size, batch_auto=batch_auto,
+            world_size=world_size, subdirs=subdirs, grid=grid, device=device.type, precision=precision,
+            compile=compile_mode is not None, compile_mode=compile_mode)
+        claim_outdir(outdir, settings)
+        return settings, saved_seeds(outdir, seeds, subdirs)
+    settings, done = on_rank0(claim)
     log(f'Sampler: {settings["solver"]} ({settings["sampler_function"]}), {settings["num_steps"]} steps, '
         f'{settings["nfe"]} network evaluations per image, sigma {settings["sigma_min"]:g}..{settings["sigma_max"]:g}')
-    log(f'Generating {len(seeds)} images to "{outdir}"...')
+    if done.all():
+        log(f'All {len(seeds)} images are already in "{outdir}"')
+    elif done.any():
+        log(f'{int(done.sum())} of {len(seeds)} images are already in "{outdir}"; generating the other {int((~done).sum())}...')
+    else:
+        log(f'Generating {len(seeds)} images to "{outdir}"...')
 
     # Every batch goes through the same sampler (the FDM reference used DPM only for the first).
+    # The batches are those of an uninterrupted run; those whose seeds are all saved are skipped.
     # Compiled, every batch is padded to this rank's largest one: one shape, one compilation.
-    batches = [b for b in rank_batches(seeds, max_batch_size, rank, world_size) if b]
-    pad_to = max((len(b) for b in batches), default=0) if compile_mode else None
-    if compile_mode:
+    plan, per_step = resume_plan(seeds, done, max_batch_size, rank, world_size)
+    pad_to = max((len(b) for b, _todo in plan), default=0) if compile_mode else None
+    if compile_mode and not done.all():
         net = compile_net(net, compile_mode)
         log(f'Compiling the network (torch.compile mode {compile_mode}, batch {pad_to}) on the first batch...')
     run = dnnlib.EasyDict(device=device, class_idx=class_idx, precision=precision, pad_to=pad_to,
         max_batch_size=max_batch_size, compile_mode=compile_mode, log=log)
-    _sample_to_pngs(net, sampler_name, sampler_kwargs, batches, outdir, subdirs, run, progress=(rank == 0 and verbose))
+    _sample_to_pngs(net, sampler_name, sampler_kwargs, plan, per_step, outdir, subdirs, run,
+        progress=(rank == 0 and verbose))
 
     distributed.barrier()
     if grid is not None and rank == 0:

@@ -17,7 +17,6 @@ import datetime
 import hashlib
 import json
 import os
-import re
 import time
 
 import torch
@@ -36,25 +35,23 @@ from torch_utils.io.files import jsonable, write_json, atomic_write
 from training.evaluation import fid as evaluation
 from training.evaluation import generation
 from training.evaluation import plots
+from training.checkpoint.names import SNAPSHOT_NAME, list_files, nimg_of
 
 SOLVER_TITLES = dict(edm='EDM Heun', dpm='DPM-Solver++', euler='Euler (EDM ablation)', heun='Heun (EDM ablation)')
 
 #----------------------------------------------------------------------------
 # Snapshots: which files a run holds, and each one checked before any evaluation starts.
 
-SNAPSHOT_NAME = re.compile(r'^network-snapshot-(\d+)\.(pt|pkl)$')
 CLASS_TO_PRECOND = {precond_class: name for name, (precond_class, _loss) in METHODS.items()}
 
 def list_snapshots(run_dir):
-    """[(kimg from the file name, path)] of a run folder, oldest first; ours (.pt) before a
-    reference pickle (.pkl) of the same kimg."""
+    """[(kimg from the file name, path)] of a run folder (names of training.checkpoint.names,
+    000000_032 is 0.032 kimg), oldest first; ours (.pt) rather than a reference pickle (.pkl) of the same kimg."""
     if not os.path.isdir(run_dir):
         raise EvaluationError(f'{run_dir}: no such run folder; give the folders train.py made')
     found = {}
-    for name in sorted(os.listdir(run_dir), key=lambda n: n.endswith('.pt')):
-        m = SNAPSHOT_NAME.match(name)
-        if m:
-            found[int(m.group(1))] = os.path.join(run_dir, name)
+    for nimg, name in list_files(run_dir, SNAPSHOT_NAME):  # of one step: .pkl, then .pt, which replaces it
+        found[nimg / 1000] = os.path.join(run_dir, name)
     if not found:
         raise EvaluationError(f'{run_dir}: no network-snapshot-*.pt or .pkl files; train longer or give another folder')
     return sorted(found.items())
@@ -87,7 +84,7 @@ def inspect_snapshot(path):
     class_name = type(data['ema']).__name__
     extra = data.get('extra') if isinstance(data.get('extra'), dict) else {}
     m = SNAPSHOT_NAME.match(os.path.basename(path))
-    kimg = extra['cur_nimg'] / 1000 if isinstance(extra.get('cur_nimg'), int) else (int(m.group(1)) if m else None)
+    kimg = extra['cur_nimg'] / 1000 if isinstance(extra.get('cur_nimg'), int) else (nimg_of(m) / 1000 if m else None)
     precond = CLASS_TO_PRECOND.get(class_name)
     return dict(path=path, sha256=sha256, kimg=kimg, class_name=class_name, precond=precond,
         title=TITLES.get(precond, class_name))

@@ -16,6 +16,7 @@ import torch
 from torch_utils.io.files import write_json
 from torch_utils.cli.options import Range, option_type
 from training.tools import digits_pipeline as dp
+from training.checkpoint.names import snapshot_name
 from training.config import TRAIN_RANGES
 
 #----------------------------------------------------------------------------
@@ -37,7 +38,7 @@ def main(outdir, kimg, precond, per_class, seed, smoke):
     click.echo(f'Dataset {data}, FD-digits reference {ref}')
     run_dir = os.path.join(outdir, f'run-{precond}')
     result = dp.train(data, run_dir, precond=precond, total_kimg=kimg, seed=seed, device=device)
-    snapshot = os.path.join(run_dir, f'network-snapshot-{result["cur_nimg"] // 1000:06d}.pt')
+    snapshot = os.path.join(run_dir, snapshot_name(result['cur_nimg']))  # the final one
     fd, accuracy, images, classes = dp.evaluate_snapshot(snapshot, ref, per_class, device)
     grid = os.path.join(outdir, 'samples.png')
     dp.save_grid(images, grid)

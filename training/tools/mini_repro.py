@@ -71,7 +71,7 @@ def main(outdir, kimg, evals, per_class, methods, seed, batch, smoke):
     if unknown:
         raise click.ClickException(f'unknown method(s) {unknown}; choose from {",".join(METHODS)}')
     if smoke:
-        kimg, evals, per_class, batch = 2, 2, 2, 64  # snapshot names count whole kimg
+        kimg, evals, per_class, batch = 2, 2, 2, 64
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     start = time.time()
     data, ref = dp.prepare_data(outdir, device)

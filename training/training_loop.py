@@ -124,6 +124,7 @@ def training_loop(
 
     tick_start_time = time.time()
     maintenance_time = tick_start_time - start_time
+    grid_time = 0.0  # seconds of the last snapshot's sample grid, reported apart from the maintenance
     process_steps = 0
     board = open_writer(os.path.join(run_dir, 'runs')) if tensorboard and rank == 0 else None
     try:
@@ -139,14 +140,15 @@ def training_loop(
                 continue
             tick_end_time = time.time()
             loss = _report_tick(run_dir, run, lr, total_nimg, dict(start=start_time, tick_start=tick_start_time,
-                tick_end=tick_end_time, maintenance=maintenance_time), board)
+                tick_end=tick_end_time, maintenance=maintenance_time - grid_time, grid=grid_time), board)
+            grid_time = 0.0
             tick = progress.cur_tick
             progress.cur_tick += 1
             progress.tick_start_nimg = progress.cur_nimg  # a resumed run starts a new tick exactly here
             if snapshot_ticks is not None and (done or tick % snapshot_ticks == 0):
                 distributed.check_ranks_agree(net.parameters())
                 if rank == 0:
-                    _save_snapshots(run_dir, run, c)
+                    grid_time = _save_snapshots(run_dir, run, c)
             if state_dump_ticks is not None and (done or (tick % state_dump_ticks == 0 and tick != 0)) and rank == 0:
                 checkpoint.save(os.path.join(run_dir, state_name(progress.cur_nimg)), seed)  # one name per step
             distributed.barrier()
@@ -193,7 +195,7 @@ def _after_first_step(net, ddp, compile, device, start):
 def _report_tick(run_dir, run, lr, total_nimg, times, board=None):
     world, progress, device = distributed.get_world_size(), run.progress, run.device
     start_time, tick_start_time, tick_end_time = times['start'], times['tick_start'], times['tick_end']
-    maintenance_time = times['maintenance']
+    maintenance_time, grid_time = times['maintenance'], times['grid']
     results = run.stats.collect()
     nonfinite_tick = int(round(results['Train/nonfinite_grads']['mean'] * results['Train/nonfinite_grads']['num'] / world))
     progress.nonfinite_total += nonfinite_tick
@@ -205,7 +207,8 @@ def _report_tick(run_dir, run, lr, total_nimg, times, board=None):
         f'time {_format_time(tick_end_time - start_time):<12s}', f'sec/tick {tick_time:<7.1f}',
         f'img/s {tick_images / max(tick_time, 1e-9):<8.1f}',
         f'eta {_format_time(remaining / max(tick_images, 1) * tick_time):<10s}',
-        f'maintenance {maintenance_time:<6.1f}', f'cpumem {psutil.Process().memory_info().rss / 2**30:<5.2f}',
+        f'maintenance {maintenance_time:<6.1f}', *([f'grid {grid_time:<6.1f}'] if grid_time else []),
+        f'cpumem {psutil.Process().memory_info().rss / 2**30:<5.2f}',
     ]
     if device.type == 'cuda':
         fields.append(f'gpumem {torch.cuda.max_memory_allocated(device) / 2**30:<5.2f}')
@@ -215,7 +218,8 @@ def _report_tick(run_dir, run, lr, total_nimg, times, board=None):
     if distributed.get_rank() == 0:
         entry = dict(results, timestamp=time.time())
         entry.update({'Progress/tick': _stat(progress.cur_tick), 'Progress/kimg': _stat(progress.cur_nimg / 1e3),
-            'Progress/lr': _stat(lr), 'Timing/sec_per_tick': _stat(tick_time),
+            'Progress/lr': _stat(lr), 'Timing/sec_per_tick': _stat(tick_time), 'Timing/maintenance_sec': _stat(maintenance_time),
+            'Timing/grid_sec': _stat(grid_time),
             'Timing/img_per_sec': _stat(tick_images / max(tick_time, 1e-9)),
             'Train/nonfinite_grads_total': _stat(progress.nonfinite_total)})
         # Appended, one whole line per tick (a full disk stops the run, the file unchanged); a kill
@@ -226,16 +230,19 @@ def _report_tick(run_dir, run, lr, total_nimg, times, board=None):
     return results['Loss/loss']['mean']
 
 # The snapshot holds the EMA network; with it the sample grid and the post-hoc EMA profiles.
+# Returns the seconds the grid took.
 def _save_snapshots(run_dir, run, c):
     cur_nimg = run.progress.cur_nimg
     extra = dict(cur_nimg=cur_nimg, step=run.progress.step)
     kwargs = dict(loss_fn=run.loss_fn, augment_pipe=run.augment_pipe, dataset_kwargs=c.dataset_kwargs)
     files = snapshot_files(run_dir, cur_nimg, grid=bool(c.grid_images), stds=run.phema.stds if run.phema is not None else ())
     save_snapshot(files['snapshot'], run.ema, extra=extra, **kwargs)
-    if c.grid_images:
-        save_sample_grid(files['grid'], run.ema, c.grid_images, run.device)
     if run.phema is not None:
         save_phema_snapshots(run_dir, run.phema, run.ema, cur_nimg, **kwargs)
+    grid_start = time.time()
+    if c.grid_images:
+        save_sample_grid(files['grid'], run.ema, c.grid_images, run.device)
+    return time.time() - grid_start if c.grid_images else 0.0
 
 def _stat(value):
     return dict(num=1, mean=float(value), std=0.0)

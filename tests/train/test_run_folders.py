@@ -117,3 +117,18 @@ def test_interruption_says_where_the_last_state_is(tmp_path, tiny_zip, sig):
     assert proc.returncode == 130, output[-2000:]
     assert 'the last complete training state is' in output and f'python train.py --resume={run}' in output
     assert 'Interrupted at' in (run / 'log.txt').read_text()
+
+# The snapshot grid is a preview: whole rows of classes, and its time apart from the maintenance.
+def test_snapshot_grid_fills_whole_rows_and_is_timed_apart(tmp_path, tiny_zip):
+    import PIL.Image
+    from conftest import tiny_denoiser
+    from training.evaluation.snapshot_grid import save_sample_grid
+    net = tiny_denoiser(label_dim=10)
+    assert save_sample_grid(tmp_path / 'g.png', net, 64, 'cpu') == 60  # 6 rows of 10 classes, no blank cells
+    assert PIL.Image.open(tmp_path / 'g.png').size == ((10 * 9 - 1) * 6, (6 * 9 - 1) * 6)  # 1-px gaps, x6 to >= 512
+    run = tmp_path / 'run'
+    result = run_train_cli(*[a if a != '--grid-images=0' else '--grid-images=4' for a in tiny_args(run, tiny_zip, steps=3)])
+    ticks = [line for line in result.output.splitlines() if line.startswith('tick ')]
+    assert 'grid ' not in ticks[0] and all('grid ' in line for line in ticks[1:]), ticks
+    stats = [json.loads(line) for line in (run / 'stats.jsonl').read_text().splitlines()]
+    assert stats[0]['Timing/grid_sec']['mean'] == 0 and stats[1]['Timing/grid_sec']['mean'] > 0

@@ -6,7 +6,8 @@ training/data/dataset.py reads:
     python dataset_tool.py --source=downloads/afhqv2 --dest=datasets/afhqv2-64x64.zip --resolution=64x64
 
 The output is an uncompressed zip (or a new folder) of PNGs named 00000/img00000000.png, ...
-plus dataset.json with the labels. It appears under its final name only once complete.
+plus dataset.json with the labels. It appears under its final name only once complete, and a
+summary follows: images, resolution, channels, labels (and the class of each subfolder), destination.
 The readers live in training/data/sources.py, the writer in training/data/writer.py.
 """
 
@@ -40,9 +41,11 @@ def main(source, dest, max_images, transform, resolution):
     python dataset_tool.py --source=downloads/afhqv2 --dest=datasets/afhqv2-64x64.zip --resolution=64x64
     """
     try:
-        convert_dataset(source, dest, max_images=max_images, transform=transform, resolution=resolution)
+        summary = convert_dataset(source, dest, max_images=max_images, transform=transform, resolution=resolution)
     except UserError as err:
         raise click.ClickException(str(err)) from None
+    for line in summary.lines():
+        click.echo(line)
 
 #----------------------------------------------------------------------------
 

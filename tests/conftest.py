@@ -27,6 +27,11 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 
+# The tests choose their thread counts themselves (the one_thread fixture, OMP_NUM_THREADS in
+# subprocesses): the command lines' automatic choice from the load average would differ from
+# one test to the next, and with it the last bits of float results that tests compare.
+os.environ.setdefault('OMP_NUM_THREADS', str(torch.get_num_threads()))
+
 def write_image_zip(path, num_images=16, resolution=8, channels=3, num_classes=4, seed=0):
     """A dataset zip in the reference layout, with dataset.json labels if num_classes."""
     rng = np.random.RandomState(seed)

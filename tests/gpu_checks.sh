@@ -10,6 +10,11 @@
 # Logs go to ${OUT:-gpu-out}/, one short summary to summary.txt.
 set -uo pipefail
 export PYTHONUNBUFFERED=1
+# A GPU check run without a GPU proves nothing: stop at once with one line saying so.
+if ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "$0: no CUDA GPU is available to torch (torch.cuda.is_available() is False); run these checks on a GPU machine." >&2
+    exit 1
+fi
 out=${OUT:-gpu-out}
 mkdir -p "$out" gpu-data
 summary="$out/summary.txt"

@@ -4,12 +4,17 @@
 # pytorch-fid Inception-v3 with random weights (the same layers and FLOPs as the real one) and
 # the images are random. Logs go to ${OUT:-gpu-out}/fid-*.log, a summary to fid-summary.txt.
 #     bash tests/gpu_fid_checks.sh            # N=50000 images for the timing
-#     N=64 G=4 bash tests/gpu_fid_checks.sh   # a smoke run of the script on a CPU
+#     SMALL=1 bash tests/gpu_fid_checks.sh    # a smoke run of the script on a CPU (N=64 G=4)
 set -uo pipefail
 export PYTHONUNBUFFERED=1
+# A GPU check run without a GPU proves nothing: stop at once with one line saying so.
+if [ -z "${SMALL:-}" ] && ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "$0: no CUDA GPU is available to torch (torch.cuda.is_available() is False); run these checks on a GPU machine (SMALL=1 runs a smoke run of the script on a CPU)." >&2
+    exit 1
+fi
 out=${OUT:-gpu-out}
-n=${N:-50000}   # images for the timing
-g=${G:-512}     # generated images for the equality check
+n=${N:-$([ -n "${SMALL:-}" ] && echo 64 || echo 50000)}   # images for the timing
+g=${G:-$([ -n "${SMALL:-}" ] && echo 4 || echo 512)}       # generated images for the equality check
 data=gpu-data-fid
 mkdir -p "$out" "$data"
 summary="$out/fid-summary.txt"
@@ -53,18 +58,19 @@ done
 #    copies of the statistics are the only expected ones).
 python - "$data" "$det" "$n" <<'PY' 2>&1 | tee -a "$summary"
 import sys, warnings, torch
-from training import evaluation as fid
+from training.evaluation.feature_stats import compute_stats
+from training.evaluation.inception import load_detector
 from training.data.dataset import ImageFolderDataset
 data, det_path, n = sys.argv[1], sys.argv[2], int(sys.argv[3])
 device = 'cuda' if torch.cuda.is_available() else 'cpu'
-det = fid.load_detector(det_path, device=device, verbose=False)
+det = load_detector(det_path, device=device, verbose=False)
 dataset = ImageFolderDataset(f'{data}/random-32x32.zip', max_size=min(2000, n))
-fid.compute_stats(dataset, det, batch=250, workers=4, progress=False)  # warm-up (cuDNN, allocator)
+compute_stats(dataset, det, batch=250, workers=4, progress=False)  # warm-up (cuDNN, allocator)
 if device == 'cuda':
     torch.cuda.set_sync_debug_mode('warn')
 with warnings.catch_warnings(record=True) as caught:
     warnings.simplefilter('always')
-    fid.compute_stats(dataset, det, batch=250, workers=4, progress=False)
+    compute_stats(dataset, det, batch=250, workers=4, progress=False)
 syncs = [str(w.message).splitlines()[0] for w in caught if 'synchroniz' in str(w.message).lower()]
 print(f'compute_stats over {-(-len(dataset) // 250)} batches: {len(syncs)} synchronising calls', *sorted(set(syncs)), sep='\n  ')
 PY

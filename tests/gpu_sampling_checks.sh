@@ -6,6 +6,11 @@
 #     SMALL=1 bash tests/gpu_sampling_checks.sh   # a smoke run of the script on a CPU
 set -uo pipefail
 export PYTHONUNBUFFERED=1
+# A GPU check run without a GPU proves nothing: stop at once with one line saying so.
+if [ -z "${SMALL:-}" ] && ! python -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1)"; then
+    echo "$0: no CUDA GPU is available to torch (torch.cuda.is_available() is False); run these checks on a GPU machine (SMALL=1 runs a smoke run of the script on a CPU)." >&2
+    exit 1
+fi
 out=${OUT:-gpu-out}
 mkdir -p "$out"
 summary="$out/sampling.txt"
@@ -21,7 +26,8 @@ python -m pytest -q -o addopts="" -p no:warnings tests/method/test_fast_sampling
 python - "${SMALL:-}" <<'PY' 2>&1 | tee -a "$summary"
 import sys, time
 import numpy as np, torch
-from training import generation as generate
+from training.evaluation import generation as generate
+from torch_utils import precision as precision_lib
 from fdm.preconditioning import build_precond
 from fdm.networks import ARCH_PRESETS
 small = bool(sys.argv[1])
@@ -45,7 +51,7 @@ def sync():
         torch.cuda.synchronize()
 
 def run(precision, mode, seeds):
-    generate.precision_lib.configure(precision, device)
+    precision_lib.configure(precision, device)
     model = generate.compile_net(net, mode) if mode else net
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats()

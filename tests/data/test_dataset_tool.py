@@ -161,7 +161,7 @@ def test_cifar10_to_zip(tmp_path, style):
 
 def test_cifar10_max_images_spans_batches(tmp_path):
     source, images, labels = make_cifar(tmp_path)
-    assert convert_dataset(source, tmp_path / 'out.zip', max_images=3) == 3
+    assert convert_dataset(source, tmp_path / 'out.zip', max_images=3).num_images == 3
     names, decoded, meta, _ = read_zip(tmp_path / 'out.zip')
     assert names[:-1] == [f'00000/img{i:08d}.png' for i in range(3)]
     np.testing.assert_array_equal(pixels(decoded['00000/img00000002.png']), images[2]) # first image of batch 2
@@ -223,7 +223,10 @@ def test_cifar10_bad_archives(tmp_path):
 def test_mnist_padded_to_32(tmp_path, with_labels):
     source, images, labels = make_mnist(tmp_path / 'mnist', with_labels=with_labels)
     dest = tmp_path / 'mnist.zip'
-    assert convert_dataset(source, dest) == 5
+    summary = convert_dataset(source, dest)
+    assert (summary.num_images, summary.resolution, summary.channels, summary.class_folders) == (5, 32, 1, None)
+    assert (summary.labels, summary.label_dim) == (('classes', max(labels) + 1) if with_labels else (None, 0))
+    assert summary.dest == str(dest)
     _names, decoded, meta, _ = read_zip(dest)
     first = decoded['00000/img00000000.png']
     assert first.mode == 'L' and first.size == (32, 32)
@@ -254,6 +257,9 @@ def test_folder_class_subfolders_to_folder(tmp_path):
     result = run('--source', src, '--dest', dest)
     assert result.exit_code == 0, result.output
     assert sorted(os.listdir(tmp_path)) == ['afhq', 'out'] # no temporary sibling left
+    # The closing summary, after the progress bar: what was written, each class folder's label, where.
+    assert result.stdout.splitlines()[-3:] == ['4 images, 8x8, 3 channels, labels: 3 classes',
+        'classes from folders: cat -> 0, dog -> 1, wild -> 2', f'written to {dest}']
     meta = json.loads((dest / 'dataset.json').read_text())
     # Sorted sources: cat/a, cat/b, dog/b, wild/deeper/c -> classes cat=0, dog=1, wild=2.
     assert meta == {'labels': [[f'00000/img{i:08d}.png', label] for i, label in enumerate([0, 0, 1, 2])]}
@@ -270,17 +276,20 @@ def test_folder_without_class_labels(tmp_path, layout):
     write_png(src / ('only' if layout == 'one-subfolder' else 'second') / 'b.png', noise([8, 8], 2))
     if layout == 'root-image':
         write_png(src / 'c.png', noise([8, 8], 3)) # an image outside any class folder has no label
-    convert_dataset(src, tmp_path / 'out.zip')
+    summary = convert_dataset(src, tmp_path / 'out.zip')
     _names, decoded, meta, _ = read_zip(tmp_path / 'out.zip')
     assert meta == {'labels': None}
     assert {img.mode for img in decoded.values()} == {'L'}
+    assert (summary.labels, summary.class_folders) == (None, None)
+    assert summary.lines()[0] == f'{2 if layout == "one-subfolder" else 3} images, 8x8, 1 channel, no labels'
 
 def test_folder_labels_from_dataset_json(tmp_path):
     src = tmp_path / 'src'
     for i, name in enumerate(['x/1.png', 'x/2.png', 'y/3.png']):
         write_png(src / name, noise([4, 4, 3], i))
     (src / 'dataset.json').write_text(json.dumps({'labels': [['y/3.png', [0.5, 1.5]], ['x/1.png', [1, 2]], ['x/2.png', [3, 4]]]}))
-    convert_dataset(src, tmp_path / 'out.zip')
+    summary = convert_dataset(src, tmp_path / 'out.zip')
+    assert summary.lines()[0] == '3 images, 4x4, 3 channels, labels: vectors of 2 numbers' and summary.class_folders is None
     _names, _decoded, meta, _ = read_zip(tmp_path / 'out.zip')
     assert [label for _, label in meta['labels']] == [[1, 2], [3, 4], [0.5, 1.5]]
     ds = ImageFolderDataset(tmp_path / 'out.zip', use_labels=True)
@@ -288,8 +297,12 @@ def test_folder_labels_from_dataset_json(tmp_path):
     ds.close()
     # One image without a label makes the whole dataset unlabelled.
     (src / 'dataset.json').write_text(json.dumps({'labels': [['x/1.png', 1], ['x/2.png', 2]]}))
-    convert_dataset(src, tmp_path / 'out2.zip')
+    assert convert_dataset(src, tmp_path / 'out2.zip').labels is None
     assert read_zip(tmp_path / 'out2.zip')[2] == {'labels': None}
+    # Class indices that do not follow the folders: classes, but no folder -> class line.
+    (src / 'dataset.json').write_text(json.dumps({'labels': [['x/1.png', 0], ['x/2.png', 1], ['y/3.png', 1]]}))
+    summary = convert_dataset(src, tmp_path / 'out3.zip')
+    assert (summary.labels, summary.label_dim, summary.class_folders) == ('classes', 2, None)
 
 def test_zip_source_with_labels(tmp_path):
     src = tmp_path / 'src.zip'

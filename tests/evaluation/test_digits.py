@@ -19,7 +19,7 @@ from training.data.writer import convert_dataset
 
 @pytest.mark.parametrize('resolution', [16, 32])
 def test_digits_source(tmp_path, resolution):
-    n = convert_dataset('sklearn-digits', str(tmp_path / 'd.zip'), resolution=(resolution, resolution))
+    n = convert_dataset('sklearn-digits', str(tmp_path / 'd.zip'), resolution=(resolution, resolution)).num_images
     ds = ImageFolderDataset(str(tmp_path / 'd.zip'), use_labels=True)
     assert n == len(ds) == 1797 and ds.image_shape == [1, resolution, resolution] and ds.label_dim == 10
     # The first UCI digit is a 0 and the classes cycle 0..9 at the start of the set.

@@ -132,3 +132,9 @@ def test_snapshot_grid_fills_whole_rows_and_is_timed_apart(tmp_path, tiny_zip):
     assert 'grid ' not in ticks[0] and all('grid ' in line for line in ticks[1:]), ticks
     stats = [json.loads(line) for line in (run / 'stats.jsonl').read_text().splitlines()]
     assert stats[0]['Timing/grid_sec']['mean'] == 0 and stats[1]['Timing/grid_sec']['mean'] > 0
+
+# CPU threads: the idle cores now, at least one, shared among the processes of the machine.
+def test_cpu_threads_follow_the_idle_cores():
+    from torch_utils.distributed import cpu_threads
+    assert [cpu_threads(2, load) for load in (0.0, 0.4, 1.0, 1.6, 7.0)] == [2, 2, 1, 1, 1]
+    assert cpu_threads(16, 0.2) == 16 and cpu_threads(16, 0.2, local_processes=2) == 8 and cpu_threads(2, 0, 4) == 1

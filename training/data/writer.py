@@ -5,12 +5,14 @@ name only once complete.
 """
 
 import contextlib
+import dataclasses
 import io
 import json
 import os
 import secrets
 import shutil
 import zipfile
+from typing import Optional
 
 import PIL.Image
 from tqdm import tqdm
@@ -140,8 +142,9 @@ def _png_bytes(image):
     PIL.Image.fromarray(image).save(buf, format='png', compress_level=0, optimize=False) # mode L or RGB
     return buf.getvalue()
 
-# (archive name, bytes) of every PNG and then dataset.json, checked as they are made.
-def _dataset_files(items, transform_image, describe_skip):
+# (archive name, bytes) of every PNG and then dataset.json, checked as they are made; `written`
+# receives the first image and the (source name, label) of every image, for the summary.
+def _dataset_files(items, transform_image, describe_skip, written):
     labels = [] # [[archive name, label or None], ...]
     first = None
     for idx, (name, image, label) in enumerate(items):
@@ -153,13 +156,72 @@ def _dataset_files(items, transform_image, describe_skip):
         archive_name = f'{idx // 1000:05d}/img{idx:08d}.png'
         yield archive_name, _png_bytes(image)
         labels.append([archive_name, label])
+        written.setdefault('first', image)
+        written.setdefault('sources', []).append((name, label))
     if not labels:
         raise DatasetError(describe_skip())
     all_labelled = all(label is not None for _name, label in labels)
     yield 'dataset.json', json.dumps({'labels': labels if all_labelled else None}).encode()
 
 #----------------------------------------------------------------------------
-# The whole conversion, callable from tests; returns the number of images written.
+# What a conversion wrote, as dataset_tool.py reports it at the end.
+
+@dataclasses.dataclass
+class DatasetSummary:
+    dest: str               # absolute path of the zip or folder
+    num_images: int
+    resolution: int         # width = height
+    channels: int           # 1 (grayscale) or 3 (RGB)
+    labels: Optional[str]   # None, 'classes' (class indices), 'vectors' (dataset.json's label vectors) or 'other'
+    label_dim: int          # classes (largest index + 1, as the dataset reader counts them) or vector length; else 0
+    class_folders: Optional[dict] = None # {top-level folder: label} when a folder source's labels are its subfolders
+
+    def lines(self):
+        if self.labels == 'classes':
+            labels = f'labels: {self.label_dim} classes'
+        elif self.labels == 'vectors':
+            labels = f'labels: vectors of {self.label_dim} numbers'
+        elif self.labels == 'other':
+            labels = 'labels from dataset.json that are neither class indices nor vectors of one length'
+        else:
+            labels = 'no labels'
+        lines = [f'{self.num_images:,} images, {self.resolution}x{self.resolution}, '
+            f'{self.channels} channel{"s" if self.channels > 1 else ""}, {labels}']
+        if self.class_folders:
+            lines.append('classes from folders: ' + ', '.join(f'{name} -> {label}' for name, label in self.class_folders.items()))
+        lines.append(f'written to {self.dest}')
+        return lines
+
+# {top-level folder: label} when every image sits in a subfolder and each folder holds one label of
+# its own (a folder source's class subfolders, or a dataset.json that agrees with them); else None.
+def _class_folders(sources):
+    folder_labels = {}
+    for name, label in sources:
+        if '/' not in name:
+            return None
+        folder_labels.setdefault(name.split('/')[0], set()).add(label)
+    if any(len(labels) > 1 for labels in folder_labels.values()):
+        return None
+    mapping = {folder: labels.pop() for folder, labels in sorted(folder_labels.items(), key=lambda item: min(item[1]))}
+    return mapping if len(set(mapping.values())) == len(mapping) > 1 else None
+
+def _summarize(source, dest, written):
+    image, sources = written['first'], written['sources'] # at least one image: _dataset_files raised otherwise
+    labels = [label for _name, label in sources]
+    is_index = lambda label: isinstance(label, int) and not isinstance(label, bool) and label >= 0
+    kind, dim = None, 0
+    if all(is_index(label) for label in labels):
+        kind, dim = 'classes', max(labels) + 1
+    elif all(isinstance(label, list) and len(label) == len(labels[0]) for label in labels):
+        kind, dim = 'vectors', len(labels[0])
+    elif all(label is not None for label in labels):
+        kind = 'other'
+    folders = _class_folders(sources) if kind == 'classes' and os.path.isdir(source) else None
+    return DatasetSummary(dest=os.path.abspath(dest), num_images=len(sources), resolution=image.shape[1],
+        channels=1 if image.ndim == 2 else image.shape[2], labels=kind, label_dim=dim, class_folders=folders)
+
+#----------------------------------------------------------------------------
+# The whole conversion, callable from tests; returns a DatasetSummary of what was written.
 
 def convert_dataset(source, dest, max_images=None, transform=None, resolution=None):
     if isinstance(resolution, str):
@@ -169,8 +231,10 @@ def convert_dataset(source, dest, max_images=None, transform=None, resolution=No
     num_images, items = open_source(source, max_images)
     describe_skip = lambda: (f"Every image of '{source}' was too small for --transform={transform} at {resolution[0]}x{resolution[1]}; "
         'pick a smaller --resolution.')
+    written = {}
     # tqdm as a context manager ends the progress line before an error message is printed.
     with tqdm(items, total=num_images, unit='img') as progress:
-        return write_files(dest, _dataset_files(progress, transform_image, describe_skip)) - 1 # all but dataset.json
+        write_files(dest, _dataset_files(progress, transform_image, describe_skip, written))
+    return _summarize(source, dest, written)
 
 #----------------------------------------------------------------------------

@@ -90,9 +90,6 @@ def inspect_snapshot(path):
         title=TITLES.get(precond, class_name))
 
 # Column labels as the paper's tables name the methods; a repeated one gets its folder's or file's name.
-def unique_labels(titles, names):
-    return [f'{t} ({n})' if titles.count(t) > 1 else t for t, n in zip(titles, names)]
-
 #----------------------------------------------------------------------------
 # The result cache and the evaluation loop.
 
@@ -325,7 +322,7 @@ def fid_vs_training(runs, outdir, ref, kimg=None, seeds=range(50000), protocol_n
     if kimg is None:  # every snapshot: rows are the images each one has seen
         snaps = [{s['kimg']: s for s in per_run.values()} for per_run in snaps]
     titles = [next(iter(s.values()))['title'] for s in snaps]
-    labels = unique_labels(titles, [os.path.basename(os.path.normpath(r)) for r in runs])
+    labels = plots.legend_labels(titles, runs)
     ranges = seed_ranges(seeds, protocol_num)
     _name, _kwargs, nfe = sampler_of(solver, steps)
     det, ref_stats, info = open_scoring(ref, detector, trust_detector)
@@ -354,7 +351,7 @@ def fid_vs_nfe(networks, outdir, ref, nfe=(25, 49, 79), solvers=('edm', 'dpm'), 
     """FID of each network at each NFE, one table per solver (rows NFE, columns networks)."""
     steps = {(solver, n): steps_for_nfe(solver, n) for solver in solvers for n in nfe}
     snaps = [inspect_snapshot(path) for path in networks]
-    labels = unique_labels([s['title'] for s in snaps], [os.path.basename(p) for p in networks])
+    labels = plots.legend_labels([s['title'] for s in snaps], networks)
     ranges = seed_ranges(seeds, protocol_num)
     det, ref_stats, info = open_scoring(ref, detector, trust_detector)
     cells = [((solver, label, n), fid_jobs(snap, solver, steps[solver, n], ranges, info, batch, precision))
@@ -424,7 +421,7 @@ def training_curves(runs, out, stats=('Loss/loss',), plot_size=(800, 500)):
     for stat in stats:
         if stat not in known:
             raise EvaluationError(f'--stat {stat}: not in stats.jsonl; choose from {", ".join(known)}')
-    labels = unique_labels([_run_title(r) for r in runs], [os.path.basename(os.path.normpath(r)) for r in runs])
+    labels = plots.legend_labels([_run_title(r) for r in runs], runs)
     panels = [(stat, {label: [(k, _stat_value(e, stat)) for k, e in entries.items() if _stat_value(e, stat) is not None]
         for label, entries in zip(labels, per_run)}) for stat in stats]
     plots.line_plots(panels, out, 'training images (kimg)', size=plot_size,

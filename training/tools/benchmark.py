@@ -8,8 +8,13 @@ model FLOP utilisation, for one configuration and precision, printed as one Mark
 Synthetic data: this measures the network, loss, optimizer, sampler and detector, not disk I/O.
 """
 
+import contextlib
 import copy
+import os
+import sys
+import tempfile
 import time
+import warnings
 
 import click
 import psutil
@@ -50,16 +55,42 @@ def peak_memory_gib(device):
         return torch.cuda.max_memory_allocated(device) / 2**30
     return psutil.Process().memory_info().rss / 2**30
 
+@contextlib.contextmanager
+def quiet_native_output():
+    """Hold back what native code writes to stdout and stderr (torch's profiler, Kineto, prints
+    lines such as 'profiler_start' straight to the file descriptors) and Python warnings; if the
+    block fails, what was held back is shown before the error, since it may explain it."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    saved = [os.dup(1), os.dup(2)]
+    with tempfile.TemporaryFile() as held, warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        try:
+            os.dup2(held.fileno(), 1)
+            os.dup2(held.fileno(), 2)
+            yield
+        except BaseException:
+            os.dup2(saved[1], 2)
+            held.seek(0)
+            os.write(2, held.read())
+            raise
+        finally:
+            os.dup2(saved[0], 1)
+            os.dup2(saved[1], 2)
+            for fd in saved:
+                os.close(fd)
+
 def count_launches(fn, device):
     """What one call of fn asks of the device, by torch's profiler: CUDA kernels, copies and
     fills on a GPU (each costs a launch; fewer, larger ones keep the GPU busy), top-level aten
     operators on a CPU."""
     from torch.profiler import ProfilerActivity, profile
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == 'cuda' else [])
-    with profile(activities=activities) as prof:
-        fn()
-        synchronize(device)
-    events = prof.events()
+    with quiet_native_output():
+        with profile(activities=activities) as prof:
+            fn()
+            synchronize(device)
+        events = prof.events()
     if device.type == 'cuda':
         return sum(1 for e in events if e.device_type == torch.autograd.DeviceType.CUDA), 'device kernels and copies'
     return sum(1 for e in events if e.name.startswith('aten::') and (e.cpu_parent is None
@@ -201,9 +232,11 @@ def main(arch, precond, resolution, cond, cbase, cres, augment, batch, sample_ba
     nfe = 2 * sample_steps - 1
     mfu = (train_ips * 3 * flops / (peak_tflops * 1e12)) if peak_tflops else None
 
-    name = torch.cuda.get_device_name(device) if device.type == 'cuda' else f'CPU ({psutil.cpu_count()} threads)'
+    name = torch.cuda.get_device_name(device) if device.type == 'cuda' else 'CPU'
+    usable = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else os.cpu_count()
     rows = [
         ('device', name), ('torch', torch.__version__),
+        ('threads: torch / usable CPUs / all CPUs', f'{torch.get_num_threads()} / {usable} / {os.cpu_count()}'),
         ('configuration', f'{arch} {precond} {resolution}x{resolution} {"cond" if cond else "uncond"}, {n_params:,} parameters, '
             f'{flops / 1e9:.2f} GFLOP forward per image'),
         ('precision / compile mode / channels_last', f'{precision} / {compile_mode or "off"} / {channels_last}'),

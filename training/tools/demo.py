@@ -13,6 +13,7 @@ import time
 import click
 import torch
 
+from torch_utils import distributed
 from torch_utils.io.files import write_json
 from torch_utils.cli.options import Range, option_type
 from training.tools import digits_pipeline as dp
@@ -32,6 +33,7 @@ def main(outdir, kimg, precond, per_class, seed, smoke):
     """Train and evaluate a small class-conditional model on the embedded digits."""
     if smoke:
         kimg, per_class = 2, 10
+    distributed.configure_cpu_threads()  # on a CPU: the idle cores, not one thread per core
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     start = time.time()
     data, ref = dp.prepare_data(outdir, device)

@@ -15,6 +15,7 @@ import time
 import click
 import torch
 
+from torch_utils import distributed
 from torch_utils.errors import EvaluationError
 
 from fdm.methods import TITLES
@@ -72,6 +73,7 @@ def main(outdir, kimg, evals, per_class, methods, seed, batch, smoke):
         raise click.ClickException(f'unknown method(s) {unknown}; choose from {",".join(METHODS)}')
     if smoke:
         kimg, evals, per_class, batch = 2, 2, 2, 64
+    distributed.configure_cpu_threads()  # on a CPU: the idle cores, not one thread per core
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     start = time.time()
     data, ref = dp.prepare_data(outdir, device)

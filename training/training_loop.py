@@ -121,7 +121,7 @@ def training_loop(
         check_free_space(run_dir, net, snapshot=snapshot_ticks is not None, state=state_dump_ticks is not None)
     distributed.print0(f'Training for {total_kimg} kimg from {progress.cur_nimg} images, {num_rounds} '
         f'accumulation round(s) of {batch_gpu} per process, {world} process(es) on {device.type}'
-        + (f' ({torch.get_num_threads()} threads each)...' if device.type == 'cpu' else '...'))
+        + (f' ({torch.get_num_threads()} CPU thread(s) each)...' if device.type == 'cpu' else '...'))
 
     tick_start_time = time.time()
     maintenance_time = tick_start_time - start_time

@@ -138,3 +138,15 @@ def test_cpu_threads_follow_the_idle_cores():
     from torch_utils.distributed import cpu_threads
     assert [cpu_threads(2, load) for load in (0.0, 0.4, 1.0, 1.6, 7.0)] == [2, 2, 1, 1, 1]
     assert cpu_threads(16, 0.2) == 16 and cpu_threads(16, 0.2, local_processes=2) == 8 and cpu_threads(2, 0, 4) == 1
+
+# README and docs/training.md list exactly the options a resumed run may change.
+def test_docs_list_the_resumable_options():
+    import re
+    from training.config import RESUMABLE_OPTIONS
+    expected = {'--' + name.replace('_', '-') for name in RESUMABLE_OPTIONS}
+    for page, start, end in [('README.md', 'beside it only', 'may change'),
+            (os.path.join('docs', 'training.md'), 'Beside `--resume` only these options may change', 'Any other option')]:
+        text = ' '.join(open(os.path.join(ROOT, page), encoding='utf-8').read().split())
+        part = text[text.index(start):]
+        listed = set(re.findall(r'`(--[a-z0-9-]+)`', part[:part.index(end, len(start))]))
+        assert listed - {'--outdir', '--resume'} == expected, (page, listed ^ expected)

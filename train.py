@@ -117,10 +117,10 @@ def _train(dry_run, opts, explicit):
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter('always')
         try:
-            opts, source = run_folder_options(opts, explicit)
+            opts, previous = run_folder_options(opts, explicit)
             c, run = setup_training_config(**opts, world_size=world_size, explicit=explicit)
-            check_continues_run(c, source, in_place=run.nosubdir and source is not None
-                and os.path.abspath(source) == os.path.abspath(run.outdir))
+            check_continues_run(c, previous, in_place=run.nosubdir and previous is not None
+                and os.path.abspath(previous['folder']) == os.path.abspath(run.outdir))
         except UserError as err:
             raise click.ClickException(one_line(err)) from None
     warning_lines = [f'Warning: {w.message}' for w in caught]

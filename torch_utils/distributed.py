@@ -8,6 +8,8 @@ import re
 import torch
 import torch.distributed as dist
 
+from torch_utils.errors import EvaluationError, UserError, describe_exception
+
 #----------------------------------------------------------------------------
 # Join the process group torchrun describes in the environment (RANK, WORLD_SIZE,
 # MASTER_ADDR, ...). NCCL when CUDA is present, gloo otherwise. A plain process (no
@@ -118,8 +120,28 @@ def check_ranks_agree(params):
         return
     digest = torch.stack([p.detach().double().sum() for p in params]).sum().reshape(1)
     gathered = [torch.zeros_like(digest) for _ in range(get_world_size())]
-    torch.distributed.all_gather(gathered, digest)
+    dist.all_gather(gathered, digest)
     if any(not torch.equal(g, gathered[0]) for g in gathered):
         raise RuntimeError('ranks hold different network weights; the distributed run is inconsistent')
+
+# Rank 0 decides (a folder check, a list of work) and every rank acts on its decision.
+def on_rank0(fn):
+    """fn()'s result on rank 0, handed to every rank; an error on rank 0 is raised on every rank, so
+    that none waits for a rank that has stopped."""
+    result, error = None, None
+    if get_rank() == 0:
+        try:
+            result = fn()
+        except Exception as err:
+            error = err
+    if is_distributed():
+        holder = [(result, None if error is None else (error if isinstance(error, UserError) else
+            EvaluationError(f'rank 0 failed: {describe_exception(error)}')))]
+        dist.broadcast_object_list(holder, src=0)
+        result, shared = holder[0]
+        error = error or shared
+    if error is not None:
+        raise error
+    return result
 
 #----------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from training.data.dataset import ImageFolderDataset
 from fdm.networks import ARCH_PRESETS
 from training.phema import gamma_from_std
 from training.checkpoint.starting_point import check_resume_seed, read_transfer
+from training.checkpoint.names import STATE_NAME, list_files
 from training.checkpoint.training_state import find_resume_state
 
 MAX_DEFAULT_WORKERS = 8  # --workers when not given: this many, at most the CPU count
@@ -149,7 +150,6 @@ def setup_training_config(data=None, outdir='training-runs', cond=False, arch='d
         c.seed = start.state['seed'] if start.state is not None else random_seed()
     if start.state is not None:
         c.resume_state = start.state_path
-        check_resume_seed(start.state, start.state_path, c.seed)
 
     # Run directory name, as the reference: {id}-{dataset}-{cond}-{arch}-{precond}-gpus{W}-batch{B}-{dtype}[-{desc}].
     # --desc is one plain name, so that the run folder stays inside --outdir.
@@ -209,7 +209,8 @@ def differing_options(stored, c):
     return list(named.values())
 
 def run_folder_options(opts, explicit):
-    """train.py's options for a folder that holds a run: (options, run folder or None). --nosubdir
+    """train.py's options for a folder that holds a run: (options, the run) where the run is None or
+    dict(folder=..., options=its training_options.json or None, ours=has command.json). --nosubdir
     into a run folder continues it (resume from it, its seed); --resume without --data takes the
     options of the run it names from its command.json, overridden only by RESUMABLE_OPTIONS."""
     opts = dict(opts)
@@ -227,9 +228,12 @@ def run_folder_options(opts, explicit):
         if outdir is None:
             raise OptionError('--outdir is missing; give the folder to train into (or --resume=RUN to continue a run in place)')
         return opts, None
+    options_path = os.path.join(source, 'training_options.json')
+    run = dict(folder=source, options=_read_json(options_path) if os.path.isfile(options_path) else None,
+        ours=os.path.isfile(os.path.join(source, COMMAND_FILE)))
     if opts.get('data') is None:
         command = os.path.join(source, COMMAND_FILE)
-        if not os.path.isfile(command):
+        if not run['ours']:
             raise OptionError(f'{source} has no {COMMAND_FILE} to take the run\'s options from (a run of an older '
                 'version or of the reference); give its options (--data, --cond, --arch, ...) with --resume')
         stored = _read_json(command).get('options')
@@ -241,30 +245,25 @@ def run_folder_options(opts, explicit):
             raise OptionError(f'--{", --".join(fixed)} cannot change when a run continues (the run has '
                 + ', '.join(f'--{n} {json.dumps(stored.get(n))}' for n in fixed) + '); drop them, or start a new run')
         opts = {**{k: v for k, v in stored.items() if v is not None}, **opts}
-    if opts.get('seed') is None and os.path.isfile(os.path.join(source, 'training_options.json')):
-        seed = _read_json(os.path.join(source, 'training_options.json')).get('seed')
+    if opts.get('seed') is None and run['options'] is not None:
+        seed = run['options'].get('seed')
         opts['seed'] = seed if isinstance(seed, int) else None
-    if resume is None and _has_training_state(source):  # a rerun continues from the newest valid state;
+    if resume is None and list_files(source, STATE_NAME):  # a rerun continues from the newest valid state;
         opts['resume'] = source                          # without one it starts over, with the run's seed
     if opts.get('resume') is not None and 'transfer' not in explicit:
         opts.pop('transfer', None)  # the state supersedes the weights the run started from
-    return opts, source
+    return opts, run
 
-def check_continues_run(c, source, in_place):
+def check_continues_run(c, run, in_place):
     """Refuse a config whose fixed options differ from the run it continues, naming each: always in
     the run's own folder, and for a --resume elsewhere when the run is ours (it has command.json;
     a reference run's options are written in the reference's own terms)."""
-    if source is None or not os.path.isfile(os.path.join(source, 'training_options.json')):
+    if run is None or run['options'] is None or not (in_place or run['ours']):
         return
-    if not in_place and not os.path.isfile(os.path.join(source, COMMAND_FILE)):
-        return
-    differ = differing_options(_read_json(os.path.join(source, 'training_options.json')), c)
+    differ = differing_options(run['options'], c)
     if differ:
-        raise OptionError(f'{source} holds a run with other options: {"; ".join(differ)}; rerun with the run\'s '
+        raise OptionError(f'{run["folder"]} holds a run with other options: {"; ".join(differ)}; rerun with the run\'s '
             'options (or --resume=RUN alone), or choose another --outdir')
-
-def _has_training_state(folder):
-    return any(name.startswith('training-state-') and name.endswith('.pt') for name in os.listdir(folder))
 
 #----------------------------------------------------------------------------
 # What a run starts from, read once before the run folder exists: the opened dataset, and the
@@ -293,6 +292,8 @@ def read_start(dataset, resume=None, transfer=None, batch_size=None, seed=None):
     start = Start(dataset)
     if resume is not None:
         start.state_path, start.state = find_resume_state(resume, batch_size=batch_size, seed=seed, draw_seed=random_seed)
+        if seed is not None:  # else the run takes the state's seed
+            check_resume_seed(start.state, start.state_path, seed)
     if transfer is not None:
         start.transferred = read_transfer(transfer, dataset)
     return start
@@ -300,11 +301,8 @@ def read_start(dataset, resume=None, transfer=None, batch_size=None, seed=None):
 def start_of(c):
     """The Start of a training_loop config made elsewhere (tests, tools): its dataset opened, its
     resume_state or transfer read and checked, as setup_training_config does."""
-    start = read_start(open_dataset(c['dataset_kwargs']), c.get('resume_state'), c.get('transfer'), c['batch_size'],
+    return read_start(open_dataset(c['dataset_kwargs']), c.get('resume_state'), c.get('transfer'), c['batch_size'],
         c['seed'])
-    if start.state is not None:
-        check_resume_seed(start.state, start.state_path, c['seed'])
-    return start
 
 #----------------------------------------------------------------------------
 

@@ -15,12 +15,12 @@ import inspect
 import json
 import os
 import time
+import types
 
 import numpy as np
 import psutil
 import torch
 
-import dnnlib
 from fdm.io.network_files import save_snapshot
 from fdm.loss import build_loss
 from fdm.preconditioning import build_precond
@@ -75,7 +75,7 @@ def training_loop(
     phema_stds          = None,     # Post-hoc EMA (EDM2): relative stds of the power-function EMAs to keep, None = off.
     max_steps           = None,     # Stop after this many optimizer steps of this process (tests, kill drills).
 ):
-    c = dnnlib.EasyDict({k: v for k, v in locals().items() if k not in ('run_dir', 'start')})
+    c = types.SimpleNamespace(**{k: v for k, v in locals().items() if k not in ('run_dir', 'start')})
     start_time = time.time()
     device = torch.device(device) if device is not None else distributed.device()
     rank, world = distributed.get_rank(), distributed.get_world_size()

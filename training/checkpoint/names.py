@@ -74,13 +74,18 @@ def recorded_nimg(path):
         return None
     return value if type(value) is int else None
 
-def check_step(path, cur_nimg, witness=None):
+def _recorded(path):
+    return recorded_nimg(path) if os.path.isfile(path) else None
+
+def check_step(path, cur_nimg, recorded=...):
     """Raise a one-line FileError if `path` exists and holds a step other than cur_nimg, or does not
-    say which it holds; the same step's file may be replaced (a resumed run writes it again). witness:
-    the file whose record stands for this one (a sample grid records nothing; its snapshot does)."""
+    say which it holds; the same step's file may be replaced (a resumed run writes it again).
+    recorded: the step that stands for this file's, when another file records it (a sample grid
+    records nothing; its snapshot does); by default what `path` itself records."""
     if not os.path.lexists(path):
         return
-    recorded = recorded_nimg(witness or path) if os.path.isfile(witness or path) else None
+    if recorded is ...:
+        recorded = _recorded(path)
     if recorded == cur_nimg:
         return
     folder = os.path.dirname(path) or '.'
@@ -96,9 +101,10 @@ def snapshot_files(run_dir, cur_nimg, grid=False, stds=()):
     snapshot = os.path.join(run_dir, snapshot_name(cur_nimg))
     files = dict(snapshot=snapshot, grid=os.path.join(run_dir, grid_name(cur_nimg)) if grid else None,
         phema=[os.path.join(run_dir, phema_name(cur_nimg, std)) for std in stds])
-    check_step(snapshot, cur_nimg)
+    recorded = _recorded(snapshot)  # read once: the snapshot's record stands for its grid too
+    check_step(snapshot, cur_nimg, recorded)
     if grid:
-        check_step(files['grid'], cur_nimg, witness=snapshot)
+        check_step(files['grid'], cur_nimg, recorded)
     for path in files['phema']:
         check_step(path, cur_nimg)
     return files

@@ -146,6 +146,7 @@ def _png_bytes(image):
 # receives the first image and the (source name, label) of every image, for the summary.
 def _dataset_files(items, transform_image, describe_skip, written):
     labels = [] # [[archive name, label or None], ...]
+    sources = [] # [(source name, label or None), ...]
     first = None
     for idx, (name, image, label) in enumerate(items):
         image = transform_image(image)
@@ -156,10 +157,10 @@ def _dataset_files(items, transform_image, describe_skip, written):
         archive_name = f'{idx // 1000:05d}/img{idx:08d}.png'
         yield archive_name, _png_bytes(image)
         labels.append([archive_name, label])
-        written.setdefault('first', image)
-        written.setdefault('sources', []).append((name, label))
+        sources.append((name, label))
     if not labels:
         raise DatasetError(describe_skip())
+    written.update(first=first, sources=sources)
     all_labelled = all(label is not None for _name, label in labels)
     yield 'dataset.json', json.dumps({'labels': labels if all_labelled else None}).encode()
 

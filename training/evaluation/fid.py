@@ -95,7 +95,7 @@ def claim_outdirs(folders, net, network, sampler, device, class_idx=None, precis
             generation.check_outdir(folder, options)
         for folder, options in settings.items():
             generation.claim_outdir(folder, options)
-    generation.on_rank0(claim)
+    dist.on_rank0(claim)
 
 # --outdir of gen/protocol, created before any image is generated so a bad path costs no work.
 def make_outdir(path):
@@ -131,10 +131,11 @@ def generated_stats(net, sampler, seeds, detector, batch=64, class_idx=None, pre
     """(mu, sigma) of the features of the images of `seeds`, shared among torchrun's ranks as
     generate.py shares them; with `outdir` the PNGs are written too (as generate.py --subdirs)."""
     sums = FeatureSums(detector)
+    if outdir is not None:
+        make_outdir(outdir)  # before any work, so an unwritable folder loses none
     for batch_seeds, images in generated_batches(net, sampler, seeds, detector.device, batch, class_idx, precision,
             progress, fixed_shape):
         if outdir is not None:
-            make_outdir(outdir)  # once per batch is cheap, and reports an unwritable folder before any work is lost
             generation.save_images(images.permute(0, 2, 3, 1).numpy(), batch_seeds, outdir, subdirs=True)
         sums.add(images.to(detector.device))
     return sums.stats()
@@ -157,7 +158,7 @@ def make_reference(data, dest, detector=None, batch=64, workers=3, trust_detecto
     recorded = existing_reference(dest) if os.path.lexists(dest) else None
     dataset = open_images(data)
     det = open_detector(detector, trust=trust_detector)
-    inputs = generation.on_rank0(lambda: reference_inputs(data, len(dataset), detector))
+    inputs = dist.on_rank0(lambda: reference_inputs(data, len(dataset), detector))
     if recorded is not None:
         differences = _reference_differences(recorded, inputs)
         if differences:

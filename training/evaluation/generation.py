@@ -30,7 +30,7 @@ from fdm.schedules import SIGMA_MAX, SIGMA_MIN
 from fdm.samplers import SAMPLERS, PerSeedGenerator, sampler_nfe, sampler_settings, sampler_sigma_range
 from torch_utils import distributed, precision as precision_lib
 from torch_utils.cli.compile_modes import resolve_compile_mode
-from torch_utils.errors import EvaluationError, UserError, describe_exception
+from torch_utils.errors import EvaluationError, describe_exception
 from torch_utils.io.files import atomic_write, check_destination, jsonable, nested_digest, write_json
 from torch_utils.cli.options import Range, check_options
 from torch_utils.io.download import download_cached, file_sha256, is_url
@@ -271,7 +271,7 @@ def describe_run(net, network_name, sampler_name, sampler_kwargs, ignored, seeds
 
 #----------------------------------------------------------------------------
 # The output folder: what made its images (generate_options.json, written before the first image)
-# and which seeds it already holds. Rank 0 decides and tells the others (on_rank0), so that all
+# and which seeds it already holds. Rank 0 decides and tells the others (distributed.on_rank0), so that all
 # ranks make the same seeds even if they see the folder differently.
 
 OPTIONS_FILE = 'generate_options.json'
@@ -283,25 +283,6 @@ OPTIONS_FILE = 'generate_options.json'
 IMAGE_IDENTITY = dict(network_sha256='another network', solver='another sampler', sampler_kwargs='other sampler settings',
     seeds='other seeds', class_idx='another class', subdirs='another layout', precision='another precision',
     device='another device type')
-
-def on_rank0(fn):
-    """fn()'s result on rank 0, handed to every rank; an error on rank 0 is raised on every rank, so
-    that none waits for a rank that has stopped."""
-    result, error = None, None
-    if distributed.get_rank() == 0:
-        try:
-            result = fn()
-        except Exception as err:
-            error = err
-    if distributed.is_distributed():
-        holder = [(result, None if error is None else (error if isinstance(error, UserError) else
-            EvaluationError(f'rank 0 failed: {describe_exception(error)}')))]
-        torch.distributed.broadcast_object_list(holder, src=0)
-        result, shared = holder[0]
-        error = error or shared
-    if error is not None:
-        raise error
-    return result
 
 def network_digest(network):
     """SHA-256 of the network file (of a URL's download in the cache); for a network passed as an
@@ -407,13 +388,10 @@ def saved_seeds(outdir, seeds, subdirs):
 # seed list, so a seed listed twice is handled as two images, as before.
 def resume_plan(seeds, done, max_batch_size, rank=0, world_size=1):
     positions = list(range(len(seeds)))
-    todo = lambda part: [seeds[i] for i in part if not done[i]]
-    plan = [([seeds[i] for i in part], todo(part)) for part in rank_batches(positions, max_batch_size, rank, world_size)]
-    per_step = np.zeros(len(plan), dtype=np.int64)
-    for r in range(world_size):
-        for k, part in enumerate(rank_batches(positions, max_batch_size, r, world_size)):
-            per_step[k] += len(part) - int(done[part].sum()) if part else 0
-    return plan, per_step.tolist()
+    parts = [rank_batches(positions, max_batch_size, r, world_size) for r in range(world_size)]  # every rank's share
+    plan = [([seeds[i] for i in part], [seeds[i] for i in part if not done[i]]) for part in parts[rank]]
+    per_step = [sum(len(part) - int(done[part].sum()) for part in step) for step in zip(*parts)]  # ranks share a length
+    return plan, per_step
 
 #----------------------------------------------------------------------------
 # The sampling loop of one rank. A thread writes one batch's PNGs while the device samples the
@@ -501,7 +479,7 @@ def generate(network, outdir, seeds=range(64), subdirs=False, class_idx=None, ma
             compile=compile_mode is not None, compile_mode=compile_mode)
         claim_outdir(outdir, settings)
         return settings, saved_seeds(outdir, seeds, subdirs)
-    settings, done = on_rank0(claim)
+    settings, done = distributed.on_rank0(claim)
     log(f'Sampler: {settings["solver"]} ({settings["sampler_function"]}), {settings["num_steps"]} steps, '
         f'{settings["nfe"]} network evaluations per image, sigma {settings["sigma_min"]:g}..{settings["sigma_max"]:g}')
     if done.all():

@@ -19,7 +19,6 @@ import json
 import os
 import time
 
-import torch
 import tqdm
 
 import dnnlib
@@ -119,14 +118,6 @@ class ResultCache:
         write_json(self.path(key), dict(record, key=canonical(key)))
         self.computed += 1
 
-# Rank 0's list, so that every process runs the same evaluations even if they see the folder differently.
-def _broadcast(obj):
-    if dist.is_distributed():
-        holder = [obj]
-        torch.distributed.broadcast_object_list(holder, src=0)
-        return holder[0]
-    return obj
-
 def run_jobs(jobs, compute, cache, progress=True):
     """The record of each job (dict with 'key' and 'images'): read from the cache, or
     compute(job, advance) -> result dict, stored at once by rank 0. advance(n) moves the bar
@@ -134,7 +125,8 @@ def run_jobs(jobs, compute, cache, progress=True):
     cached jobs (only rank 0 writes the outputs)."""
     rank = dist.get_rank()
     records = [cache.get(job['key']) for job in jobs] if rank == 0 else [None] * len(jobs)
-    todo = _broadcast([i for i, record in enumerate(records) if record is None])
+    # Rank 0's list, so that every process runs the same evaluations even if they see the folder differently.
+    todo = dist.on_rank0(lambda: [i for i, record in enumerate(records) if record is None])
     if rank == 0 and len(todo) < len(jobs):
         print(f'{len(jobs) - len(todo)} of {len(jobs)} evaluations found in {cache.folder}', flush=True)
     bar = tqdm.tqdm(total=sum(jobs[i]['images'] for i in todo), unit='img', disable=(rank != 0 or not progress),

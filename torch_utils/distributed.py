@@ -4,6 +4,7 @@ import contextlib
 import datetime
 import os
 import re
+import time
 
 import torch
 import torch.distributed as dist
@@ -34,11 +35,28 @@ def init(backend=None, timeout_s=1800):
 # parallel kernel then waits for a thread the system has descheduled. Measured on 2 cores with
 # a competing process, the digits demo's network: training 73 img/s with one thread against 9
 # with two, EDM sampling 7.6 against 0.4 img/s. So a CPU process takes the cores that are idle
-# now (cores minus the 1-minute load average, at least one), shared among this machine's
-# processes; OMP_NUM_THREADS, when set, is the user's choice and is kept.
+# now (at least one), shared among this machine's processes; OMP_NUM_THREADS, when set, is the
+# user's choice and is kept. Idle now: measured over a quarter second from /proc/stat, not the
+# 1-minute load average, which still counts work that ended a minute ago (the full demo right
+# after a test run took 14 minutes on one thread of an idle machine).
 
 def cpu_threads(cores, load, local_processes=1):
     return max(1, min(cores, round(cores - load)) // max(local_processes, 1))
+
+# Cores busy over the next `seconds`, from the system's CPU time counters (Linux); elsewhere the
+# 1-minute load average.
+def _busy_cores(cores, seconds=0.25):
+    def sample():
+        with open('/proc/stat', encoding='ascii') as f:
+            values = [int(v) for v in f.readline().split()[1:]]
+        return sum(values), values[3] + (values[4] if len(values) > 4 else 0)  # all, idle + iowait
+    try:
+        total0, idle0 = sample()
+        time.sleep(seconds)
+        total1, idle1 = sample()
+    except (OSError, ValueError, IndexError):
+        return os.getloadavg()[0]
+    return cores * (1 - (idle1 - idle0) / max(total1 - total0, 1))
 
 _chosen_threads = []  # decided once per process: every command in it then computes alike
 
@@ -47,8 +65,8 @@ def configure_cpu_threads():
     if 'OMP_NUM_THREADS' in os.environ or torch.cuda.is_available() or not hasattr(os, 'getloadavg'):
         return None
     if not _chosen_threads:
-        _chosen_threads.append(cpu_threads(os.cpu_count() or 1, os.getloadavg()[0],
-            int(os.environ.get('LOCAL_WORLD_SIZE', '1'))))
+        cores = os.cpu_count() or 1
+        _chosen_threads.append(cpu_threads(cores, _busy_cores(cores), int(os.environ.get('LOCAL_WORLD_SIZE', '1'))))
     torch.set_num_threads(_chosen_threads[0])
     return _chosen_threads[0]
 

@@ -155,17 +155,37 @@ def jsonable(value):
         return [jsonable(v) for v in value]
     return value
 
+# Every file read by name goes through open_regular: a FIFO, a device or a folder put where a
+# file belongs would otherwise hang the open or the read, or be read without end.
+def open_regular(path, remedy, error=FileError, follow_symlinks=True):
+    """Open `path` for reading in binary mode; raise a one-line `error` naming the file and `remedy`
+    unless it is a regular file (a symlink to one is followed unless follow_symlinks=False)."""
+    path = os.fspath(path)
+    flags = os.O_RDONLY | getattr(os, 'O_NONBLOCK', 0)  # a FIFO must not block the open
+    if not follow_symlinks:
+        flags |= getattr(os, 'O_NOFOLLOW', 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as err:
+        raise error(f'cannot read {path} ({err.strerror}); {remedy}') from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise error(f'{path} is not a regular file; {remedy}')
+        if hasattr(os, 'set_blocking'):
+            os.set_blocking(fd, True)
+        return os.fdopen(fd, 'rb')
+    except BaseException:
+        os.close(fd)
+        raise
+
 # A small JSON file of the user's own (a run folder's options): a regular file, at most max_bytes,
 # an object; anything else is one line naming the file and `remedy`.
 def read_json_bounded(path, max_bytes, remedy):
-    try:
-        fd = os.open(path, os.O_RDONLY | getattr(os, 'O_NONBLOCK', 0))  # a FIFO must not block the open
-        with os.fdopen(fd, 'rb') as f:
-            if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-                raise FileError(f'{path} is not a regular file; {remedy}')
+    with open_regular(path, remedy) as f:
+        try:
             data = f.read(max_bytes + 1)
-    except OSError as err:
-        raise FileError(f'cannot read {path} ({err.strerror}); {remedy}') from None
+        except OSError as err:
+            raise FileError(f'cannot read {path} ({err.strerror}); {remedy}') from None
     if len(data) > max_bytes:
         raise FileError(f'{path} is larger than {max_bytes:,} bytes; it is not what this code wrote, {remedy}')
     try:

@@ -188,12 +188,42 @@ def read_json_bounded(path, max_bytes, remedy):
             raise FileError(f'cannot read {path} ({err.strerror}); {remedy}') from None
     if len(data) > max_bytes:
         raise FileError(f'{path} is larger than {max_bytes:,} bytes; it is not what this code wrote, {remedy}')
+    return loads_bounded(data, path, remedy)
+
+MAX_JSON_DEPTH = 32  # our JSON nests at most 4 levels (training_options.json)
+MAX_JSON_INT_DIGITS = 20  # any count of ours fits in 64 bits
+
+def _bounded_int(text):
+    if len(text.lstrip('-')) > MAX_JSON_INT_DIGITS:
+        raise ValueError(f'an integer of {len(text)} digits')
+    return int(text)
+
+def _json_depth_error(obj):
+    stack = [(obj, 1)]
+    while stack:
+        node, depth = stack.pop()
+        if isinstance(node, (dict, list)):
+            if depth > MAX_JSON_DEPTH:
+                return f'nested deeper than {MAX_JSON_DEPTH} levels'
+            stack.extend((v, depth + 1) for v in (node.values() if isinstance(node, dict) else node))
+    return None
+
+# The one parser of JSON that this code reads back (options, records, stats lines, snapshot
+# descriptions): integers bounded to 20 digits and nesting to MAX_JSON_DEPTH, so a damaged or
+# hostile file cannot turn a later computation into a traceback or an unbounded cost.
+def loads_bounded(data, name, remedy, kind=dict, error=FileError):
+    """Parse JSON `data` (str or bytes); raise a one-line `error` naming `name` and `remedy` unless
+    it is valid, within the bounds and of type `kind` (None: any)."""
     try:
-        obj = json.loads(data)
+        obj = json.loads(data, parse_int=_bounded_int)
     except (ValueError, UnicodeDecodeError, RecursionError) as err:
-        raise FileError(f'{path} is not valid JSON ({type(err).__name__}); {remedy}') from None
-    if not isinstance(obj, dict):
-        raise FileError(f'{path} does not hold a JSON object; {remedy}')
+        why = str(err) if 'integer of' in str(err) else type(err).__name__
+        raise error(f'{name} is not valid JSON ({why}); {remedy}') from None
+    problem = _json_depth_error(obj)
+    if problem is None and kind is not None and not isinstance(obj, kind):
+        problem = f'not a JSON {"object" if kind is dict else kind.__name__}'
+    if problem is not None:
+        raise error(f'{name} is {problem}; {remedy}')
     return obj
 
 def write_json(path, obj, durable=True):

@@ -9,15 +9,27 @@ so the update is theta_hat <- beta theta_hat + (1 - beta) theta with beta = (1 -
 The command line that rebuilds an EMA from a run is `python -m training.tools.phema`.
 """
 
+import bisect
+import collections
 import copy
+import math
 import os
+import reprlib
 
 import numpy as np
 import torch
 
-from fdm.io.network_files import load_network_file, save_snapshot
-from torch_utils.errors import UserError
+from fdm.io.network_files import CheckpointError, load_network_file, save_snapshot
+from torch_utils.cli.options import Range
+from torch_utils.errors import FileError, OptionError
 from training.checkpoint.names import PHEMA_NAME, list_files, phema_name
+from training.checkpoint.training_state import MAX_NIMG
+
+# sigma_rel, for train.py --phema-std and the reconstruction's --std alike. Below 0.001 two stds
+# would share a file name (3 decimals) and gamma exceeds 1000; above sqrt(1/12) = 0.2887, the
+# plain average (gamma = 0), the exponent turns negative and the first steps weigh the most.
+STD_RANGE = Range(min=0.001, max=0.288)
+KIMG_RANGE = Range(min=0, max=MAX_NIMG // 1000, min_open=True)  # the reconstruction's --kimg
 
 #----------------------------------------------------------------------------
 # sigma_rel <-> gamma (Eq. 3): sigma_rel^2 = (gamma + 1) / ((gamma + 2)^2 (gamma + 3)).
@@ -27,16 +39,15 @@ def std_from_gamma(gamma):
     return float(np.sqrt((gamma + 1) / ((gamma + 2) ** 2 * (gamma + 3))))
 
 def gamma_from_std(sigma_rel):
-    """The exponent whose profile has relative std sigma_rel: the real root of
+    """The exponent whose profile has relative std sigma_rel: the largest real root of
     gamma^3 + 7 gamma^2 + (16 - s) gamma + (12 - s) = 0 with s = sigma_rel^-2 (Eq. 3 expanded).
-    sigma_rel must lie in (0, sqrt(1/12)]; sqrt(1/12) is gamma = 0, the plain average."""
-    sigma_rel = float(sigma_rel)
-    if not 0 < sigma_rel <= np.sqrt(1 / 12) * (1 + 1e-12):
-        raise ValueError(f'a post-hoc EMA std must lie in (0, {np.sqrt(1 / 12):.4f}), got {sigma_rel:g}')
-    s = sigma_rel ** -2
+    sigma_rel must lie in STD_RANGE (OptionError otherwise), where gamma runs from 997 to 0.014."""
+    STD_RANGE.check('post-hoc EMA std', sigma_rel)
+    s = float(sigma_rel) ** -2
     roots = np.roots([1.0, 7.0, 16.0 - s, 12.0 - s])
-    real = roots[np.abs(roots.imag) < 1e-9].real
-    return max(float(real.max()), 0.0)  # the root on the gamma >= 0 branch (std falls as gamma grows)
+    return float(roots[np.abs(roots.imag) < 1e-9].real.max())
+
+MAX_GAMMA = math.ceil(gamma_from_std(STD_RANGE.min))  # what a stored profile may hold
 
 def power_beta(gamma, cur_nimg, batch_size):
     """beta of the step that brings the images seen to cur_nimg (the first step gives beta = 0:
@@ -49,36 +60,36 @@ def power_beta(gamma, cur_nimg, batch_size):
 # products of two power profiles, which have a closed form.
 
 def profile_inner(gamma_a, t_a, gamma_b, t_b):
-    """integral over tau of p_a(tau) p_b(tau), with p(tau) = (gamma + 1) tau^gamma / t^(gamma + 1) on [0, t]."""
-    t = np.minimum(t_a, t_b)
-    return ((gamma_a + 1) * (gamma_b + 1) * t ** (gamma_a + gamma_b + 1)
-        / ((gamma_a + gamma_b + 1) * t_a ** (gamma_a + 1) * t_b ** (gamma_b + 1)))
+    """integral over tau of p_a(tau) p_b(tau), with p(tau) = (gamma + 1) tau^gamma / t^(gamma + 1) on [0, t]:
+    (gamma_a + 1) (gamma_b + 1) r / ((gamma_a + gamma_b + 1) max(t_a, t_b)), r the ratio of the earlier
+    time to the later raised to the later profile's gamma (a power of a number <= 1: no overflow)."""
+    later_gamma = np.where(t_a < t_b, gamma_b, gamma_a)
+    r = (np.minimum(t_a, t_b) / np.maximum(t_a, t_b)) ** later_gamma
+    return (gamma_a + 1) * (gamma_b + 1) * r / ((gamma_a + gamma_b + 1) * np.maximum(t_a, t_b))
 
 def solve_weights(stored, target):
-    """Least-squares weights x [K] of the stored profiles for the target profile.
-    stored: [(gamma_i, t_i)] of the K stored EMA snapshots; target: (gamma_r, t_r).
-    Times are rescaled by the largest so that the powers stay in range."""
+    """Weights x [K] of the stored profiles for the target profile: the least-squares solution,
+    normalised to sum 1 as in EDM2 (the result is an average, so a constant comes back as itself).
+    stored: [(gamma_i, t_i)] of the K stored EMA snapshots; target: (gamma_r, t_r)."""
     gammas = np.array([g for g, _ in stored], dtype=np.float64)
-    scale = max(max(t for _, t in stored), target[1])
-    times = np.array([t for _, t in stored], dtype=np.float64) / scale
-    gamma_r, t_r = float(target[0]), float(target[1]) / scale
+    times = np.array([t for _, t in stored], dtype=np.float64) / target[1]  # only ratios of times matter
+    gamma_r = float(target[0])
     A = profile_inner(gammas[:, None], times[:, None], gammas[None, :], times[None, :])  # [K, K]
-    b = profile_inner(gammas, times, gamma_r, t_r)                                         # [K]
+    b = profile_inner(gammas, times, gamma_r, 1.0)                                          # [K]
     x, *_ = np.linalg.lstsq(A, b, rcond=None)
-    return x
+    return x / x.sum()
 
 def combine(pairs):
-    """sum_i x_i theta_i over (state dict, x_i) pairs with the same keys, streamed (one state dict in
-    memory at a time); float64 accumulation, floating tensors come back in their own dtype, other
-    tensors (integer buffers) are taken from the last pair, the newest."""
-    acc, last = None, None
-    for sd, x in pairs:
+    """sum_i x_i theta_i over (tensors, x_i) pairs, tensors a dict of floating tensors with the same
+    names and shapes in every pair, streamed (one dict in memory at a time); accumulated in float64
+    and returned in each tensor's dtype."""
+    acc = None
+    for tensors, x in pairs:
         if acc is None:
-            acc = {k: torch.zeros(v.shape, dtype=torch.float64) for k, v in sd.items() if torch.is_floating_point(v)}
-        for k in acc:
-            acc[k] += float(x) * sd[k].detach().cpu().to(torch.float64)
-        last = sd
-    return {k: acc[k].to(v.dtype) if k in acc else v.detach().cpu().clone() for k, v in last.items()}
+            acc = {k: (torch.zeros(v.shape, dtype=torch.float64), v.dtype) for k, v in tensors.items()}
+        for k, (total, _dtype) in acc.items():
+            total += float(x) * tensors[k].detach().cpu().to(torch.float64)
+    return {k: total.to(dtype) for k, (total, dtype) in acc.items()}
 
 #----------------------------------------------------------------------------
 # The tracked EMAs during training.
@@ -135,42 +146,80 @@ def save_phema_snapshots(run_dir, phema, ema, cur_nimg, **snapshot_kwargs):
         save_snapshot(os.path.join(run_dir, phema_name(cur_nimg, std)), module,
             extra=dict(phema=dict(std=std, gamma=gamma, cur_nimg=int(cur_nimg))), **snapshot_kwargs)
 
+# A stored profile: its time and exponent, its file, and '[shape] dtype' of each parameter by name.
+Profile = collections.namedtuple('Profile', ['cur_nimg', 'gamma', 'path', 'parameters'])
+
+# Which profile a stored file holds, read from its description ('extra.phema', written above). The
+# file may come from elsewhere: the fields are checked here, once, with exact comparisons (NaN fails
+# them; an integer too large for a float is compared, never converted).
+def read_profile(path):
+    """The Profile a file holds; CheckpointError (one line) if it holds none or a damaged one."""
+    data = load_network_file(path)
+    extra = data.get('extra')
+    info = extra.get('phema') if isinstance(extra, dict) else None
+    if not isinstance(info, dict):
+        raise CheckpointError(f'{path}: not a post-hoc EMA profile (its description has no extra.phema); '
+            'move it out of the run directory')
+    gamma, cur_nimg = info.get('gamma'), info.get('cur_nimg')
+    if type(gamma) not in (int, float) or not 0 <= gamma <= MAX_GAMMA:
+        problem = f'gamma {reprlib.repr(gamma)} is not a number in 0..{MAX_GAMMA}'
+    elif type(cur_nimg) is not int or not 1 <= cur_nimg <= MAX_NIMG:
+        problem = f'cur_nimg {reprlib.repr(cur_nimg)} is not an integer in 1..{MAX_NIMG}'
+    else:
+        parameters = {k: f'{list(v.shape)} {v.dtype}' for k, v in data['ema'].named_parameters()}
+        return Profile(cur_nimg, float(gamma), path, parameters)
+    raise CheckpointError(f'{path}: the post-hoc EMA profile it describes is damaged ({problem}); '
+        'move it out of the run directory')
+
 def reconstruct(run_dir, std, out, kimg=None, log=print):
-    """Write to `out` the snapshot of the power-function EMA of relative std `std` at `kimg` (default:
-    the newest stored profiles), as the least-squares combination of the stored ones up to then."""
-    # In training order (old whole-kimg names included), so the last one used is the newest.
-    paths = [os.path.join(run_dir, name) for _nimg, name in list_files(run_dir, PHEMA_NAME)] \
-        if os.path.isdir(run_dir) else []
-    if not paths:
-        raise UserError(f'{run_dir}: no phema-*.pt snapshots; train with --phema-std to store post-hoc EMA profiles')
-    profiles = []
-    for path in paths:  # first pass: which profile each file holds
-        info = (load_network_file(path).get('extra') or {}).get('phema')
-        if not isinstance(info, dict) or not {'gamma', 'cur_nimg'} <= set(info):
-            raise UserError(f'{path}: not a post-hoc EMA snapshot (no profile in its description); remove it from {run_dir}')
-        profiles.append((float(info['gamma']), float(info['cur_nimg'])))
-    t_r = max(t for _, t in profiles) if kimg is None else kimg * 1000
-    used = [(path, profile) for path, profile in zip(paths, profiles) if profile[1] <= t_r]
-    if not used:
-        raise UserError(f'no post-hoc EMA profile stored at or before {kimg} kimg in {run_dir}')
-    try:
-        gamma_r = gamma_from_std(std)
-    except ValueError as err:
-        raise UserError(str(err)) from None
-    weights = solve_weights([profile for _, profile in used], (gamma_r, t_r))
-    log(f'Combining {len(used)} stored profiles into sigma_rel {std:g} (gamma {gamma_r:.3f}) at {t_r / 1000:g} kimg...')
-    # Second pass, one file in memory at a time (two reads in all: the weights need every profile first).
-    loaded = {}
+    """Write to `out` the snapshot of the power-function EMA of relative std `std` at `kimg`, a time at
+    which profiles were stored (default: the newest), as the least-squares combination of the profiles
+    stored up to then. As in EDM2, the parameters are combined and the buffers copied from the newest."""
+    gamma_r = gamma_from_std(std)
+    KIMG_RANGE.check('kimg', kimg)
+    names = list_files(run_dir, PHEMA_NAME) if os.path.isdir(run_dir) else []
+    if not names:
+        raise FileError(f'{run_dir}: no phema-*.pt snapshots; train with --phema-std to store post-hoc EMA profiles')
+    # First pass: which profile each file holds, in the order of the times they record (the older
+    # whole-kimg names can sort otherwise), so the last one used is the newest.
+    profiles = sorted((read_profile(os.path.join(run_dir, name)) for _nimg, name in names), key=lambda p: p.cur_nimg)
+    times = sorted({p.cur_nimg for p in profiles})
+    t_r = times[-1] if kimg is None else round(kimg * 1000)
+    if t_r not in times:
+        i = bisect.bisect(times, t_r)
+        nearest = ' or '.join(kimg_of(t) for t in times[max(i - 1, 0):i + 1])
+        raise OptionError(f'--kimg={kimg}: no post-hoc EMA profiles were stored at {t_r:,} images in {run_dir}; '
+            f'pass a time at which they were, the nearest being {nearest} kimg')
+    used = [p for p in profiles if p.cur_nimg <= t_r]
+    newest = used[-1]
+    for p in used:
+        if p.parameters != newest.parameters:
+            key = next(k for k in sorted(p.parameters.keys() | newest.parameters.keys())
+                if p.parameters.get(k) != newest.parameters.get(k))
+            raise CheckpointError(f'{p.path}: its parameter {key} is {p.parameters.get(key) or "absent"}, in '
+                f'{os.path.basename(newest.path)} {newest.parameters.get(key) or "absent"}; it holds another '
+                f'network, move it out of {run_dir}')
+    weights = solve_weights([(p.gamma, p.cur_nimg) for p in used], (gamma_r, t_r))
+    log(f'Combining {len(used)} stored profiles into sigma_rel {std:g} (gamma {gamma_r:.3f}) at {kimg_of(t_r)} kimg...')
+    # Second pass, one file in memory at a time (two reads in all: the weights need every profile
+    # first); the newest comes last and is kept, its buffers as they are.
+    snapshot = None
     def stream():
-        for (path, _), x in zip(used, weights):
-            loaded['last'] = load_network_file(path)
-            yield loaded['last']['ema'].state_dict(), x
-    state = combine(stream())
-    last = loaded['last']
-    last['ema'].load_state_dict(state)
-    save_snapshot(out, last['ema'], loss_fn=last['loss_fn'], augment_pipe=last['augment_pipe'],
-        dataset_kwargs=last['dataset_kwargs'], extra=dict(phema_reconstruction=dict(std=std, gamma=gamma_r,
-        cur_nimg=t_r, sources=[os.path.basename(p) for p, _ in used], weights=[float(x) for x in weights])))
+        nonlocal snapshot
+        for p, x in zip(used, weights):
+            snapshot = load_network_file(p.path)
+            yield dict(snapshot['ema'].named_parameters()), x
+    combined = combine(stream())
+    with torch.no_grad():
+        for k, v in snapshot['ema'].named_parameters():
+            v.copy_(combined[k])
+    save_snapshot(out, snapshot['ema'], loss_fn=snapshot['loss_fn'], augment_pipe=snapshot['augment_pipe'],
+        dataset_kwargs=snapshot['dataset_kwargs'], extra=dict(phema_reconstruction=dict(std=std, gamma=gamma_r,
+        cur_nimg=t_r, sources=[os.path.basename(p.path) for p in used], weights=[float(x) for x in weights])))
     return weights
+
+def kimg_of(cur_nimg):
+    """Images as kimg, exactly: '200', '0.048', '12345.678'."""
+    return f'{cur_nimg / 1000:.3f}'.rstrip('0').rstrip('.')
 
 #----------------------------------------------------------------------------

@@ -40,7 +40,7 @@ def given(**options):
 def detector_option(fn):
     fn = click.option('--trust-detector', 'trust_detector', is_flag=True,
         help='Run a TorchScript --detector file that is not a known official one (its code runs: only for files you trust)')(fn)
-    return click.option('--detector', help='Feature detector: URL, path, "nvidia", "pytorch-fid" or "digits"  [default: NVIDIA Inception]',
+    return click.option('--detector', help='Feature detector: URL, path, "nvidia", "pytorch-fid", "dinov2" (FD-DINOv2) or "digits"  [default: NVIDIA Inception]',
         metavar='URL|PATH', type=str, default=None)(fn)
 workers_option = click.option('--workers', help='Data loader processes per GPU  [default: 3]', metavar='INT', type=option_type(FID_RANGES['workers']))
 batch_option = click.option('--batch', help='Maximum batch size per GPU  [default: 64]', metavar='INT', type=option_type(FID_RANGES['batch']))

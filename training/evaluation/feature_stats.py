@@ -6,6 +6,7 @@ mu = sum f / n, Sigma = (sum f f^T - n mu mu^T) / (n - 1) (the unbiased covarian
 """
 
 import contextlib
+import io
 import json
 import os
 import re
@@ -21,9 +22,10 @@ import torch
 import tqdm
 
 from torch_utils import distributed as dist
-from torch_utils.errors import EvaluationError
-from torch_utils.io.files import atomic_write
+from torch_utils.errors import EvaluationError, describe_exception
+from torch_utils.io.files import atomic_write, open_regular
 from torch_utils.io.download import download_cached
+from torch_utils.io.safe_pickle import ARRAY_GLOBALS, UnsafePickleError, restricted_load
 
 #----------------------------------------------------------------------------
 # Statistics and the Frechet distance.
@@ -162,30 +164,89 @@ def _read_array(z, member):
     with z.open(member) as f:
         return np.lib.format.read_array(f, allow_pickle=False)
 
-def load_stats(path_or_url):
-    """(mu, sigma) from a statistics npz (path or URL), checked; no pickles are ever loaded, and
-    nothing is allocated that the headers have not shown to fit the file."""
+def _read_stats_npz(f, path):
+    """(mu, sigma) of an npz (an open file); nothing is allocated that the headers have not shown to fit the file."""
+    try:
+        with zipfile.ZipFile(f) as z:
+            names = z.namelist()
+            if 'mu.npy' not in names or 'sigma.npy' not in names:
+                keys = sorted(n[:-4] if n.endswith('.npy') else n for n in names)
+                raise EvaluationError(f'{path}: has no "mu" and "sigma" arrays (found {keys}); '
+                    'make the reference with "fid.py ref"')
+            _check_arrays(z, path)
+            return tuple(_read_array(z, f'{key}.npy').astype(np.float64, copy=False) for key in ('mu', 'sigma'))
+    except EvaluationError:
+        raise
+    except (OSError, ValueError, EOFError, TypeError, NotImplementedError, RuntimeError, zipfile.BadZipFile, zlib.error) as err:
+        raise EvaluationError(f'{path}: cannot be read as a statistics npz ({type(err).__name__}: {err}); '
+            'the file is damaged or not a reference, make it again with "fid.py ref"') from None
+
+# EDM2's reference statistics (calculate_metrics.py, e.g. dataset-refs/img512.pkl) are a pickle of
+# {'num_images': n, 'fid': {'mu', 'sigma'}, 'fd_dinov2': {'mu', 'sigma'}} with numpy arrays, about
+# 40 MB. It is read whole (no claimed length can make the reader allocate more than the file) with
+# the allow-list of plain numpy data, so nothing in it runs.
+MAX_STATS_PICKLE_BYTES = 1 << 30  # two metrics of 8192 features
+
+def _read_stats_pickle(f, path):
+    """{metric: (mu, sigma)} of an EDM2 statistics pickle (an open file), each checked as an npz's arrays are."""
+    remedy = 'use EDM2\'s published statistics or make the reference with "fid.py ref"'
+    if os.fstat(f.fileno()).st_size > MAX_STATS_PICKLE_BYTES:
+        raise EvaluationError(f'{path}: larger than {MAX_STATS_PICKLE_BYTES >> 20} MiB, which statistics never are; {remedy}')
+    data = f.read()
+    try:
+        tree = restricted_load(io.BytesIO(data), ARRAY_GLOBALS)
+    except UnsafePickleError as err:
+        raise EvaluationError(f'{path}: {err}') from None
+    except Exception as err:  # whatever damaged data makes the unpickler raise
+        raise EvaluationError(f'{path}: cannot be read as a statistics pickle ({describe_exception(err)}); '
+            f'the file is damaged or not a reference, {remedy}') from None
+    entries = {k: v for k, v in tree.items() if isinstance(v, dict)} if isinstance(tree, dict) else {}
+    if not entries or not all(isinstance(k, str) for k in entries):
+        raise EvaluationError(f'{path}: holds a {type(tree).__name__} without statistics, not EDM2\'s '
+            f'{{metric: {{"mu", "sigma"}}}}; {remedy}')
+    reference = {}
+    for metric, entry in entries.items():
+        mu, sigma = entry.get('mu'), entry.get('sigma')
+        if not all(isinstance(a, np.ndarray) and a.dtype.kind == 'f' and a.dtype.itemsize in (4, 8) for a in (mu, sigma)):
+            raise EvaluationError(f'{path}: {metric!r} has no float32 or float64 arrays "mu" and "sigma"; {remedy}')
+        if mu.ndim != 1 or sigma.shape != (mu.shape[0],) * 2 or not 1 <= mu.shape[0] <= MAX_FEATURE_DIM:
+            raise EvaluationError(f'{path}: {metric!r} has mu {list(mu.shape)} and sigma {list(sigma.shape)}, not [D] and '
+                f'[D, D] with 1 <= D <= {MAX_FEATURE_DIM}; {remedy}')
+        reference[metric] = mu.astype(np.float64), sigma.astype(np.float64)
+    return reference
+
+def load_reference(path_or_url):
+    """Every set of statistics in a reference file (path or URL), checked: {None: (mu, sigma)} for an
+    npz (ours, EDM's), {metric: (mu, sigma)} for an EDM2 pickle ('fid', 'fd_dinov2'). The content
+    decides which it is; no pickle runs anything."""
     try:
         local = download_cached(path_or_url)
     except (FileNotFoundError, IOError) as err:
         raise EvaluationError(f'reference statistics {err}') from None
-    try:
-        with zipfile.ZipFile(local) as z:
-            names = z.namelist()
-            if 'mu.npy' not in names or 'sigma.npy' not in names:
-                keys = sorted(n[:-4] if n.endswith('.npy') else n for n in names)
-                raise EvaluationError(f'{path_or_url}: has no "mu" and "sigma" arrays (found {keys}); '
-                    'make the reference with "fid.py ref"')
-            _check_arrays(z, path_or_url)
-            mu, sigma = (_read_array(z, f'{key}.npy').astype(np.float64, copy=False) for key in ('mu', 'sigma'))
-    except EvaluationError:
-        raise
-    except (OSError, ValueError, EOFError, TypeError, NotImplementedError, RuntimeError, zipfile.BadZipFile, zlib.error) as err:
-        raise EvaluationError(f'{path_or_url}: cannot be read as a statistics npz ({type(err).__name__}: {err}); '
-            'the file is damaged or not a reference, make it again with "fid.py ref"') from None
-    if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
-        raise EvaluationError(f'{path_or_url}: contains NaN or infinite values; make the reference again')
-    return mu, sigma
+    with open_regular(local, 'give a statistics file (fid.py ref)', error=EvaluationError) as f:
+        pickled = f.read(1) == b'\x80'  # a pickle of protocol 2 or later; an npz is a zip ('PK')
+        f.seek(0)
+        reference = _read_stats_pickle(f, path_or_url) if pickled else {None: _read_stats_npz(f, path_or_url)}
+    for mu, sigma in reference.values():
+        if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
+            raise EvaluationError(f'{path_or_url}: contains NaN or infinite values; make the reference again')
+    return reference
+
+def pick_stats(reference, metric, path):
+    """(mu, sigma) for `metric` from load_reference's result: an npz's one set (check_dims tells a wrong
+    detector), an EDM2 pickle's entry named `metric` (None = 'fid', as EDM2 reads an npz)."""
+    if None in reference:
+        return reference[None]
+    metric = metric or 'fid'
+    if metric not in reference:
+        raise EvaluationError(f"{path}: holds statistics of {', '.join(map(repr, sorted(reference)))} but not of "
+            f"{metric!r}, this detector's; use a reference made with the same detector")
+    return reference[metric]
+
+def load_stats(path_or_url, metric=None):
+    """(mu, sigma) from a statistics npz or EDM2 pickle (path or URL), checked; metric: the entry of a
+    pickle to read ('fid', 'fd_dinov2'; a Detector's `metric`), None = 'fid'; an npz has one."""
+    return pick_stats(load_reference(path_or_url), metric, path_or_url)
 
 # A reference is only comparable with features of the detector that made it.
 def check_dims(detector, mu, ref):

@@ -21,12 +21,12 @@ import tqdm
 
 from torch_utils import distributed as dist, precision as precision_lib
 from torch_utils.errors import EvaluationError, describe_exception
-from training.evaluation.feature_stats import (FeatureSums, check_dims, compute_stats, frechet_distance, load_stats,
-    rate, read_inputs, save_stats, summarize)
+from training.evaluation.feature_stats import (FeatureSums, check_dims, compute_stats, frechet_distance, load_reference,
+    load_stats, pick_stats, rate, read_inputs, save_stats, summarize)
 from torch_utils.io.download import download_cached, file_sha256
 from torch_utils.io.files import check_destination
 from training.evaluation.digits import WEIGHTS as DIGITS_WEIGHTS
-from training.evaluation.inception import ALIASES, load_detector
+from training.evaluation.inception import ALIASES, DINOV2_URL, load_detector
 from training.evaluation import generation
 from training.data.dataset import ImageFolderDataset, is_image_name, list_folder
 
@@ -34,17 +34,23 @@ from training.data.dataset import ImageFolderDataset, is_image_name, list_folder
 # How results are printed: the metric a detector gives, with a fixed number of decimals.
 
 DECIMALS = 3
+METRIC_NAMES = {'fid': 'FID', 'fd_dinov2': 'FD-DINOv2', 'fd_digits': 'FD-digits'}  # by Detector.metric
 
 def metric_name(detector=None):
-    """'FD-digits' for the digits classifier, 'FID' for Inception (and any other detector file)."""
-    return 'FD-digits' if detector == 'digits' else 'FID'
+    """The metric of a loaded Detector ('FID' for Inception, 'FD-DINOv2', 'FD-digits'); for a --detector
+    value, the metric its alias or URL names ('FID' for a file, whose content decides once it is loaded)."""
+    metric = getattr(detector, 'metric', None)
+    if metric is None:
+        spec = ALIASES.get(detector, detector)
+        metric = 'fd_digits' if spec == 'digits' else 'fd_dinov2' if spec == DINOV2_URL else 'fid'
+    return METRIC_NAMES[metric]
 
 def decimals(value):
     """'2.345'; a value that rounds to zero is '0.000' (the distance of a set to itself can come out -1e-12)."""
     return f'{value if round(value, DECIMALS) != 0 else 0.0:.{DECIMALS}f}'
 
 def score(detector, value):
-    """'FID 2.345': the metric of `detector` (a --detector value) and its value."""
+    """'FID 2.345': the metric of `detector` (a Detector or a --detector value) and its value."""
     return f'{metric_name(detector)} {decimals(value)}'
 
 #----------------------------------------------------------------------------
@@ -64,6 +70,14 @@ def open_detector(spec, device=None, trust=False):
     trust: run a TorchScript detector's code even if it is not a known official file."""
     with dist.rank0_first():
         return load_detector(spec, device=device or dist.device(), verbose=(dist.get_rank() == 0), trust=trust)
+
+# The reference is read (and checked) before any other work; which of its statistics apply is known
+# once the detector is: an EDM2 pickle holds one set per metric, an npz one set.
+def reference_stats(reference, detector, ref_path):
+    """(mu, sigma) of `reference` (load_reference) for the detector's metric, of the detector's feature dimension."""
+    mu, sigma = pick_stats(reference, detector.metric, ref_path)
+    check_dims(detector, mu, ref_path)
+    return mu, sigma
 
 def open_generator(network, device, precision='fp32', class_idx=None, compile_mode=None, **sampler_options):
     """(net, sampler name, sampler kwargs) chosen as generate.py chooses them; its errors are its own.
@@ -224,15 +238,15 @@ def _reference_differences(recorded, inputs):
 
 def fid_of_images(images, ref_path, num=50000, seed=0, batch=64, workers=3, detector=None, trust_detector=False):
     """fid.py calc: the FID of `num` images of a folder or zip (a seeded subset if it has more)."""
-    ref_stats = load_stats(ref_path)
+    reference = load_reference(ref_path)
     dataset = open_images(images, num=num, seed=seed)  # checked before the detector is fetched
     det = open_detector(detector, trust=trust_detector)
-    check_dims(det, ref_stats[0], ref_path)
+    ref_stats = reference_stats(reference, det, ref_path)
     dist.print0(f"Calculating features of {len(dataset)} images in '{images}' with '{det.name}'...")
     start = time.perf_counter()
     fid = calc_fid(dataset, ref_stats, det, batch=batch, workers=workers)
     dist.print0(f'Features of {rate(len(dataset), start)}')
-    dist.print0(f"{score(detector, fid)} from {len(dataset)} images in '{images}' against '{ref_path}'")
+    dist.print0(f"{score(det, fid)} from {len(dataset)} images in '{images}' against '{ref_path}'")
     return fid
 
 def fid_of_network(network, ref_path, seeds, class_idx=None, solver='edm', steps=None, precision='fp32', outdir=None,
@@ -241,9 +255,9 @@ def fid_of_network(network, ref_path, seeds, class_idx=None, solver='edm', steps
     steps: None is generate.py's default (generation.SAMPLER_DEFAULTS)."""
     if len(seeds) < 2:
         raise EvaluationError(f'--seeds gives {len(seeds)} image; a covariance needs at least 2, e.g. --seeds=0-49999')
-    ref_stats = load_stats(ref_path)
+    reference = load_reference(ref_path)
     det = open_detector(detector, trust=trust_detector)
-    check_dims(det, ref_stats[0], ref_path)
+    ref_stats = reference_stats(reference, det, ref_path)
     if outdir is not None:
         make_outdir(outdir)
     net, sampler_name, sampler_kwargs = open_generator(network, det.device, precision, class_idx, compile_mode,
@@ -257,7 +271,7 @@ def fid_of_network(network, ref_path, seeds, class_idx=None, solver='edm', steps
         precision=precision, outdir=outdir, fixed_shape=compile_mode is not None)
     dist.print0(f'Generated and scored {rate(len(seeds), start)}')
     fid = frechet_distance(mu, sigma, *ref_stats)
-    dist.print0(f"{score(detector, fid)} from {len(seeds)} images generated by '{network}' against '{ref_path}'")
+    dist.print0(f"{score(det, fid)} from {len(seeds)} images generated by '{network}' against '{ref_path}'")
     return fid
 
 # The three-seed-range protocol: min, mean and std of the FIDs of seeds 0..num-1, num..2num-1, 2num..3num-1.
@@ -275,9 +289,9 @@ def protocol_of_network(network, ref_path, num=50000, solver='edm', steps=None, 
     if 3 * num > generation.MAX_SEEDS:  # before any work: the seed lists are materialised per range
         raise EvaluationError(f'--num={num} asks for {3 * num} seeds, more than the {generation.MAX_SEEDS} a run may take; '
             f'use --num <= {generation.MAX_SEEDS // 3}')
-    ref_stats = load_stats(ref_path)
+    reference = load_reference(ref_path)
     det = open_detector(detector, trust=trust_detector)
-    check_dims(det, ref_stats[0], ref_path)
+    ref_stats = reference_stats(reference, det, ref_path)
     if outdir is not None:
         make_outdir(outdir)
     net, sampler_name, sampler_kwargs = open_generator(network, det.device, precision, compile_mode=compile_mode,
@@ -294,21 +308,21 @@ def protocol_of_network(network, ref_path, num=50000, solver='edm', steps=None, 
         mu, sigma = generated_stats(net, (sampler_name, sampler_kwargs), seeds, det, batch=batch,
             precision=precision, outdir=folder, fixed_shape=compile_mode is not None)
         fids.append(frechet_distance(mu, sigma, *ref_stats))
-        dist.print0(f"{score(detector, fids[-1])} from {num} images " + (f"in '{folder}'" if folder else f"of {name}"))
-    _print_summary(fids, ref_path, detector)
+        dist.print0(f"{score(det, fids[-1])} from {num} images " + (f"in '{folder}'" if folder else f"of {name}"))
+    _print_summary(fids, ref_path, det)
     return fids
 
 def protocol_of_images(images, ref_path, num=50000, seed=0, batch=64, workers=3, detector=None, trust_detector=False):
     """fid.py protocol --images: the FIDs of three folders made by generate.py."""
-    ref_stats = load_stats(ref_path)
+    reference = load_reference(ref_path)
     datasets = [open_images(path, num=num, seed=seed) for path in images]
     det = open_detector(detector, trust=trust_detector)
-    check_dims(det, ref_stats[0], ref_path)
+    ref_stats = reference_stats(reference, det, ref_path)
     fids = []
     for path, dataset in zip(images, datasets):
         fids.append(calc_fid(dataset, ref_stats, det, batch=batch, workers=workers))
-        dist.print0(f"{score(detector, fids[-1])} from {len(dataset)} images in '{path}'")
-    _print_summary(fids, ref_path, detector)
+        dist.print0(f"{score(det, fids[-1])} from {len(dataset)} images in '{path}'")
+    _print_summary(fids, ref_path, det)
     return fids
 
 #----------------------------------------------------------------------------

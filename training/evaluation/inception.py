@@ -1,7 +1,7 @@
-"""Feature detectors for FID: NVIDIA's Inception-v3 pickle and pytorch-fid's Inception-v3.
+"""Feature detectors: NVIDIA's and pytorch-fid's Inception-v3 for FID, DINOv2 ViT-L/14 for FD-DINOv2.
 
-Both are the TensorFlow Inception graph of 2015-12-05 (the one FID was defined with),
-ported to PyTorch twice:
+The two Inceptions are the TensorFlow Inception graph of 2015-12-05 (the one FID was defined
+with), ported to PyTorch twice:
 
 - NVIDIA's `inception-2015-12-05.pkl` (StyleGAN3, EDM, FDM). The reference opens it with a
   plain `pickle.load` and calls it on uint8 images with `return_features=True` for 2048
@@ -20,13 +20,19 @@ ported to PyTorch twice:
   implementation of that network (no torchvision); the file is read with
   `torch.load(weights_only=True)`.
 
+DINOv2's `dinov2_vitl14_pretrain.pth` (EDM2's FD-DINOv2) is a state dict too, read the same way
+and loaded into our own ViT (training/evaluation/dinov2.py) once its names and shapes are exactly
+those of ViT-L/14. Every file is opened by name through open_regular.
+
 `load_detector(spec, device)` returns a `Detector`: call it with uint8 images [N, C, H, W]
-in 0..255 (C = 1 or 3) to get float32 features [N, feature_dim].
+in 0..255 (C = 1 or 3) to get float32 features [N, feature_dim]; its `metric` says what they
+measure ('fid', 'fd_dinov2', 'fd_digits': the names of EDM2's statistics pickles).
 """
 
 import io
 import os
 import pickle
+import re
 import warnings
 import zipfile
 
@@ -35,12 +41,15 @@ import torch.nn.functional as F
 from torch import nn
 
 from torch_utils.errors import FileError
+from torch_utils.io.files import open_regular
 from torch_utils.io.safe_pickle import PersistentRecord, PlainObject, UnsafePickleError, restricted_load
 from torch_utils.io.download import download_cached, file_sha256
 
 NVIDIA_INCEPTION_URL = 'https://api.ngc.nvidia.com/v2/models/nvidia/research/stylegan3/versions/1/files/metrics/inception-2015-12-05.pkl'
 PYTORCH_FID_URL = 'https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/pt_inception-2015-12-05-6726825d.pth'
-ALIASES = {'nvidia': NVIDIA_INCEPTION_URL, 'pytorch-fid': PYTORCH_FID_URL}
+DINOV2_URL = 'https://dl.fbaipublicfiles.com/dinov2/dinov2_vitl14/dinov2_vitl14_pretrain.pth'
+ALIASES = {'nvidia': NVIDIA_INCEPTION_URL, 'pytorch-fid': PYTORCH_FID_URL, 'dinov2': DINOV2_URL}
+WEIGHTS_FILES = "pytorch-fid's pt_inception-2015-12-05-6726825d.pth or DINOv2's dinov2_vitl14_pretrain.pth"
 
 class DetectorError(FileError):
     """A detector file that cannot be used; the message says why and what to do."""
@@ -49,9 +58,10 @@ class DetectorError(FileError):
 # The common interface: uint8 images in, float32 features out.
 
 class Detector:
-    def __init__(self, net, name, device, call_kwargs=None, feature_dim=None):
+    def __init__(self, net, name, device, call_kwargs=None, feature_dim=None, metric='fid'):
         self.net = net.eval().to(device)  # run under no_grad below; ScriptModules lack requires_grad_
         self.name = name
+        self.metric = metric  # the statistics it gives: 'fid' (Inception), 'fd_dinov2', 'fd_digits'
         self.device = torch.device(device)
         self.call_kwargs = dict(call_kwargs or {})
         if feature_dim is None:  # a TorchScript module: ask it, with one black image
@@ -232,16 +242,8 @@ class FIDInceptionV3(nn.Module):
             x = block(x)
         return F.adaptive_avg_pool2d(x, 1).flatten(1)  # [N, 2048, 8, 8] -> [N, 2048]
 
-def load_fid_inception(path, name=None):
-    """FIDInceptionV3 with the weights of a pytorch-fid state-dict file, checked strictly by name and shape."""
-    name = name or os.path.basename(str(path))
-    try:
-        state = torch.load(path, map_location='cpu', weights_only=True)
-    except Exception as err:
-        raise DetectorError(f'{name}: cannot be read as a weights file ({type(err).__name__}: {_first_line(err)}); '
-            'pass pytorch-fid\'s pt_inception-2015-12-05-6726825d.pth') from None
-    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise DetectorError(f'{name}: not a state dict of tensors; pass pytorch-fid\'s pt_inception-2015-12-05-6726825d.pth')
+def fid_inception_from_state(state, name):
+    """FIDInceptionV3 with the weights of a pytorch-fid state dict (see read_state_dict), checked strictly by name and shape."""
     net = FIDInceptionV3()
     expected = net.state_dict()
     state = dict(state)
@@ -260,6 +262,46 @@ def load_fid_inception(path, name=None):
 
 def _first_line(err):
     return (str(err).strip().splitlines() or [''])[0]
+
+#----------------------------------------------------------------------------
+# State-dict files (pytorch-fid's Inception, DINOv2): torch.load with weights_only, which builds
+# tensors and plain containers only and refuses any other global, so nothing in the file runs.
+
+def read_state_dict(path, name):
+    """The dict of tensors in a torch.save file (zip or legacy format); one DetectorError otherwise."""
+    remedy = f'pass {WEIGHTS_FILES}'
+    with open_detector_file(path) as f:
+        try:
+            state = torch.load(f, map_location='cpu', weights_only=True)
+        except Exception as err:
+            # weights_only's refusal starts with advice to load without it; what matters is the global.
+            refused = re.search(r'GLOBAL ([\w.]+)', str(err)) if str(err).startswith('Weights only load failed') else None
+            if refused:
+                raise DetectorError(f'{name}: refusing to load: the pickle references {refused.group(1)}, which a weights '
+                    f'file never needs (it could run code); {remedy}') from None
+            raise DetectorError(f'{name}: cannot be read as a weights file ({type(err).__name__}: {_first_line(err)}); '
+                f'{remedy}') from None
+    if not isinstance(state, dict):
+        raise DetectorError(f'{name}: holds a {type(state).__name__}, not a state dict of tensors; {remedy}')
+    for key, value in state.items():
+        if not isinstance(value, torch.Tensor):
+            raise DetectorError(f'{name}: {key!r} is a {type(value).__name__}, not a tensor: not a state dict of tensors; '
+                f'{remedy}')
+    return state
+
+def is_dinov2_state(state):
+    """DINOv2 weights name a class token and a position embedding; Inception's never do."""
+    return 'cls_token' in state or 'pos_embed' in state
+
+def load_dinov2(state, name):
+    """The FD-DINOv2 network (training/evaluation/dinov2.py) with the weights of a state dict, checked
+    to be exactly ViT-L/14's names and shapes; a one-line DetectorError naming the first difference."""
+    from training.evaluation import dinov2  # the ViT is built only when asked for
+    try:
+        return dinov2.from_state_dict(state)
+    except ValueError as err:
+        raise DetectorError(f'{name}: not a DINOv2 ViT-L/14 state dict: {err}; pass dinov2_vitl14_pretrain.pth '
+            '(--detector=dinov2 downloads it)') from None
 
 #----------------------------------------------------------------------------
 # NVIDIA's detector pickle, read with an allow-list of globals. A persistence record
@@ -282,13 +324,22 @@ def is_torchscript_archive(data_or_path):
     if isinstance(data_or_path, (bytes, bytearray)):
         if bytes(data_or_path[:4]) != b'PK\x03\x04':
             return False
-        data_or_path = io.BytesIO(data_or_path)
+        return _zip_is_torchscript(io.BytesIO(data_or_path))
+    with open_detector_file(data_or_path) as f:
+        return _zip_is_torchscript(f)
+
+def _zip_is_torchscript(f):
     try:
-        with zipfile.ZipFile(data_or_path) as z:
+        with zipfile.ZipFile(f) as z:
             names = z.namelist()
     except (zipfile.BadZipFile, OSError):
         return False
     return any(n.endswith('/constants.pkl') for n in names) and any('/code/' in n for n in names)
+
+# Every detector file is opened through this: a FIFO or a folder in its place is one error, not a hang.
+def open_detector_file(path):
+    return open_regular(path, 'give a detector file, or --detector=nvidia, pytorch-fid, dinov2 or digits',
+        error=DetectorError)
 
 def _find_archives(node, seen):
     """Every TorchScript archive (bytes) anywhere in an unpickled tree."""
@@ -308,18 +359,24 @@ def _find_archives(node, seen):
 def _describe(node):
     return node.class_name if isinstance(node, PersistentRecord) else type(node).__name__
 
-def _load_torchscript(data, name):
+def _load_torchscript(data_or_path, name):
+    """The TorchScript module of an archive (bytes) or a .pt file (a path)."""
     try:
         with warnings.catch_warnings():  # torch.jit is deprecated, but it is how the detector was shipped
             warnings.simplefilter('ignore', DeprecationWarning)
-            return torch.jit.load(io.BytesIO(data) if isinstance(data, (bytes, bytearray)) else data, map_location='cpu')
+            if isinstance(data_or_path, (bytes, bytearray)):
+                return torch.jit.load(io.BytesIO(data_or_path), map_location='cpu')
+            with open_detector_file(data_or_path) as f:
+                return torch.jit.load(f, map_location='cpu')
+    except DetectorError:
+        raise
     except Exception as err:
         raise DetectorError(f'{name}: the TorchScript module cannot be loaded ({type(err).__name__}: {_first_line(err)})') from None
 
 def torchscript_in_pickle(path, name=None):
     """The TorchScript archive (bytes) inside NVIDIA's detector pickle, without running the pickle's code."""
     name = name or os.path.basename(str(path))
-    with open(path, 'rb') as f:
+    with open_detector_file(path) as f:
         tree = read_detector_pickle(f, name)
     try:
         archives = _find_archives(tree, set())
@@ -351,8 +408,8 @@ def check_trusted(local, name, trust=False, official=False):
         'the file and its source, or use --detector=nvidia (downloaded from its official URL) or --detector=pytorch-fid')
 
 #----------------------------------------------------------------------------
-# One entry point: a URL, a path or an alias ('nvidia', 'pytorch-fid'); the file's content,
-# not its name, decides how it is read.
+# One entry point: a URL, a path or an alias ('nvidia', 'pytorch-fid', 'dinov2', 'digits'); the
+# file's content, not its name, decides how it is read.
 
 _LEGACY_TORCH_MAGIC = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)
 
@@ -361,34 +418,37 @@ def load_detector(spec=None, device='cpu', verbose=True, trust=False):
     trust: run a TorchScript file's code even if check_trusted cannot vouch for the file."""
     if spec == 'digits':  # the small classifier of the embedded digits dataset (FD-digits)
         from training.evaluation import digits
-        return Detector(digits.load_classifier(), 'digits', device, dict(return_features=True), digits.FEATURE_DIM)
+        return Detector(digits.load_classifier(), 'digits', device, dict(return_features=True), digits.FEATURE_DIM,
+            metric='fd_digits')
     spec = ALIASES.get(spec or 'nvidia', spec)
     name = os.path.basename(str(spec))
-    try:
-        official = spec == NVIDIA_INCEPTION_URL  # fetched again unless the cached file matches its record
-        local = download_cached(spec, verbose=verbose, verify=official)
+    official = spec == NVIDIA_INCEPTION_URL  # the one file whose TorchScript runs without trust
+    try:  # an official download is fetched again unless the cached file matches its record
+        local = download_cached(spec, verbose=verbose, verify=spec in (NVIDIA_INCEPTION_URL, DINOV2_URL))
     except (FileNotFoundError, IOError) as err:
         raise DetectorError(f'detector {err}') from None
-    with open(local, 'rb') as f:
+    with open_detector_file(local) as f:
         head = f.read(64)
-    call_kwargs, feature_dim = {}, None
-    if head.startswith(b'PK\x03\x04'):
-        if is_torchscript_archive(local):  # inception-2015-12-05.pt, or any TorchScript called the same way
-            check_trusted(local, name, trust, official)
-            net, call_kwargs = _load_torchscript(local, name), dict(return_features=True)
-        else:  # a torch.save zip: pytorch-fid weights
-            net, feature_dim = load_fid_inception(local, name), 2048
-    elif head.startswith(_LEGACY_TORCH_MAGIC):  # torch.save of PyTorch < 1.6: pytorch-fid weights
-        net, feature_dim = load_fid_inception(local, name), 2048
+    call_kwargs, feature_dim, metric = {}, None, 'fid'
+    # inception-2015-12-05.pt, or any TorchScript called the same way
+    if head.startswith(b'PK\x03\x04') and is_torchscript_archive(local):
+        check_trusted(local, name, trust, official)
+        net, call_kwargs = _load_torchscript(local, name), dict(return_features=True)
+    elif head.startswith(b'PK\x03\x04') or head.startswith(_LEGACY_TORCH_MAGIC):  # torch.save: a state dict
+        state = read_state_dict(local, name)
+        if spec == DINOV2_URL or is_dinov2_state(state):
+            net, metric = load_dinov2(state, name), 'fd_dinov2'
+            feature_dim = net.vit.dim
+        else:
+            net, feature_dim = fid_inception_from_state(state, name), 2048
     elif head[:1] == b'\x80':  # a plain pickle: NVIDIA's detector
         archive = torchscript_in_pickle(local, name)
         check_trusted(local, name, trust, official)
         net, call_kwargs = _load_torchscript(archive, name), dict(return_features=True)
     else:
-        raise DetectorError(f'{name}: not a detector file (NVIDIA inception-2015-12-05.pkl/.pt or pytorch-fid '
-            'pt_inception-2015-12-05-6726825d.pth)')
+        raise DetectorError(f'{name}: not a detector file (NVIDIA inception-2015-12-05.pkl/.pt, {WEIGHTS_FILES})')
     try:
-        return Detector(net, name, device, call_kwargs, feature_dim)
+        return Detector(net, name, device, call_kwargs, feature_dim, metric)
     except DetectorError:
         raise
     except Exception as err:

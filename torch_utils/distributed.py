@@ -9,7 +9,7 @@ import time
 import torch
 import torch.distributed as dist
 
-from torch_utils.errors import EvaluationError, UserError, describe_exception
+from torch_utils.errors import EvaluationError, OptionError, UserError, describe_exception
 
 #----------------------------------------------------------------------------
 # Join the process group torchrun describes in the environment (RANK, WORLD_SIZE,
@@ -102,11 +102,36 @@ def get_rank():
 def get_world_size():
     return dist.get_world_size() if is_distributed() else 1
 
-def device():
-    """This rank's device: its GPU under torchrun with CUDA, else the CPU."""
-    if torch.cuda.is_available():
-        return torch.device('cuda', int(os.environ.get('LOCAL_RANK', '0')))
-    return torch.device('cpu')
+# The one reader of --device: a device this machine lacks is refused in one line before any work
+# (torch would fail later, on the first tensor moved there, with a traceback).
+def device(requested=None):
+    """This rank's device: `requested` (a --device such as 'cpu', 'cuda' or 'cuda:1') if this
+    machine has it, else OptionError; by default its GPU under torchrun with CUDA, else the CPU."""
+    if requested is None:
+        if torch.cuda.is_available():
+            return torch.device('cuda', int(os.environ.get('LOCAL_RANK', '0')))
+        return torch.device('cpu')
+    try:
+        chosen = torch.device(requested)
+    except (RuntimeError, TypeError):
+        raise OptionError(f'--device {requested!r} is not a device; use cpu, cuda or cuda:N') from None
+    if chosen.type == 'cpu':
+        return chosen
+    count = _device_count(chosen.type)
+    if count == 0:
+        raise OptionError(f'--device {requested}: this machine has no {chosen.type} device that torch '
+            f'{torch.__version__} can use; use --device cpu, or leave --device out (a GPU if there is one, else the CPU)')
+    if chosen.index is not None and chosen.index >= count:
+        raise OptionError(f'--device {requested}: this machine has {count} {chosen.type} device(s), '
+            f'{chosen.type}:0 to {chosen.type}:{count - 1}; choose one of them')
+    return chosen
+
+# Devices of one type that torch can use here: CUDA GPUs, or those of the accelerator torch was built for (MPS, XPU).
+def _device_count(kind):
+    if kind == 'cuda':
+        return torch.cuda.device_count() if torch.cuda.is_available() else 0
+    accelerator = torch.accelerator.current_accelerator() if hasattr(torch, 'accelerator') else None
+    return torch.accelerator.device_count() if accelerator is not None and accelerator.type == kind else 0
 
 def print0(*args, **kwargs):
     if get_rank() == 0:

@@ -23,8 +23,9 @@ import warnings
 import numpy as np
 import torch
 
-from torch_utils.io.files import (FileError, atomic_save, check_digest, check_envelope, load_plain, nested_digest,
-    tensors_digest, tree_error)
+from torch_utils.cli.options import Range
+from torch_utils.io.files import (FileError, atomic_save, check_digest, check_envelope, load_plain, loads_bounded,
+    nested_digest, open_regular, tensors_digest, tree_error)
 from torch_utils.io.safe_pickle import PersistentRecord, PlainObject, UnsafePickleError, restricted_load
 from fdm.preconditioning import IgnoredOptionWarning, build_precond
 from fdm.io.safetensors_format import is_safetensors, read_safetensors, write_safetensors
@@ -93,20 +94,48 @@ def load_snapshot(f, name='snapshot'):
 
 # The description (JSON) and tensors of a snapshot, .pt or .safetensors, -> the loaded snapshot.
 def _from_description(description_json, tensors, name):
-    try:
-        description = json.loads(description_json)
-        class_name, init_kwargs = description['ema']['class_name'], description['ema']['init_kwargs']
-        if not isinstance(class_name, str) or not isinstance(init_kwargs, dict):
-            raise TypeError('class_name or init_kwargs has the wrong type')
-    except (KeyError, TypeError, ValueError, RecursionError) as err:
-        raise CheckpointError(f'{name}: the network description in the snapshot is damaged ({type(err).__name__}: {err}); '
-            'use another snapshot') from None
-    ema = rebuild_network(class_name, init_kwargs, tensors, name)
+    remedy = 'the description in the snapshot is damaged, use another snapshot'
+    if not isinstance(description_json, str):
+        raise CheckpointError(f'{name}: the network description is a {type(description_json).__name__}, not JSON text; {remedy}')
+    description = _checked_description(loads_bounded(description_json, f'{name}: the network description', remedy,
+        error=CheckpointError), name)
+    ema = rebuild_network(description['ema']['class_name'], description['ema']['init_kwargs'], tensors, name)
     return dict(description, ema=ema)
+
+# The parts of a description, as save_snapshot writes them: the network, and the loss and
+# augmentation pipe it was trained with (or null), each {"class_name": str, "init_kwargs": object};
+# the dataset's options and `extra` are an object or null. A part left out is null.
+DESCRIBED_OBJECTS = ('ema', 'loss_fn', 'augment_pipe')
+DESCRIBED_OPTIONS = ('dataset_kwargs', 'extra')
+
+def _checked_description(description, name):
+    """{part: value} of a parsed description, every part of its shape, or one CheckpointError."""
+    parts = {}
+    for key in DESCRIBED_OBJECTS + DESCRIBED_OPTIONS:
+        value = description.get(key)
+        if key in DESCRIBED_OBJECTS:
+            valid = (value is None and key != 'ema') or (isinstance(value, dict) and isinstance(value.get('class_name'), str)
+                and isinstance(value.get('init_kwargs'), dict))
+            shape = '{"class_name": ..., "init_kwargs": {...}}' + (' or null' if key != 'ema' else '')
+        else:
+            valid, shape = value is None or isinstance(value, dict), 'an object or null'
+        if not valid:
+            found = 'missing' if value is None else f'{_json_kind(value)} {_short(value)}'
+            raise CheckpointError(f'{name}: the description in the snapshot is damaged (its "{key}" is {found}, not {shape}); '
+                'use another snapshot')
+        parts[key] = value
+    return parts
+
+def _json_kind(value):
+    return {dict: 'an object', list: 'a list', str: 'a string', bool: 'a boolean'}.get(type(value), 'a number')
+
+def _short(value, limit=40):
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + '...'
 
 def rebuild_network(class_name, init_kwargs, state, name):
     _check_tensors(state, name)
-    _check_image_kwargs(init_kwargs, name)
+    _check_init_kwargs(init_kwargs, name)
     net = _build_within_budget(class_name, init_kwargs, state, name)
     missing, unexpected = _compare_keys(net.state_dict(), state)
     if missing or unexpected:
@@ -118,21 +147,78 @@ def rebuild_network(class_name, init_kwargs, state, name):
         raise CheckpointError(f'{name}: tensor shapes do not match {class_name}: {str(err).splitlines()[-1].strip()}') from None
     return net
 
-# The network is sampled at the resolution the file states: latents of [batch, C, 32768, 32768]
-# are 12 GB an image. Bound what no real network exceeds (EDM's largest is 64x64), and require
-# a resolution the U-Net can halve at each of its levels.
-IMAGE_LIMITS = dict(img_resolution=(1, 4096), img_channels=(1, 4), label_dim=(0, 100000))
+#----------------------------------------------------------------------------
+# The valid range of every numeric constructor argument of the preconditioners
+# (fdm/preconditioning.py) and U-Nets (fdm/networks.py). A network file states these values, and
+# one outside its range is refused before anything is built: sigma_data=NaN gave black images,
+# dropout=NaN a traceback, img_resolution=32768 latents of 12 GB an image. train.py's --dropout,
+# --fdm-multiplier and --cbase take their ranges from here (training/config.py). The bounds are
+# generous where nothing else sets them: EDM's largest network is 64x64 (its datasets 512x512);
+# VP's sigma(1) = sqrt(e^(beta_d / 2 + beta_min) - 1) stays finite in float32 (below e^88);
+# iDDPM builds its sigma table in a loop of M steps (the reference's M is 1000; 10,000 take 1.6 s
+# on one CPU thread). Absent arguments take the constructor's defaults, which are valid.
+NETWORK_RANGES = dict(
+    # Every preconditioner.
+    img_resolution=Range(min=1, max=4096, integer=True), img_channels=Range(min=1, max=4, integer=True),
+    label_dim=Range(min=0, max=100_000, integer=True),
+    # The schedules (VP, VE, iDDPM, EDM) and FDM's momentum scaling s(sigma).
+    beta_d=Range(min=0, max=100, min_open=True), beta_min=Range(min=0, max=20),
+    epsilon_t=Range(min=0, max=1, min_open=True, max_open=True), M=Range(min=2, max=10_000, integer=True),
+    C_1=Range(min=0, max=1, min_open=True, max_open=True), C_2=Range(min=0, max=1),
+    sigma_min=Range(min=0, max=1e5), sigma_max=Range(min=0, min_open=True, allow_inf=True),
+    sigma_data=Range(min=0, max=100, min_open=True),
+    fdm_beta_d=Range(min=0, max=100), fdm_beta_min=Range(min=0, max=100), fdm_multiplier=Range(min=0, max=100),
+    # The U-Nets; a list argument has each of its entries in the range.
+    model_channels=Range(min=1, max=4096, integer=True), channel_mult=Range(min=1, max=64, integer=True),
+    channel_mult_emb=Range(min=1, max=64, integer=True), channel_mult_noise=Range(min=1, max=64, integer=True),
+    num_blocks=Range(min=1, max=64, integer=True), attn_resolutions=Range(min=1, max=4096, integer=True),
+    augment_dim=Range(min=0, max=1000, integer=True), dropout=Range(min=0, max=1), label_dropout=Range(min=0, max=1),
+    resample_filter=Range(min=0, max=100, min_open=True),
+)
 
-def _check_image_kwargs(init_kwargs, name):
-    for key, (lo, hi) in IMAGE_LIMITS.items():
-        value = init_kwargs.get(key, lo)
-        if type(value) is not int or not lo <= value <= hi:
-            raise CheckpointError(f'{name}: the stored {key}={value!r} is outside {lo}..{hi}; the file is damaged '
-                'or not a network snapshot of this code')
-    levels = init_kwargs.get('channel_mult')
-    if isinstance(levels, (list, tuple)) and levels and init_kwargs.get('img_resolution', 1) % (1 << min(len(levels) - 1, 13)):
-        raise CheckpointError(f'{name}: the stored img_resolution={init_kwargs["img_resolution"]} cannot be halved '
-            f'{len(levels) - 1} times by the U-Net; the file is damaged or not a network snapshot of this code')
+# The list arguments and how many entries each may have: a channel multiplier per resolution
+# (4096 halves 12 times), a 1-D FIR filter of a few taps.
+LIST_LENGTHS = dict(channel_mult=(1, 13), attn_resolutions=(0, 13), resample_filter=(1, 8))
+
+def _argument_problem(key, value):
+    """None, or why `value` is no valid constructor argument `key` ('is not ...')."""
+    bounds = NETWORK_RANGES[key]
+    # An integer must be an int: a float would reach range() and tensor shapes.
+    valid = lambda v: bounds.problem(v) is None and (type(v) is int or not bounds.integer)
+    kind = 'integer' if bounds.integer else 'finite number' if not bounds.allow_inf else 'number'
+    if key in LIST_LENGTHS:
+        lo, hi = LIST_LENGTHS[key]
+        if isinstance(value, (list, tuple)) and lo <= len(value) <= hi and all(valid(v) for v in value):
+            return None
+        return f'is not a list of {lo} to {hi} {kind}s in the range {bounds.describe()}'
+    return None if valid(value) else f'is not {"an" if kind == "integer" else "a"} {kind} in the range {bounds.describe()}'
+
+def resolution_problem(img_resolution, channel_mult):
+    """None, or why a U-Net of these channel multipliers cannot take img_resolution x img_resolution
+    images: each of its levels after the first halves the resolution, and the decoder doubles it
+    back, so it must be a multiple of 2^(levels - 1)."""
+    factor = 1 << (len(channel_mult) - 1)
+    if img_resolution % factor == 0:
+        return None
+    lower, upper = img_resolution - img_resolution % factor, img_resolution - img_resolution % factor + factor
+    return (f'{img_resolution}x{img_resolution} images do not fit a U-Net of {len(channel_mult)} resolutions, which halves '
+        f'them at each level below the first: the resolution must be a multiple of {factor} '
+        f'(e.g. {", ".join(str(r) for r in (lower, upper) if r > 0)})')
+
+def _check_init_kwargs(init_kwargs, name):
+    remedy = 'the file is damaged or not a network snapshot of this code'
+    for key, value in init_kwargs.items():
+        problem = _argument_problem(key, value) if key in NETWORK_RANGES else None
+        if problem is not None:
+            raise CheckpointError(f'{name}: the stored {key}={_short(value)} {problem}; {remedy}')
+    sigma_min, sigma_max = init_kwargs.get('sigma_min'), init_kwargs.get('sigma_max')
+    if sigma_min is not None and sigma_max is not None and not sigma_min < sigma_max:
+        raise CheckpointError(f'{name}: the stored sigma_min={sigma_min} is not below sigma_max={sigma_max}; {remedy}')
+    resolution, levels = init_kwargs.get('img_resolution'), init_kwargs.get('channel_mult')
+    problem = resolution_problem(resolution, levels) if resolution is not None and levels is not None else None
+    if problem is not None:
+        raise CheckpointError(f'{name}: the stored img_resolution={resolution} does not fit the stored channel_mult: '
+            f'{problem}; {remedy}')
 
 # The constructor arguments come from the file: build under a budget, so that they cannot make
 # us build a network far larger than the file's tensors (minutes of initialisation, or all the
@@ -255,18 +341,18 @@ def load_reference_pickle(f, name='pickle'):
     if not isinstance(data, dict) or not isinstance(data.get('ema'), PersistentRecord):
         raise CheckpointError(f'{name}: not an EDM/FDM network snapshot (expected a dict with an "ema" network)')
     try:
-        ema_desc = record_description(data['ema'])
+        description = dict(ema=record_description(data['ema']), loss_fn=record_description(data.get('loss_fn')),
+            augment_pipe=record_description(data.get('augment_pipe')),
+            dataset_kwargs=_plain(data['dataset_kwargs']) if data.get('dataset_kwargs') is not None else None)
         tensors = record_tensors(data['ema'])
-        loss_desc = record_description(data.get('loss_fn'))
-        augment_desc = record_description(data.get('augment_pipe'))
-        dataset_kwargs = _plain(data['dataset_kwargs']) if data.get('dataset_kwargs') is not None else None
     except CheckpointError as err:
         raise CheckpointError(f'{name}: {err}') from None
     except (AttributeError, KeyError, TypeError, ValueError, RecursionError) as err:  # a tree of the wrong shape
         raise CheckpointError(f'{name}: not an EDM/FDM network snapshot (unexpected structure: '
             f'{type(err).__name__}: {err})') from None
-    ema = rebuild_network(ema_desc['class_name'], ema_desc['init_kwargs'], tensors, name)
-    return dict(ema=ema, loss_fn=loss_desc, augment_pipe=augment_desc, dataset_kwargs=dataset_kwargs, extra=None)
+    description = _checked_description(description, name)
+    ema = rebuild_network(description['ema']['class_name'], description['ema']['init_kwargs'], tensors, name)
+    return dict(description, ema=ema)
 
 #----------------------------------------------------------------------------
 # One entry point for users.
@@ -278,9 +364,9 @@ def load_network_file(path_or_url, name=None):
         local = download_cached(path_or_url)
     except FileNotFoundError as err:
         raise CheckpointError(str(err)) from None
-    if is_safetensors(local):
-        return _from_description(*read_safetensors(local, name, error=CheckpointError), name)
-    with open(local, 'rb') as f:
+    with open_regular(local, 'pass a network snapshot (.pt, .safetensors or an EDM/FDM .pkl)', error=CheckpointError) as f:
+        if is_safetensors(f):
+            return _from_description(*read_safetensors(local, name, error=CheckpointError), name)
         magic = f.read(4)
         f.seek(0)
         if magic.startswith(b'PK'):  # torch.save zip container: ours

@@ -11,19 +11,21 @@ import os
 import safetensors
 import safetensors.torch
 
-from torch_utils.io.files import FileError, atomic_write, nested_digest
+from torch_utils.io.files import FileError, atomic_write, nested_digest, open_regular
 
 FORMAT_NAME = 'fdm-snapshot'
 FORMAT_VERSION = '1'
 MAX_HEADER_BYTES = 64 << 20  # the JSON header of a network this code can build is far smaller
 
-def is_safetensors(path):
-    """Whether the file starts as a safetensors file: an 8-byte little-endian header length, then '{'."""
-    with open(path, 'rb') as f:
-        head = f.read(9)
+def is_safetensors(f):
+    """Whether an open binary file starts as a safetensors file: an 8-byte little-endian header
+    length, then '{'. Reads from the start and leaves the file there."""
+    f.seek(0)
+    head = f.read(9)
+    f.seek(0)
     if len(head) < 9 or head[8:9] != b'{':
         return False
-    return 0 < int.from_bytes(head[:8], 'little') <= os.path.getsize(path) - 8
+    return 0 < int.from_bytes(head[:8], 'little') <= os.fstat(f.fileno()).st_size - 8
 
 def write_safetensors(path, description, tensors):
     """description: the JSON string of our snapshot; tensors: {name: tensor} of the denoiser."""
@@ -36,7 +38,7 @@ def write_safetensors(path, description, tensors):
 def read_safetensors(path, name, error=FileError):
     """(description JSON string, {name: tensor}) of a file written by write_safetensors, checked."""
     remedy = 'the file is damaged or not a network snapshot; use another file'
-    with open(path, 'rb') as f:
+    with open_regular(path, remedy, error=error) as f:  # safe_open takes a path: refuse a FIFO or a folder first
         header_bytes = int.from_bytes(f.read(8), 'little')
     if header_bytes > MAX_HEADER_BYTES:
         raise error(f'{name}: a safetensors header of {header_bytes} bytes is not a network snapshot; {remedy}')

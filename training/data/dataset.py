@@ -19,12 +19,14 @@ import numpy as np
 import PIL.Image
 import torch
 
+from fdm.io.network_files import NETWORK_RANGES
 from torch_utils.errors import FileError, describe_exception
+from torch_utils.io.files import open_regular
 
 #----------------------------------------------------------------------------
 # A problem with the user's data; the message is one sentence that ends with what to do.
 
-MAX_CLASSES = 100_000  # one-hot labels beyond this are a broken dataset.json, not a dataset
+MAX_CLASSES = NETWORK_RANGES['label_dim'].max  # one-hot labels beyond the largest label_dim are a broken dataset.json
 
 class DatasetError(FileError):
     pass
@@ -123,6 +125,11 @@ def parse_labels_json(open_file, declared_size, num_images, where, remedy, error
                 'use a class index or a shorter label vector.')
     return {name.replace('\\', '/'): label for name, label in labels}
 
+# The largest side of a training image: that of the largest network a snapshot may describe
+# (EDM's datasets go to 512x512). Checked from the first header, so that a highly compressed
+# 9000x9000 PNG (a few hundred bytes in a zip) is refused before a pixel is decoded.
+MAX_RESOLUTION = NETWORK_RANGES['img_resolution'].max
+
 # Pillow modes that decode to uint8 arrays, and their channel counts. Palette ('P'), 1-bit,
 # 16-bit and float images are refused rather than silently fed to training as raw numbers.
 _MODE_CHANNELS = {'L': 1, 'LA': 2, 'RGB': 3, 'RGBA': 4}
@@ -196,16 +203,18 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     # shares its file offset with the parent, and open handles cannot be pickled.
     def _get_zipfile(self):
         if self._zipfile is None or self._zip_pid != os.getpid():
+            f = open_regular(self._path, 'pass a folder of images or a .zip made by dataset_tool.py', error=DatasetError)
             try:
-                self._zipfile = zipfile.ZipFile(self._path)
+                self._zipfile = zipfile.ZipFile(f)
             except (zipfile.BadZipFile, OSError, NotImplementedError, UnicodeDecodeError, RuntimeError) as err:
+                f.close()
                 raise DatasetError(f"Cannot read '{self._path}' as a zip file ({describe_exception(err)}); recreate it with dataset_tool.py.") from None
             self._zip_pid = os.getpid()
         return self._zipfile
 
     def _open_file(self, fname):
         if self._type == 'dir':
-            return open(os.path.join(self._path, fname), 'rb')
+            return open_regular(os.path.join(self._path, fname), 'replace it with a regular file', error=DatasetError)
         return self._get_zipfile().open(fname, 'r')
 
     # Bytes of a file as the folder or the zip's directory declares them (nothing is read).
@@ -230,6 +239,10 @@ class ImageFolderDataset(torch.utils.data.Dataset):
             shape = self._header_shape(fname)
             if first_shape is None:
                 first_fname, first_shape = fname, shape
+                if max(shape[1:]) > MAX_RESOLUTION:
+                    raise DatasetError(f"Image '{fname}' in '{self._path}' is {shape[2]}x{shape[1]} (WxH), larger than the "
+                        f'{MAX_RESOLUTION}x{MAX_RESOLUTION} of the largest network trained here; shrink the images, e.g. with '
+                        'dataset_tool.py --resolution=512x512.')
                 if shape[1] != shape[2]:
                     raise DatasetError(f"Image '{fname}' in '{self._path}' is {shape[2]}x{shape[1]} (WxH) but training needs square images; "
                         'crop them, e.g. with dataset_tool.py --transform=center-crop.')
@@ -287,7 +300,10 @@ class ImageFolderDataset(torch.utils.data.Dataset):
     # Release the zip handle of this process (a new one is opened on the next read).
     def close(self):
         if self._zipfile is not None and self._zip_pid == os.getpid():
+            handle = self._zipfile.fp  # a zip opened from a file object leaves that file open
             self._zipfile.close()
+            if handle is not None:
+                handle.close()
         self._zipfile = None
         self._zip_pid = None
 

@@ -18,6 +18,7 @@ import numpy as np
 import PIL.Image
 
 from torch_utils.errors import OptionError, describe_exception
+from torch_utils.io.files import open_regular
 from torch_utils.io.safe_pickle import ARRAY_GLOBALS, ForbiddenGlobalError, UnsafePickleError, restricted_load
 from training.data.dataset import DatasetError, is_image_name, list_folder, parse_labels_json, read_image
 
@@ -39,6 +40,10 @@ def _decode_image(open_file, name):
 def _labels_of(open_file, declared_size, num_images, where):
     return parse_labels_json(open_file, declared_size, num_images, where, 'fix it or delete it', error=DatasetError)
 
+# A file of the source opened by name: a regular file, or one DatasetError (a FIFO would block).
+def _open(path):
+    return open_regular(path, 'replace it with a regular file', error=DatasetError)
+
 #----------------------------------------------------------------------------
 # Image folders and zips.
 
@@ -51,7 +56,7 @@ def open_image_folder(path, max_images=None):
         raise DatasetError(f"No image files found in folder '{path}'; point --source at a folder of images Pillow can read (e.g. .png, .jpg).")
     json_path = os.path.join(path, 'dataset.json')
     if 'dataset.json' in names:
-        label_of = _labels_of(lambda: open(json_path, 'rb'), os.stat(json_path).st_size, len(fnames), f"dataset.json in '{path}'") or {}
+        label_of = _labels_of(lambda: _open(json_path), os.stat(json_path).st_size, len(fnames), f"dataset.json in '{path}'") or {}
     else:
         class_names = sorted({fname.split('/')[0] for fname in fnames if '/' in fname})
         nested = all('/' in fname for fname in fnames)
@@ -61,19 +66,22 @@ def open_image_folder(path, max_images=None):
 
     def iterate():
         for fname in fnames:
-            image = _decode_image(lambda: open(os.path.join(path, fname), 'rb'), fname)
+            image = _decode_image(lambda: _open(os.path.join(path, fname)), fname)
             yield fname, image, label_of.get(fname)
     return len(fnames), iterate()
 
 # A .zip of images; labels from the dataset.json at its root.
 def open_image_zip(path, max_images=None):
+    f = _open(path)
     try:
-        archive = zipfile.ZipFile(path)
+        archive = zipfile.ZipFile(f)
     except (zipfile.BadZipFile, OSError) as err:
+        f.close()
         raise DatasetError(f"Cannot read '{path}' as a zip file ({describe_exception(err)}); check the download.") from None
     names = sorted(name for name in archive.namelist() if not name.endswith('/') and is_image_name(name))
     if not names:
         archive.close()
+        f.close()
         raise DatasetError(f"No image files found in '{path}'; the zip must contain images Pillow can read (e.g. .png, .jpg).")
     label_of = {}
     if 'dataset.json' in archive.namelist():
@@ -82,7 +90,7 @@ def open_image_zip(path, max_images=None):
     names = names[:max_images]
 
     def iterate():
-        with archive:
+        with f, archive:
             for name in names:
                 yield name, _decode_image(lambda: archive.open(name), name), label_of.get(name)
     return len(names), iterate()
@@ -125,7 +133,7 @@ def open_cifar10(path, max_images=None):
     members = [f'cifar-10-batches-py/data_batch_{batch}' for batch in range(1, 6)]
     batches = {}
     try:
-        with tarfile.open(path, 'r:gz') as tar:
+        with _open(path) as f, tarfile.open(fileobj=f, mode='r:gz') as tar:
             for info in tar:
                 if info.name in members:
                     batches[info.name] = _load_cifar_batch(tar, info, f"'{info.name}' in '{path}'")
@@ -147,8 +155,8 @@ def open_cifar10(path, max_images=None):
 
 def _read_idx(path, ndim):
     try:
-        with gzip.open(path, 'rb') as f:
-            raw = f.read()
+        with _open(path) as f, gzip.open(f, 'rb') as unzipped:
+            raw = unzipped.read()
     except (OSError, EOFError, zlib.error) as err:
         raise DatasetError(f"Cannot read '{path}' as a gzip file ({describe_exception(err)}); download it again.") from None
     header = 4 + 4 * ndim

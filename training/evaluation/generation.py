@@ -31,7 +31,7 @@ from fdm.samplers import SAMPLERS, PerSeedGenerator, sampler_nfe, sampler_settin
 from torch_utils import distributed, precision as precision_lib
 from torch_utils.cli.compile_modes import resolve_compile_mode
 from torch_utils.errors import EvaluationError, describe_exception
-from torch_utils.io.files import atomic_write, check_destination, jsonable, nested_digest, write_json
+from torch_utils.io.files import atomic_write, check_destination, jsonable, nested_digest, open_regular, write_json
 from torch_utils.cli.options import Range, check_options
 from torch_utils.io.download import download_cached, file_sha256, is_url
 from training.data.dataset import is_image_name
@@ -59,13 +59,18 @@ def parse_seeds(s):
 SAMPLER_DEFAULTS = {name: value for name, value in sampler_settings('edm').items()
     if name in ('num_steps', 'rho', 'S_churn', 'S_min', 'S_max', 'S_noise')}
 
-# The valid range of each sampler option, checked here and by the click types of generate.py and
-# fid.py. sigma: the noise levels the networks know end at 80 (EDM), 100 (VE), 152 (VP) and ~2e4
-# (iDDPM's u_0), and DPM-Solver++ does not clamp to the network's range, so 1e-6..1e5 is generous;
+# The valid range of each sampler option, checked here and by the click types of generate.py,
+# fid.py and the tables (training/tools/tables.py). Steps: at most MAX_STEPS, ten times the 1000
+# of DDPM's ancestral sampler and more than any convergence study of EDM or FDM uses; --steps=1e10
+# allocated all the memory for its time steps. sigma: the noise levels the networks know end at
+# 80 (EDM), 100 (VE), 152 (VP) and ~2e4 (iDDPM's u_0), and DPM-Solver++ does not clamp to the
+# network's range, so 1e-6..1e5 is generous;
 # sigma_max=1e30 gave black images. rho: sigma^(1/rho) must stay finite in float64.
 # S_max=inf means no upper limit on the noise levels that get churn.
+MAX_STEPS = 10_000
+
 SAMPLER_RANGES = dict(
-    num_steps=Range(min=1, integer=True), sigma_min=Range(min=1e-6, max=1e5), sigma_max=Range(min=1e-6, max=1e5),
+    num_steps=Range(min=1, max=MAX_STEPS, integer=True), sigma_min=Range(min=1e-6, max=1e5), sigma_max=Range(min=1e-6, max=1e5),
     rho=Range(min=0.1, max=1000), S_churn=Range(min=0), S_min=Range(min=0), S_max=Range(min=0, allow_inf=True),
     S_noise=Range(min=0, max=10), dpm_order=Range(min=1, max=3, integer=True), class_idx=Range(min=0, integer=True),
     max_batch_size=Range(min=1, integer=True))
@@ -167,9 +172,13 @@ def save_images(images, batch_seeds, outdir, subdirs):
         os.makedirs(os.path.dirname(path), exist_ok=True)
         save_png(image, path)
 
+def _read_png(path):
+    with open_regular(path, 'generate the images again', error=EvaluationError) as f:
+        return np.asarray(PIL.Image.open(f))
+
 # Read the saved images back (any rank may have written them) and tile them into one PNG.
 def save_grid(outdir, seeds, subdirs, path, min_width=GRID_MIN_WIDTH):
-    images = np.stack([np.asarray(PIL.Image.open(image_path(outdir, s, subdirs))) for s in seeds])
+    images = np.stack([_read_png(image_path(outdir, s, subdirs)) for s in seeds])
     images = images[..., None] if images.ndim == 3 else images  # grayscale -> [N, H, W, 1]
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     save_png(make_grid(images, min_width=min_width), path)
@@ -331,8 +340,8 @@ def check_outdir(outdir, settings, what='--outdir'):
             raise EvaluationError(f"{what} '{outdir}' holds images but no {OPTIONS_FILE}, so what made them is unknown; {remedy}")
         return True
     try:
-        with open(path, encoding='utf-8') as f:
-            recorded = json.load(f)
+        with open_regular(path, remedy, error=EvaluationError) as f:
+            recorded = json.loads(f.read())
     except (OSError, ValueError) as err:
         raise EvaluationError(f"{what} '{outdir}': its {OPTIONS_FILE} cannot be read ({describe_exception(err)}); {remedy}") from None
     if not isinstance(recorded, dict) or 'network_sha256' not in recorded:
@@ -363,11 +372,11 @@ def _is_whole_png(path):
     # The writer renames only complete files, but PNGs are not fsynced: after a power cut a file
     # may be empty or cut short. Either fails this test and is made again.
     try:
-        with open(path, 'rb') as f:
+        with open_regular(path, 'it is made again', error=EvaluationError) as f:  # a FIFO is not a PNG
             head = f.read(len(PNG_SIGNATURE))
             f.seek(-len(PNG_END), os.SEEK_END)
             return head == PNG_SIGNATURE and f.read() == PNG_END
-    except OSError:
+    except (OSError, EvaluationError):
         return False
 
 def saved_seeds(outdir, seeds, subdirs):
@@ -453,10 +462,7 @@ def generate(network, outdir, seeds=range(64), subdirs=False, class_idx=None, ma
     if grid is not None:
         check_destination(grid, '--grid')
     sampler_name, sampler_kwargs, ignored = select_sampler(**sampler_options)
-    try:
-        device = torch.device(device) if device is not None else distributed.device()
-    except RuntimeError as err:
-        raise EvaluationError(f'--device {device!r} is not a device ({err}); use e.g. cpu, cuda or cuda:1') from None
+    device = distributed.device(device)
     precision_lib.configure(precision, device)
     rank, world_size = distributed.get_rank(), distributed.get_world_size()
     log = (lambda *args: print(*args, flush=True)) if (verbose and rank == 0) else (lambda *args: None)

@@ -32,11 +32,21 @@ def _float_list(ctx, param, value):
         raise click.BadParameter(f'{value!r}: give positive numbers of kimg, e.g. 50000,100000')
     return sorted(set(out))
 
-def _int_list(ctx, param, value):
+# --nfe: at most generate.py's step bound, since DPM-Solver++ makes one network evaluation per step.
+NFE_RANGE = Range(min=1, max=generation.MAX_STEPS, integer=True)
+
+# --protocol N: three seed ranges of N images, within the seeds one run may take (as fid.py protocol --num).
+PROTOCOL_RANGE = Range(min=2, max=generation.MAX_SEEDS // 3, integer=True)
+
+def _nfe_list(ctx, param, value):
     try:
-        return sorted(set(dnnlib.util.parse_int_list(value, minimum=1, max_items=1000)))
+        out = sorted(set(dnnlib.util.parse_int_list(value, minimum=1, max_items=1000)))
     except ValueError as err:
         raise click.BadParameter(str(err)) from None
+    problem = next((NFE_RANGE.problem(n) for n in out if NFE_RANGE.problem(n) is not None), None)
+    if problem is not None:
+        raise click.BadParameter(f'{problem}; give network evaluations per image like 25,49,79')
+    return out
 
 def _solvers(ctx, param, value):
     out = [s.strip() for s in value.split(',') if s.strip()]
@@ -56,7 +66,7 @@ def _scoring_options(fn):
         click.option('--ref', 'ref', help='Reference statistics (fid.py ref)', metavar='NPZ|URL', required=True),
         click.option('--outdir', help='Where results.md/json/png and the cache go', metavar='DIR', required=True),
         click.option('--seeds', help='Seeds of each FID', metavar='LIST', type=generation.parse_seeds, default='0-49999', show_default=True),
-        click.option('--protocol', 'protocol_num', help='Instead: three seed ranges of N images, minimum (and mean, std) as fid.py protocol', metavar='N', type=option_type(Range(min=2, integer=True))),
+        click.option('--protocol', 'protocol_num', help='Instead: three seed ranges of N images, minimum (and mean, std) as fid.py protocol', metavar='N', type=option_type(PROTOCOL_RANGE)),
         click.option('--batch', help='Maximum batch size per GPU', metavar='INT', type=option_type(Range(min=1, integer=True)), default=64, show_default=True),
         click.option('--precision', help='Network precision while sampling', type=click.Choice(list(precision_lib.PRECISIONS)), default='fp32', show_default=True),
         click.option('--detector', help='Feature detector as in fid.py: URL, path, "nvidia", "pytorch-fid" or "digits"', metavar='URL|PATH'),
@@ -76,7 +86,7 @@ def main():
 @click.option('--kimg', help='Training durations (kimg), or "all" snapshots', metavar='LIST|all', callback=_float_list, default='all', show_default=True)
 @click.option('--tolerance', help='Largest relative distance of a snapshot from its --kimg', metavar='FLOAT', type=option_type(Range(min=0)), default=0.05, show_default=True)
 @click.option('--solver', help='Sampler, as in generate.py', type=click.Choice(list(tables.SOLVER_TITLES)), default='edm', show_default=True)
-@click.option('--steps', help='Sampling steps', metavar='INT', type=option_type(Range(min=1, integer=True)), default=18, show_default=True)
+@click.option('--steps', help='Sampling steps', metavar='INT', type=option_type(generation.SAMPLER_RANGES['num_steps']), default=18, show_default=True)
 @_scoring_options
 def kimg(runs, kimg, tolerance, solver, steps, **kwargs):
     """FID against training images: one column per run, one row per duration."""
@@ -84,7 +94,7 @@ def kimg(runs, kimg, tolerance, solver, steps, **kwargs):
 
 @main.command()
 @click.argument('networks', nargs=-1, required=True, metavar='SNAPSHOT...')
-@click.option('--nfe', help='Network evaluations per image', metavar='LIST', callback=_int_list, default='25,49,79', show_default=True)
+@click.option('--nfe', help='Network evaluations per image', metavar='LIST', callback=_nfe_list, default='25,49,79', show_default=True)
 @click.option('--solver', 'solvers', help='Samplers, one table each', metavar='LIST', callback=_solvers, default='edm,dpm', show_default=True)
 @_scoring_options
 def nfe(networks, nfe, solvers, **kwargs):

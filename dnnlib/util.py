@@ -1,6 +1,7 @@
 """Attribute dicts, integer-list syntax, whole-line appends and the log tee."""
 
 import os
+import stat
 import re
 import sys
 
@@ -80,10 +81,18 @@ class Logger:
     def __init__(self, file_name, file_mode='a', error=OSError):
         self.file_name, self.error = file_name, error
         flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | (0 if 'a' in file_mode else os.O_TRUNC)
+        # Never through a symbolic link (nothing outside the run folder is written), and never
+        # blocking on a FIFO: only a regular file is logged to.
+        flags |= getattr(os, 'O_NOFOLLOW', 0) | getattr(os, 'O_NONBLOCK', 0)
         try:
             self.fd = os.open(file_name, flags, 0o666)
         except OSError as err:
-            raise error(f'cannot write {file_name} ({err.strerror}); free disk space or fix permissions') from None
+            raise error(f'cannot write {file_name} ({err.strerror}); free disk space or fix permissions, or remove '
+                'it if it is a symbolic link') from None
+        if not stat.S_ISREG(os.fstat(self.fd).st_mode):
+            os.close(self.fd)
+            raise error(f'cannot write {file_name}: it is not a regular file; remove it')
+        os.set_blocking(self.fd, True)
         self.stdout, self.stderr = sys.stdout, sys.stderr
         sys.stdout = _Tee(self.stdout, self)
         sys.stderr = _Tee(self.stderr, self)

@@ -10,7 +10,7 @@ import shutil
 import time
 
 import dnnlib
-from torch_utils.io.files import FileError, atomic_write, check_destination, write_json
+from torch_utils.io.files import FileError, atomic_write, check_destination, entry_problem, open_in_place, write_json
 from training.checkpoint import names
 
 #----------------------------------------------------------------------------
@@ -25,8 +25,10 @@ def next_run_dir(outdir, desc):
                 ids.append(int(m.group()))
     return os.path.join(outdir, f'{max(ids, default=-1) + 1:05d}-{desc}')
 
-# Every file a run writes, by name: a folder in the place of one would fail a write mid-run.
-RUN_FILE = re.compile(r'^(training_options\.json|command\.json|log\.txt|stats\.jsonl)$')
+# Every file a run writes, by name: a folder, FIFO or symbolic link in the place of one would fail a
+# write mid-run, block it, or carry it out of the folder.
+RUN_FILE = re.compile(r'^(training_options\.json|command\.json|log\.txt|stats\.jsonl|\.lock)$')
+TENSORBOARD_DIR = 'runs'  # --tensorboard's event files
 STEP_FILES = (names.SNAPSHOT_NAME, names.STATE_NAME, names.GRID_NAME, names.PHEMA_NAME)
 OWN_FILES = {'training_options.json', 'command.json', 'log.txt', '.lock'}  # what a run has written before its first tick
 
@@ -36,7 +38,7 @@ OWN_FILES = {'training_options.json', 'command.json', 'log.txt', '.lock'}  # wha
 # has written more than its options and log removes the folder again, if it made it.
 @contextlib.contextmanager
 def open_run_dir(run_dir, nosubdir, options, json_files=None):
-    check_run_dir(run_dir, nosubdir)
+    check_run_dir(run_dir, nosubdir, output_folders(options))
     created = not os.path.exists(run_dir)
     try:
         os.makedirs(run_dir, exist_ok=True)
@@ -64,17 +66,30 @@ def open_run_dir(run_dir, nosubdir, options, json_files=None):
         if lock is not None:
             os.close(lock)
 
-# Nothing is written yet: --outdir can be written, and no folder stands where a run file goes.
-def check_run_dir(run_dir, nosubdir):
+# The folders a run of these training options writes into, inside its run folder.
+def output_folders(options):
+    return [TENSORBOARD_DIR] if options.get('tensorboard') else []
+
+# Nothing is written yet: --outdir can be written, and every entry under a name the run writes is
+# what the run can write: its files and each step's files a regular file, `folders` (the ones it
+# writes into: output_folders) a folder of its own. Else one line naming the entry.
+def check_run_dir(run_dir, nosubdir, folders=()):
     if not nosubdir and os.path.exists(run_dir):
         raise FileError(f'{run_dir} already exists; choose another --outdir')
     check_destination(run_dir, '--outdir', folder=True, remedy='choose a writable --outdir')
     if not os.path.isdir(run_dir):
         return
     for name in sorted(os.listdir(run_dir)):
-        if (RUN_FILE.match(name) or any(p.match(name) for p in STEP_FILES)) and os.path.isdir(os.path.join(run_dir, name)):
-            raise FileError(f"'{os.path.join(run_dir, name)}' is a folder where the run writes a file; "
-                'remove it or choose another --outdir')
+        path = os.path.join(run_dir, name)
+        if name in folders:
+            own = os.path.isdir(path) and not os.path.islink(path)
+            problem, writes = (None if own else entry_problem(path) or 'is a file'), 'a folder of its own'
+        elif RUN_FILE.match(name) or any(p.match(name) for p in STEP_FILES):
+            problem, writes = entry_problem(path), 'a file'
+        else:
+            continue
+        if problem is not None:
+            raise FileError(f"'{path}' {problem} where the run writes {writes}; remove it or choose another --outdir")
     for name in ['log.txt', 'stats.jsonl']:
         check_destination(os.path.join(run_dir, name), name, append=True, remedy='fix it or choose another --outdir')
 
@@ -83,10 +98,7 @@ def check_run_dir(run_dir, nosubdir):
 # is closed (the system releases it when the process dies); the file names the holder's pid.
 def lock_run_dir(run_dir):
     path = os.path.join(run_dir, '.lock')
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o666)
-    except OSError as err:
-        raise FileError(f'cannot write {path} ({err.strerror}); choose a writable --outdir') from None
+    fd = open_in_place(path, os.O_RDWR | os.O_CREAT, 'remove it or choose a writable --outdir')
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
@@ -113,8 +125,8 @@ def tidy_interrupted_run(run_dir):
     for name in leftovers:
         os.remove(os.path.join(run_dir, name))
     stats = os.path.join(run_dir, 'stats.jsonl')
-    if os.path.isfile(stats):
-        with open(stats, 'rb+') as f:
+    if os.path.lexists(stats):
+        with os.fdopen(open_in_place(stats, os.O_RDWR, 'remove it or choose another --outdir'), 'rb+') as f:
             data = f.read()
             if data and not data.endswith(b'\n'):
                 f.truncate(data.rfind(b'\n') + 1)

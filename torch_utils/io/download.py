@@ -4,12 +4,12 @@ read from there afterwards; local paths and file:// URLs pass through. Next to e
 a cached file from one changed since (recorded_sha256)."""
 
 import hashlib
-import json
 import os
 import re
 import urllib.parse
 
-from torch_utils.io.files import atomic_write, write_json
+from torch_utils.errors import FileError
+from torch_utils.io.files import atomic_write, open_regular, read_json_bounded, write_json
 
 #----------------------------------------------------------------------------
 # Where downloads are kept: $FDM_CACHE_DIR, else ~/.cache/fdm.
@@ -22,9 +22,9 @@ def is_url(path):
     return re.match(r'^[a-z][a-z0-9+.-]*://', str(path)) is not None and not str(path).startswith('file://')
 
 def file_sha256(path):
-    """Hex SHA-256 of a file's bytes, read in chunks."""
+    """Hex SHA-256 of a file's bytes, read in chunks; FileError for anything but a regular file."""
     h = hashlib.sha256()
-    with open(path, 'rb') as f:
+    with open_regular(path, 'give a regular file') as f:
         for chunk in iter(lambda: f.read(1 << 20), b''):
             h.update(chunk)
     return h.hexdigest()
@@ -36,15 +36,16 @@ def cache_path(url):
     name = re.sub(r'[^0-9a-zA-Z._-]+', '_', os.path.basename(urllib.parse.urlparse(url).path)) or 'download'
     return cache_dir('downloads', f'{hashlib.md5(url.encode("utf-8")).hexdigest()}_{name}')
 
+MAX_RECORD_BYTES = 1 << 16  # a record holds a URL and a digest
+
 def recorded_sha256(url):
     """The SHA-256 recorded when `url` was downloaded into the cache, if the cached file still has
     it; None when it was never downloaded, has no record, or changed since."""
     dest = cache_path(url)
     try:
-        with open(dest + '.sha256', encoding='utf-8') as f:
-            record = json.load(f)
-        recorded = record['url'] == url and record['sha256'] == file_sha256(dest)
-    except (OSError, ValueError, KeyError, TypeError):
+        record = read_json_bounded(dest + '.sha256', MAX_RECORD_BYTES, 'it is downloaded again')
+        recorded = record.get('url') == url and record.get('sha256') == file_sha256(dest)
+    except (OSError, FileError):  # missing, damaged, or not a regular file: no record
         return None
     return record['sha256'] if recorded else None
 

@@ -104,7 +104,8 @@ def atomic_write(path, write, durable=True):
 def check_destination(path, what, folder=False, append=False, remedy=None):
     """Raise a one-line FileError unless `path` can be written: a file (or with folder=True a folder
     to write into) whose missing parent folders can be made in the nearest existing one, which
-    must be a writable folder. append: an existing file must also open for appending.
+    must be a writable folder. append: an existing entry must also open for appending, as a
+    regular file of its own (open_in_place).
     what: the option or file named in the message (e.g. '--grid')."""
     remedy = remedy or f'choose another {what}'
     path = os.fspath(path)
@@ -123,23 +124,58 @@ def check_destination(path, what, folder=False, append=False, remedy=None):
         fd, probe = tempfile.mkstemp(dir=existing, prefix='.tmp-write-test-', suffix='.part')
         os.close(fd)
         os.remove(probe)
-        if append and os.path.isfile(path):
-            os.close(os.open(path, os.O_WRONLY | os.O_APPEND))
     except OSError as err:
         raise FileError(f"cannot write to {what} '{path}' ({err.strerror}); {remedy}") from None
+    if append and os.path.lexists(path):
+        os.close(open_in_place(path, os.O_WRONLY | os.O_APPEND, remedy))
+
+# A file changed in place (appended to, truncated, locked) is the one write that a symbolic link
+# would carry out of its folder, and the one open that a FIFO would block: both are refused.
+# (Whole files go through atomic_write, whose rename replaces a link and never follows it.)
+def open_in_place(path, flags, remedy):
+    """os.open(path, flags) for a change in place, as a file descriptor; a one-line FileError naming
+    `path` and `remedy` if it is a symbolic link or anything but a regular file (O_CREAT makes it)."""
+    path = os.fspath(path)
+    try:
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK, 0o666)
+    except OSError as err:
+        problem = entry_problem(path)
+        raise FileError(f'cannot write {path}: it {problem}; {remedy}' if problem else
+            f'cannot write {path} ({err.strerror}); {remedy}') from None
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise FileError(f'cannot write {path}: it {entry_problem(path) or "is not a regular file"}; {remedy}')
+        os.set_blocking(fd, True)
+        return fd
+    except BaseException:
+        os.close(fd)
+        raise
+
+def entry_problem(path):
+    """None for a regular file or nothing at `path`; else what is there instead, for a message:
+    'is a symbolic link', 'is a folder' or 'is not a regular file (a FIFO, socket or device)'."""
+    try:
+        mode = os.lstat(path).st_mode
+    except OSError:
+        return None
+    if stat.S_ISLNK(mode):
+        return 'is a symbolic link'
+    if stat.S_ISDIR(mode):
+        return 'is a folder'
+    return None if stat.S_ISREG(mode) else 'is not a regular file (a FIFO, socket or device)'
 
 def append_line(path, line):
     """Append one line of text to `path` (made if missing) whole or not at all: a full disk leaves
     the file as it was, and the error is one FileError naming the file."""
+    fd = open_in_place(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT,
+        'make it a writable file of its own, then resume the run')
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o666)
-        try:
-            dnnlib.util.append_whole(fd, line.encode('utf-8'))
-        finally:
-            os.close(fd)
+        dnnlib.util.append_whole(fd, line.encode('utf-8'))
     except OSError as err:
         raise FileError(f'cannot write {path} ({err.strerror or err}); it ends with its last complete line; free disk '
             'space or fix permissions, then resume the run') from None
+    finally:
+        os.close(fd)
 
 def atomic_save(obj, path):
     """torch.save(obj) to `path` through atomic_write."""
@@ -328,6 +364,9 @@ def _update_digest(h, obj, depth):
 def load_plain(f, name, remedy, error=FileError):
     """torch.load(weights_only=True) of a path or file: tensors and plain containers only, so
     opening the file can never run code. Any failure is one `error` naming the file."""
+    if isinstance(f, (str, os.PathLike)):
+        with open_regular(f, remedy, error=error) as opened:
+            return load_plain(opened, name, remedy, error)
     try:
         return torch.load(f, map_location='cpu', weights_only=True)
     except Exception as err:

@@ -11,13 +11,14 @@ has '_', which sorts after both. (A '.' would sort 000000.032.pt before 000000.p
 still order by the parsed number, never by the string.
 """
 
-import json
 import os
 import re
+import stat
 
 import torch
 
 from torch_utils.errors import FileError
+from torch_utils.io.files import loads_bounded
 
 # Whole kimg, then optionally the images beyond it (never _000: that step has the reference's name).
 STEP = r'(?P<kimg>\d+)(?:_(?P<images>(?!000)\d{3}))?'
@@ -63,12 +64,15 @@ def list_files(folder, pattern):
 def recorded_nimg(path):
     """The images seen that one of our .pt files records (a training state's cur_nimg, a snapshot's
     extra.cur_nimg, a post-hoc EMA profile's extra.phema.cur_nimg), or None if it records none or
-    cannot be read. The tensors are mapped, not read, so this costs little even for a large state."""
+    cannot be read. The tensors are mapped, not read, so this costs little even for a large state
+    (mapping needs the path, not an opened file: a FIFO or folder of that name is refused first)."""
     try:
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            return None
         data = torch.load(path, map_location='cpu', weights_only=True, mmap=True)
         if type(data.get('cur_nimg')) is int:
             return data['cur_nimg']
-        extra = json.loads(data['description']).get('extra') or {}
+        extra = loads_bounded(data['description'], path, 'not ours').get('extra') or {}
         value = extra.get('cur_nimg', (extra.get('phema') or {}).get('cur_nimg'))
     except Exception:  # not one of our files, or damaged: it records nothing we can trust
         return None

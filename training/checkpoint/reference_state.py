@@ -18,6 +18,7 @@ import warnings
 import zipfile
 
 from fdm.io.network_files import CheckpointError, rebuild_network, record_description, record_tensors, load_reference_pickle
+from torch_utils.io.files import open_regular
 from torch_utils.io.safe_pickle import PersistentRecord, UnsafePickleError, restricted_load_torch_zip
 from training.checkpoint.names import STATE_NAME, nimg_of, snapshot_name
 from training.checkpoint.training_state import MAX_NIMG, STATE_FORMAT, state_error
@@ -33,11 +34,12 @@ def is_reference_state(path):
     if not STATE_NAME.match(os.path.basename(path)):
         return False
     try:
-        with zipfile.ZipFile(path) as zf:
+        with open_regular(path, REMEDY) as f, zipfile.ZipFile(f) as zf:
             pickles = [i for i in zf.infolist() if i.filename.count('/') == 1 and i.filename.endswith('/data.pkl')]
+            size = os.fstat(f.fileno()).st_size
             return (len(pickles) == 1 and pickles[0].compress_type == zipfile.ZIP_STORED
-                and pickles[0].file_size <= os.path.getsize(path) and STATE_FORMAT.encode() not in zf.read(pickles[0]))
-    except Exception:  # not a readable zip: our reader says why
+                and pickles[0].file_size <= size and STATE_FORMAT.encode() not in zf.read(pickles[0]))
+    except Exception:  # not a regular file or not a readable zip: our reader says why
         return False
 
 def read_reference_state(path, batch_size, seed=None, draw_seed=None):
@@ -49,11 +51,11 @@ def read_reference_state(path, batch_size, seed=None, draw_seed=None):
     if cur_nimg >= MAX_NIMG:
         raise CheckpointError(f'{name}: {m["kimg"]} kimg is beyond any real run; {REMEDY}')
     snapshot = os.path.join(os.path.dirname(path), snapshot_name(cur_nimg, 'pkl'))
-    if not os.path.isfile(snapshot):
+    if not os.path.lexists(snapshot):
         raise CheckpointError(f'{name} is a reference EDM/FDM training state, but {snapshot} (its EMA, written with '
             'it) is missing; put that file beside it, or resume from another state')
     net, optimizer = _read_pt(path, name)
-    with open(snapshot, 'rb') as f:
+    with open_regular(snapshot, REMEDY, error=CheckpointError) as f:
         ema = load_reference_pickle(f, os.path.basename(snapshot))['ema']
     seed = seed if seed is not None else draw_seed()
     state = dict(cur_nimg=cur_nimg, step=cur_nimg // batch_size, cur_tick=0, tick_start_nimg=cur_nimg, nonfinite_total=0,

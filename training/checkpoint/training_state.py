@@ -32,9 +32,9 @@ def find_resume_state(path, batch_size=None, seed=None, draw_seed=None):
     A reference state's step is its images // batch_size, its seed `seed` or else draw_seed()."""
     read = lambda file: _read_state(file, batch_size, seed, draw_seed)
     if not os.path.isdir(path):
-        if not os.path.isfile(path):
+        if not os.path.lexists(path):
             raise CheckpointError(f'{path}: no such file; --resume takes a training-state-*.pt file or a run directory')
-        return path, read(path)
+        return path, read(path)  # anything but a regular file is refused as it is opened
     found = list_files(path, STATE_NAME)
     if not found:
         raise CheckpointError(f'{path}: no training-state-*.pt in this directory; pass a state file or a run directory that has one')
@@ -74,9 +74,13 @@ def load_training_state(path):
         check_digest(digest, actual, name, REMEDY, error=CheckpointError)
     return state
 
+# Every check of a state is here, before the run folder or the network exists, so that a damaged
+# state in a run directory is skipped for an older one; restoring it checks only what needs the
+# network (Adam's moments against the parameters' shapes, see load_optimizer_state).
 def state_error(state):
-    """None, or why a state (ours or the reference's, read) cannot be resumed: see _fields_error."""
-    return _fields_error(state) or tree_error(state)
+    """None, or why a state (ours or the reference's, read) cannot be resumed: its fields
+    (_fields_error), its cost (tree_error), then Adam's values (adam_error)."""
+    return _fields_error(state) or tree_error(state) or adam_error(state['optimizer']['state'])
 
 # The fields as the loop uses them: counters are ints in range and consistent; net and ema are
 # {name: tensor} of the same names and shapes; the optimizer is Adam's
@@ -168,11 +172,12 @@ class CheckpointIO:
 # Adam from a training state: its moments and step counts, checked against the live parameters.
 
 def load_optimizer_state(optimizer, saved, name):
-    """Adam's moments and step counts from a training state `name`; its settings (betas, eps, the
-    fused or foreach implementation) stay the run's own. torch's load_state_dict would take the
-    stored settings too (a bf16 GPU run's fused Adam in an fp32 resume, a damaged file's NaN betas),
-    and maps moments to parameters by position without checking their shapes (a tensor of another
-    size would fail in the middle of the first step, not as a file error)."""
+    """Adam's moments and step counts from a training state `name` (its values checked by
+    state_error); its settings (betas, eps, the fused or foreach implementation) stay the run's own.
+    torch's load_state_dict would take the stored settings too (a bf16 GPU run's fused Adam in an
+    fp32 resume, a damaged file's NaN betas), and maps moments to parameters by position without
+    checking their shapes (a tensor of another size would fail in the middle of the first step, not
+    as a file error)."""
     settings = [{k: v for k, v in group.items() if k != 'params'} for group in optimizer.param_groups]
     optimizer.load_state_dict(saved)
     for group, own in zip(optimizer.param_groups, settings):
@@ -181,28 +186,40 @@ def load_optimizer_state(optimizer, saved, name):
         group.update(own, params=params)
         for i, p in enumerate(params):
             for key, value in optimizer.state.get(p, {}).items():
-                problem = _moment_problem(key, value, p)
-                if problem is not None:
-                    raise CheckpointError(f"{name}: Adam's {key} for parameter {i} {problem}; the file is damaged "
-                        'or from another network, resume from an earlier state')
+                if key != 'step' and value.shape != p.shape:
+                    raise CheckpointError(f"{name}: Adam's {key} for parameter {i} is shape {list(value.shape)} where "
+                        f'the network has shape {list(p.shape)}; the file is damaged or from another network, '
+                        'resume from an earlier state')
 
-def _moment_problem(key, value, p):
-    """None, or what is wrong with Adam's stored `key` of parameter p: a step count is a whole
-    number >= 0; a moment has p's shape and finite values, a second moment none below zero (its
-    square root is the denominator: one NaN there spreads to every weight it touches)."""
-    if key == 'step':
-        if isinstance(value, torch.Tensor):
-            if value.numel() != 1:
-                return f'has shape {list(value.shape)}, not one count'
-            value = value.item()
-        if not (math.isfinite(value) and value >= 0 and float(value).is_integer()):
-            return f'is {value!r}, not a count of steps'
+# What Adam's state can be checked for without the network: a step count is a whole number in
+# range (a Python int of any size survives torch.load, so it is bounded before any conversion);
+# a moment is a tensor of finite values, a second moment has none below zero (its square root is
+# the denominator: one NaN there spreads to every weight it touches).
+def adam_error(entries):
+    """None, or what is wrong with the values of Adam's state {parameter index: {name: value}}."""
+    for i, entry in entries.items():
+        for key, value in entry.items():
+            problem = _step_problem(value) if key == 'step' else _moment_problem(key, value)
+            if problem is not None:
+                return f"Adam's {key} for parameter {i} {problem}"
+    return None
+
+def _step_problem(value):
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1:
+            return f'has shape {list(value.shape)}, not one count'
+        value = value.item()
+    count = int(value) if type(value) is float and math.isfinite(value) and value.is_integer() else value
+    if type(count) is int and 0 <= count < MAX_NIMG:
         return None
-    if not isinstance(value, torch.Tensor) or value.shape != p.shape:
-        got = f'shape {list(value.shape)}' if isinstance(value, torch.Tensor) else f'the number {value!r}'
-        return f'is {got} where the network has shape {list(p.shape)}'
-    if not torch.isfinite(value).all() or (key == 'exp_avg_sq' and (value < 0).any()):
-        return 'holds non-finite values' + (' or values below zero' if key == 'exp_avg_sq' else '')
+    shown = repr(value)
+    return f'is {shown if len(shown) <= 24 else shown[:20] + "..."}, not a count of steps'
+
+def _moment_problem(key, value):
+    if not isinstance(value, torch.Tensor):
+        return f'is the number {value!r:.24}, not a tensor'
+    if not torch.isfinite(value).all() or (key.endswith('_sq') and (value < 0).any()):
+        return 'holds non-finite values' + (' or values below zero' if key.endswith('_sq') else '')
     return None
 
 #----------------------------------------------------------------------------

@@ -23,7 +23,7 @@ from torch_utils.errors import UserError, one_line
 from torch_utils.cli.options import option_type
 from training.config import (COMMAND_FILE, MAX_DEFAULT_WORKERS, TRAIN_RANGES, check_continues_run, parse_cres, run_folder_options,
     setup_training_config)
-from training.run_dir import check_run_dir, describe_end, describe_interruption, next_run_dir, open_run_dir
+from training.run_dir import check_run_dir, describe_end, describe_interruption, next_run_dir, open_run_dir, output_folders
 
 #----------------------------------------------------------------------------
 
@@ -95,6 +95,9 @@ def _help(text, name):
 @click.option('--grid-images', help=_help('Sample grid PNG size per snapshot (0 = none)', 'grid_images'), metavar='INT', type=_number('grid_images'))
 @click.option('--phema-std', 'phema_std', help='Post-hoc EMA: relative stds of the EMA profiles to store (EDM2: 0.050,0.100)  [default: off]', metavar='LIST', type=str)
 @click.option('--tensorboard', help='Also write the statistics of each tick to <run>/runs for TensorBoard', is_flag=True)
+@click.option('--metrics', help='Score each snapshot while training: fid, fd-digits or fd-dinov2 (a comma list, or none)  [default: none]', metavar='LIST', type=str)
+@click.option('--metric-ref', 'metric_ref', help='Reference statistics of --metrics (fid.py ref), one per metric', metavar='NPZ[,NPZ]', type=str)
+@click.option('--metric-images', 'metric_images', help=_help('Images per metric, seeds 0..N-1 (fewer than 50,000 bias FID upwards)', 'metric_images'), metavar='INT', type=_number('metric_images'))
 @click.option('--seed', help='Random seed  [default: random]', metavar='INT', type=_number('seed'))
 @click.option('--transfer', help='Transfer learning from network file', metavar='PT|PKL|URL', type=str)
 @click.option('--resume', help='Resume from training state file or run directory (alone: with the run\'s options, in its folder)', metavar='PT|DIR', type=str)
@@ -127,7 +130,7 @@ def _train(dry_run, opts, explicit):
     run_dir = run.outdir if run.nosubdir else next_run_dir(run.outdir, run.desc)
     if dry_run:
         try:
-            check_run_dir(run_dir, run.nosubdir)
+            check_run_dir(run_dir, run.nosubdir, output_folders(c))
         except UserError as err:
             raise click.ClickException(one_line(err)) from None
         action = 'continue the run in' if run.start.state is not None and run.nosubdir else 'write to'

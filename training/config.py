@@ -27,6 +27,7 @@ from torch_utils.io.files import read_json_bounded
 from torch_utils.cli.options import Range, check_options
 from training.data.dataset import ImageFolderDataset
 from fdm.networks import ARCH_PRESETS
+from fdm.io.network_files import NETWORK_RANGES, resolution_problem
 from training.phema import gamma_from_std
 from training.checkpoint.starting_point import check_resume_seed, read_transfer
 from training.checkpoint.names import STATE_NAME, list_files
@@ -34,16 +35,21 @@ from training.checkpoint.training_state import find_resume_state
 
 MAX_DEFAULT_WORKERS = 8  # --workers when not given: this many, at most the CPU count
 MAX_LIST_ITEMS = 32  # --cres: more channel multipliers than any network has resolutions is a typo
+MAX_METRIC_IMAGES = 100_000  # --metric-images: twice the paper's 50,000; more is a typo
 
 # The valid range of every numeric option of train.py; train.py's click types and
 # setup_training_config check the same ranges. Learning rates above 1 only ever diverge with Adam.
+# The options that set a network's constructor arguments take the range a network file's value
+# must have (fdm/io/network_files.py), so that every trained snapshot loads.
 TRAIN_RANGES = dict(
     duration=Range(min=0, min_open=True), batch=Range(min=1, integer=True), batch_gpu=Range(min=1, integer=True),
-    cbase=Range(min=1, integer=True), lr=Range(min=0, max=1, min_open=True), ema=Range(min=0),
-    dropout=Range(min=0, max=1), augment=Range(min=0, max=1), lr_rampup=Range(min=0, max=1000),
-    warmup_ite=Range(min=0, max=MAX_WARMUP_ITE, min_open=True), fdm_multiplier=Range(min=0, max=100), ls=Range(min=0, min_open=True),
+    cbase=NETWORK_RANGES['model_channels'], lr=Range(min=0, max=1, min_open=True), ema=Range(min=0),
+    dropout=NETWORK_RANGES['dropout'], augment=Range(min=0, max=1), lr_rampup=Range(min=0, max=1000),
+    warmup_ite=Range(min=0, max=MAX_WARMUP_ITE, min_open=True), fdm_multiplier=NETWORK_RANGES['fdm_multiplier'],
+    ls=Range(min=0, min_open=True),
     workers=Range(min=0, integer=True), tick=Range(min=0, min_open=True), snap=Range(min=1, integer=True),
     dump=Range(min=1, integer=True), grid_images=Range(min=0, integer=True),
+    metric_images=Range(min=2, max=MAX_METRIC_IMAGES, integer=True),
     seed=Range(min=0, max=2**31 - 1, integer=True), timeout=Range(min=1, integer=True))
 
 # The reference's augmentation for --augment=p: every ADA transform but colour, x-flips always.
@@ -56,7 +62,7 @@ def setup_training_config(data=None, outdir='training-runs', cond=False, arch='d
         fp16=False, ls=1.0, bench=True, cache=True, workers=None, desc=None, nosubdir=False, tick=50.0, snap=200, dump=500,
         seed=None, transfer=None, resume=None, lr_rampup=10.0, warmup_ite=None, fdm_multiplier=2.0,
         grid_images=64, precision='fp32', compile=False, compile_mode=None, channels_last=False, data_on_device='auto',
-        phema_std=None, tensorboard=False, world_size=1, explicit=()):
+        phema_std=None, tensorboard=False, metrics=None, metric_ref=None, metric_images=50000, world_size=1, explicit=()):
     """train.py's options, with their defaults (the one home of each), to the training config.
     Returns (config for training_loop, run). run: outdir, desc and nosubdir of the run directory,
     and `start`, what the run starts from (read once, here). `explicit`: the options the user set."""
@@ -89,6 +95,11 @@ def setup_training_config(data=None, outdir='training-runs', cond=False, arch='d
         c.network_kwargs.model_channels = cbase
     if cres is not None:
         c.network_kwargs.channel_mult = list(cres)
+    problem = resolution_problem(dataset.resolution, c.network_kwargs.channel_mult)
+    if problem is not None:  # the reference starts and fails in the first step's decoder
+        levels = '' if cres is None else ' --cres=' + ','.join(str(m) for m in cres)
+        raise OptionError(f"--data: '{data}' cannot be trained with --arch={arch}{levels}: {problem}; resize it with "
+            'dataset_tool.py --resolution, or give --cres fewer levels')
     c.network_kwargs.update(dropout=dropout, use_fp16=fp16)
     if augment > 0:
         c.network_kwargs.augment_dim = 9
@@ -159,6 +170,15 @@ def setup_training_config(data=None, outdir='training-runs', cond=False, arch='d
     desc_str = f'{dataset.name}-{"cond" if cond else "uncond"}-{arch}-{precond}-gpus{world_size}-batch{batch}-{"fp16" if fp16 else "fp32"}'
     if desc is not None:
         desc_str += f'-{desc}'
+
+    # Metrics at every snapshot (--metrics): the references and detectors read and checked last (a
+    # detector may be downloaded), kept for the loop. Imported here: their modules cost half a
+    # second, which train.py --help need not pay.
+    if metrics is not None:
+        from training.evaluation.snapshot_metrics import open_metrics
+        start.metrics = open_metrics(metrics, metric_ref, metric_images, precision)
+    elif 'metric_ref' in explicit:
+        warnings.warn('--metric-ref has no effect without --metrics', UserWarning)
     return c, dnnlib.EasyDict(outdir=outdir, desc=desc_str, nosubdir=nosubdir, start=start)
 
 #----------------------------------------------------------------------------
@@ -167,7 +187,8 @@ def setup_training_config(data=None, outdir='training-runs', cond=False, arch='d
 # its command.json; either way the fixed options must be the run's own, and only these may change.
 
 RESUMABLE_OPTIONS = ('duration', 'tick', 'snap', 'dump', 'workers', 'batch_gpu', 'precision', 'compile',
-    'compile_mode', 'channels_last', 'bench', 'data_on_device', 'cache', 'grid_images', 'tensorboard', 'fp16')
+    'compile_mode', 'channels_last', 'bench', 'data_on_device', 'cache', 'grid_images', 'tensorboard', 'fp16',
+    'metrics', 'metric_ref', 'metric_images')
 
 # The entries of training_options.json that those options (or the resume itself) set.
 _RESUMABLE_KEYS = ('total_kimg', 'kimg_per_tick', 'snapshot_ticks', 'state_dump_ticks', 'data_loader_kwargs', 'batch_gpu',
@@ -276,6 +297,7 @@ class Start:
     state: dict = None          # a verified training state, None = not resuming
     state_path: str = None      # the file it came from (--resume may name a run directory)
     transferred: dict = None    # {name: tensor} of --transfer, None = random initialisation
+    metrics: object = None      # training.evaluation.snapshot_metrics.SnapshotMetrics of --metrics, None = off
 
 def open_dataset(dataset_kwargs):
     try:
@@ -307,7 +329,8 @@ def start_of(c):
 #----------------------------------------------------------------------------
 
 def parse_phema_stds(s):
-    """--phema-std: relative stds such as '0.050,0.100' (or a list), each in (0, 0.2887] (training/phema.py)."""
+    """--phema-std: relative stds such as '0.050,0.100' (or a list), each in training.phema.STD_RANGE,
+    which the reconstruction's --std shares (gamma_from_std checks it)."""
     try:
         stds = [float(part) for part in (s.split(',') if isinstance(s, str) else s) if str(part).strip()]
     except (TypeError, ValueError):

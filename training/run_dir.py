@@ -68,7 +68,7 @@ def open_run_dir(run_dir, nosubdir, options, json_files=None):
 
 # The folders a run of these training options writes into, inside its run folder.
 def output_folders(options):
-    return [TENSORBOARD_DIR] if options.get('tensorboard') else []
+    return [names.EVALUATIONS_DIR] + ([TENSORBOARD_DIR] if options.get('tensorboard') else [])
 
 # Nothing is written yet: --outdir can be written, and every entry under a name the run writes is
 # what the run can write: its files and each step's files a regular file, `folders` (the ones it

@@ -4,10 +4,11 @@ The signature of `training_loop` is the configuration schema (`name = default, #
 `training.config.setup_training_config` builds its arguments and train.py writes them to
 training_options.json. What the run starts from (the dataset, a verified training state or
 transferred weights) is read once, before the run folder exists, and handed over as `start`
-(`training.config.Start`). The step itself is `training.train_step.training_step`. Everything
-the next step depends on is in the training-state file (`CheckpointIO`), and the randomness of
-step k on rank r comes from a generator seeded with (seed, rank, k), so an interrupted run
-resumed from any state file continues bit for bit as if it had never stopped.
+(`training.config.Start`), with the metrics scored at each snapshot (train.py --metrics). The step
+itself is `training.train_step.training_step`. Everything the next step depends on is in the
+training-state file (`CheckpointIO`), and the randomness of step k on rank r comes from a generator
+seeded with (seed, rank, k), so an interrupted run resumed from any state file continues bit for
+bit as if it had never stopped.
 """
 
 import copy
@@ -30,7 +31,7 @@ from torch_utils.io.files import append_line
 from torch_utils.tensorboard import open_writer, write_stats
 from torch_utils.training_stats import StatsCollector
 from training.augment import AugmentPipe
-from training.checkpoint.names import snapshot_files, state_name
+from training.checkpoint.names import snapshot_files, snapshot_name, state_name
 from training.checkpoint.starting_point import load_transfer
 from training.checkpoint.training_state import CheckpointIO, Progress
 from training.config import batch_split
@@ -122,6 +123,8 @@ def training_loop(
     distributed.print0(f'Training for {total_kimg} kimg from {progress.cur_nimg} images, {num_rounds} '
         f'accumulation round(s) of {batch_gpu} per process, {world} process(es) on {device.type}'
         + (f' ({torch.get_num_threads()} CPU thread(s) each)...' if device.type == 'cpu' else '...'))
+    if start.metrics is not None:
+        distributed.print0(f'Scoring {start.metrics.describe()}')
 
     tick_start_time = time.time()
     maintenance_time = tick_start_time - start_time
@@ -136,25 +139,27 @@ def training_loop(
             process_steps += 1
             done = progress.cur_nimg >= total_nimg or (max_steps is not None and process_steps >= max_steps)
 
-            # Maintenance once per tick: the progress line, then snapshot and training state.
+            # Maintenance once per tick: snapshot and its metrics, the progress line, the training state.
             if not done and progress.cur_tick != 0 and progress.cur_nimg < progress.tick_start_nimg + kimg_per_tick * 1000:
                 continue
             tick_end_time = time.time()
-            loss = _report_tick(run_dir, run, lr, total_nimg, dict(start=start_time, tick_start=tick_start_time,
-                tick_end=tick_end_time, maintenance=maintenance_time - grid_time, grid=grid_time), board)
-            grid_time = 0.0
-            tick = progress.cur_tick
-            progress.cur_tick += 1
-            progress.tick_start_nimg = progress.cur_nimg  # a resumed run starts a new tick exactly here
+            tick, next_grid_time, scores = progress.cur_tick, 0.0, None
             if snapshot_ticks is not None and (done or tick % snapshot_ticks == 0):
                 distributed.check_ranks_agree(net.parameters())
                 if rank == 0:
-                    grid_time = _save_snapshots(run_dir, run, c)
+                    next_grid_time = _save_snapshots(run_dir, run, c)
+                if start.metrics is not None:  # after the file, whose digest keys the results
+                    scores = _score_snapshot(run_dir, run, start.metrics)
+            loss = _report_tick(run_dir, run, lr, total_nimg, dict(start=start_time, tick_start=tick_start_time,
+                tick_end=tick_end_time, maintenance=maintenance_time - grid_time, grid=grid_time), board, scores)
+            grid_time = next_grid_time  # reported with the next tick, in whose maintenance it falls
+            progress.cur_tick += 1
+            progress.tick_start_nimg = progress.cur_nimg  # a resumed run starts a new tick exactly here
             if state_dump_ticks is not None and (done or (tick % state_dump_ticks == 0 and tick != 0)) and rank == 0:
                 checkpoint.save(os.path.join(run_dir, state_name(progress.cur_nimg)), seed)  # one name per step
             distributed.barrier()
             tick_start_time = time.time()
-            maintenance_time = tick_start_time - tick_end_time
+            maintenance_time = tick_start_time - tick_end_time - (scores['seconds'] if scores else 0.0)  # metrics: apart
             if done:
                 break
     finally:
@@ -189,11 +194,11 @@ def _after_first_step(net, ddp, compile, device, start):
         distributed.print0(f'First step: {time.time() - start:.1f} s, torch.compile included', flush=True)
 
 #----------------------------------------------------------------------------
-# Once per tick: the progress line, a stats.jsonl entry, snapshot and training state.
+# Once per tick: the progress line, a stats.jsonl entry, snapshot (and its metrics) and training state.
 
 # Returns the tick's mean loss. times: wall-clock seconds of the run's start, this tick's start and end, and the maintenance
-# (snapshots, states) between the previous tick and this one.
-def _report_tick(run_dir, run, lr, total_nimg, times, board=None):
+# (snapshots, states) between the previous tick and this one. scores: _score_snapshot's metrics of this tick's snapshot.
+def _report_tick(run_dir, run, lr, total_nimg, times, board=None, scores=None):
     world, progress, device = distributed.get_world_size(), run.progress, run.device
     start_time, tick_start_time, tick_end_time = times['start'], times['tick_start'], times['tick_end']
     maintenance_time, grid_time = times['maintenance'], times['grid']
@@ -203,12 +208,15 @@ def _report_tick(run_dir, run, lr, total_nimg, times, board=None):
     tick_images = progress.cur_nimg - progress.tick_start_nimg
     tick_time = tick_end_time - tick_start_time
     remaining = max(total_nimg - progress.cur_nimg, 0)
+    metrics = scores['values'] if scores else {}
     fields = [
         f'tick {progress.cur_tick:<5d}', f'kimg {progress.cur_nimg / 1e3:<9.3f}', f'loss {results["Loss/loss"]["mean"]:<8.4f}',
+        *[f'{name.split("/", 1)[1]} {value:<8.3f}' for name, value in metrics.items()],
         f'time {_format_time(tick_end_time - start_time):<12s}', f'sec/tick {tick_time:<7.1f}',
         f'img/s {tick_images / max(tick_time, 1e-9):<8.1f}',
         f'eta {_format_time(remaining / max(tick_images, 1) * tick_time):<10s}',
         f'maintenance {maintenance_time:<6.1f}', *([f'grid {grid_time:<6.1f}'] if grid_time else []),
+        *([f'metrics {scores["seconds"]:<6.1f}'] if scores else []),
         f'cpumem {psutil.Process().memory_info().rss / 2**30:<5.2f}',
     ]
     if device.type == 'cuda':
@@ -223,6 +231,9 @@ def _report_tick(run_dir, run, lr, total_nimg, times, board=None):
             'Timing/grid_sec': _stat(grid_time),
             'Timing/img_per_sec': _stat(tick_images / max(tick_time, 1e-9)),
             'Train/nonfinite_grads_total': _stat(progress.nonfinite_total)})
+        if scores:
+            entry.update({name: _stat(value) for name, value in metrics.items()})
+            entry['Timing/metrics_sec'] = _stat(scores['seconds'])
         # Appended, one whole line per tick (a full disk stops the run, the file unchanged); a kill
         # leaves at most half a line, which train.py clears on resume.
         append_line(os.path.join(run_dir, 'stats.jsonl'), json.dumps(entry) + '\n')
@@ -244,6 +255,14 @@ def _save_snapshots(run_dir, run, c):
     if c.grid_images:
         save_sample_grid(files['grid'], run.ema, c.grid_images, run.device)
     return time.time() - grid_start if c.grid_images else 0.0
+
+# The metrics of the snapshot just written (every rank samples its share of the images) and their seconds,
+# which the tick line reports with the values, apart from the maintenance.
+def _score_snapshot(run_dir, run, metrics):
+    metrics_start = time.time()
+    cur_nimg = run.progress.cur_nimg
+    values = metrics.evaluate(run_dir, os.path.join(run_dir, snapshot_name(cur_nimg)), run.ema, cur_nimg)
+    return dict(values=values, seconds=time.time() - metrics_start)
 
 def _stat(value):
     return dict(num=1, mean=float(value), std=0.0)

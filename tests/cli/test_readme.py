@@ -10,11 +10,14 @@ import re
 import shlex
 
 import click
+import numpy as np
 import pytest
 from click.testing import CliRunner
 
 import train
 from conftest import ROOT, write_image_zip
+from training.evaluation.feature_stats import save_stats
+from training.evaluation.inception import load_detector
 
 README = open(os.path.join(ROOT, 'README.md'), encoding='utf-8').read()
 PAGES = {'README.md': README} | {os.path.relpath(path, ROOT): open(path, encoding='utf-8').read()
@@ -117,6 +120,11 @@ def test_train_command_dry_runs(tmp_path, monkeypatch, args, world):
             args[i] = '--data=' + write_image_zip(tmp_path / name, num_images=4, resolution=resolution)
         if arg.startswith('--outdir='):
             args[i] = f'--outdir={tmp_path / "runs"}'
+        if arg.startswith('--metric-ref='):  # stand-in statistics of the embedded digits detector's dimension
+            assert '--metrics=fd-digits' in args, 'docs show only metrics whose detector needs no download'
+            dim = load_detector('digits', verbose=False).feature_dim
+            args[i] = '--metric-ref=' + str(tmp_path / 'ref.npz')
+            save_stats(tmp_path / 'ref.npz', np.zeros(dim), np.eye(dim))
         if arg.startswith('--resume='):  # a real run to continue: one step on a stand-in dataset
             run = tmp_path / 'run'
             data = write_image_zip(tmp_path / 'resumed.zip', num_images=4, resolution=8)

@@ -128,7 +128,7 @@ def test_full_disk_during_an_append_leaves_whole_lines(tmp_path, tiny_zip, name)
     after = (run / name).read_text()
     assert after.startswith(before) and after.endswith('\n')  # whole lines only
     if name == 'stats.jsonl':
-        assert after == before and not list(run.glob('network-snapshot-*'))  # stopped at the first tick
+        assert after == before and not list(run.glob('training-state-*'))  # stopped at the first tick's line
     assert not list(run.glob('.tmp-*'))
 
 #----------------------------------------------------------------------------

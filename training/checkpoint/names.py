@@ -26,6 +26,7 @@ SNAPSHOT_NAME = re.compile(rf'^network-snapshot-{STEP}\.(?P<ext>pt|pkl)$')  # .p
 STATE_NAME = re.compile(rf'^training-state-{STEP}\.pt$')
 GRID_NAME = re.compile(rf'^samples-{STEP}\.png$')
 PHEMA_NAME = re.compile(rf'^phema-{STEP}-(?P<std>\d+\.\d+)\.pt$')
+EVALUATIONS_DIR = 'evaluations'  # train.py --metrics: the run's own result cache, which the kimg table reads
 
 #----------------------------------------------------------------------------
 # Step -> name, name -> step.

@@ -16,6 +16,8 @@ number with its provenance) and results.png (with matplotlib installed).
 import datetime
 import hashlib
 import json
+import math
+import numbers
 import os
 import time
 
@@ -28,13 +30,13 @@ from fdm.samplers import sampler_nfe, sampler_settings
 from torch_utils import distributed as dist
 from training.evaluation.digits import WEIGHTS as DIGITS_WEIGHTS
 from torch_utils.io.download import download_cached, file_sha256
-from torch_utils.errors import EvaluationError, UserError, one_line
-from training.evaluation.feature_stats import check_dims, frechet_distance, load_stats, summarize
-from torch_utils.io.files import jsonable, write_json, atomic_write
+from torch_utils.errors import EvaluationError, FileError, UserError, one_line
+from training.evaluation.feature_stats import frechet_distance, load_reference, summarize
+from torch_utils.io.files import jsonable, write_json, atomic_write, loads_bounded, open_regular, read_json_bounded
 from training.evaluation import fid as evaluation
 from training.evaluation import generation
 from training.evaluation import plots
-from training.checkpoint.names import SNAPSHOT_NAME, list_files, nimg_of
+from training.checkpoint.names import EVALUATIONS_DIR, SNAPSHOT_NAME, list_files, nimg_of
 
 SOLVER_TITLES = dict(edm='EDM Heun', dpm='DPM-Solver++', euler='Euler (EDM ablation)', heun='Heun (EDM ablation)')
 
@@ -96,22 +98,65 @@ def canonical(key):
     """The key as it reads back from JSON (tuples as lists, infinities as strings)."""
     return json.loads(json.dumps(jsonable(key), sort_keys=True))
 
+MAX_JSON_BYTES = 1 << 20  # a cache record (a key, a few numbers, a date) or a run's training_options.json: a few kB
+
+def result_error(result, metrics=()):
+    """None, or what is wrong with an evaluation's result: a dict of metric values (FID, accuracy),
+    each a finite number >= 0, holding at least `metrics`."""
+    if not isinstance(result, dict) or not result:
+        return 'no result'
+    missing = [name for name in metrics if name not in result]
+    if missing:
+        return f'no {", ".join(missing)}'
+    for name, value in result.items():
+        if not isinstance(value, numbers.Real) or isinstance(value, bool) or not math.isfinite(value) or value < 0:
+            return f'{name} = {value!r:.40}, not a finite number >= 0'
+    return None
+
+# What fid_cell and the tables read of a record, besides its result.
+def record_error(record, key, metrics=()):
+    if record.get('key') != key:
+        return 'the record of another evaluation'
+    seconds, world_size = record.get('seconds'), record.get('world_size')
+    if not isinstance(record.get('date'), str) or type(world_size) is not int or not 1 <= world_size <= 2**20 \
+            or type(seconds) not in (int, float) or not 0 <= seconds < math.inf:
+        return 'no valid date, seconds or world_size'
+    return result_error(record.get('result'), metrics)
+
+RUN_EVALUATIONS = EVALUATIONS_DIR  # a run folder's own cache: train.py --metrics writes it, the kimg table reads it
+
 class ResultCache:
-    """One small JSON per finished evaluation, named by the SHA-256 of its key. `computed`
+    """One small JSON per finished evaluation, named by the SHA-256 of its key, written to `folder`
+    and looked up there and then in `read_also` (the runs' evaluations/ folders). `computed`
     counts the results stored by this process."""
-    def __init__(self, folder):
-        self.folder, self.computed = folder, 0
+    def __init__(self, folder, read_also=()):
+        self.folder, self.read_also, self.computed = folder, tuple(read_also), 0
 
-    def path(self, key):
-        return os.path.join(self.folder, hashlib.sha256(json.dumps(canonical(key), sort_keys=True).encode()).hexdigest() + '.json')
+    def path(self, key, folder=None):
+        name = hashlib.sha256(json.dumps(canonical(key), sort_keys=True).encode()).hexdigest() + '.json'
+        return os.path.join(self.folder if folder is None else folder, name)
 
-    def get(self, key):
+    # The file that holds key's record: the first of the folders that has one, else where it is written.
+    def find(self, key):
+        held = [path for path in (self.path(key, f) for f in self.read_also) if os.path.lexists(path)]
+        return self.path(key) if os.path.lexists(self.path(key)) or not held else held[0]
+
+    def get(self, key, metrics=()):
+        """The stored record of `key`, or None: missing, or damaged (said in one line) and so computed
+        again. Every value is checked here, before it can enter a table."""
+        path = self.find(key)
+        if not os.path.lexists(path):
+            return None
         try:
-            with open(self.path(key), encoding='utf-8') as f:
-                record = json.load(f)
-        except (OSError, ValueError):
-            return None  # missing, or damaged by hand: computed again
-        return record if isinstance(record, dict) and record.get('key') == canonical(key) else None
+            record = read_json_bounded(path, MAX_JSON_BYTES, 'it is computed again')
+        except FileError as err:
+            print(f'Warning: {one_line(err)}', flush=True)
+            return None
+        problem = record_error(record, canonical(key), metrics)
+        if problem is not None:
+            print(f'Warning: {path} is damaged ({problem}); it is computed again', flush=True)
+            return None
+        return record
 
     def put(self, key, record):
         os.makedirs(self.folder, exist_ok=True)
@@ -124,11 +169,12 @@ def run_jobs(jobs, compute, cache, progress=True):
     (images, over the whole table) as the evaluation proceeds. Other ranks get None for the
     cached jobs (only rank 0 writes the outputs)."""
     rank = dist.get_rank()
-    records = [cache.get(job['key']) for job in jobs] if rank == 0 else [None] * len(jobs)
+    records = [cache.get(job['key'], job.get('metrics', ())) for job in jobs] if rank == 0 else [None] * len(jobs)
     # Rank 0's list, so that every process runs the same evaluations even if they see the folder differently.
     todo = dist.on_rank0(lambda: [i for i, record in enumerate(records) if record is None])
     if rank == 0 and len(todo) < len(jobs):
-        print(f'{len(jobs) - len(todo)} of {len(jobs)} evaluations found in {cache.folder}', flush=True)
+        print(f'{len(jobs) - len(todo)} of {len(jobs)} evaluations found in {", ".join((cache.folder, *cache.read_also))}',
+            flush=True)
     bar = tqdm.tqdm(total=sum(jobs[i]['images'] for i in todo), unit='img', disable=(rank != 0 or not progress),
         dynamic_ncols=True)
     try:
@@ -140,6 +186,10 @@ def run_jobs(jobs, compute, cache, progress=True):
                 bar.update(n)
             start = time.time()
             result = compute(jobs[i], advance)
+            problem = result_error(result, jobs[i].get('metrics', ()))
+            if problem is not None:  # never stored, never tabulated
+                raise EvaluationError(f'an evaluation ({json.dumps(canonical(jobs[i]["key"]))[:300]}) gave {problem}; '
+                    'check the network it evaluated')
             advance(left[0])
             records[i] = dict(result=result, date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec='seconds'),
                 seconds=round(time.time() - start, 3), world_size=dist.get_world_size(), key=canonical(jobs[i]['key']))
@@ -155,13 +205,13 @@ def run_jobs(jobs, compute, cache, progress=True):
 
 def open_scoring(ref, detector=None, trust_detector=False):
     """(detector, reference (mu, sigma), provenance of both), everything checked before any work."""
-    ref_stats = load_stats(ref)
+    reference = load_reference(ref)
     det = evaluation.open_detector(detector, trust=trust_detector)
-    check_dims(det, ref_stats[0], ref)
+    ref_stats = evaluation.reference_stats(reference, det, ref)  # the detector's entry (EDM2's pickles hold two)
     ref_file = download_cached(ref, verbose=False)  # local paths and file:// URLs pass through
     spec = detector or 'nvidia'
     det_file = DIGITS_WEIGHTS if spec == 'digits' else spec if os.path.isfile(spec) else None
-    info = dict(metric='FD-digits' if spec == 'digits' else 'FID', detector=spec, detector_name=det.name,
+    info = dict(metric=evaluation.metric_name(det), detector=spec, detector_name=det.name,
         detector_sha256=file_sha256(det_file) if det_file else None, reference=ref, reference_sha256=file_sha256(ref_file))
     return det, ref_stats, info
 
@@ -212,25 +262,26 @@ def fid_jobs(snapshot, solver, steps, ranges, info, batch, precision):
             precision=precision, detector=info['detector'], detector_sha256=info['detector_sha256'],
             reference_sha256=info['reference_sha256'])
         jobs.append(dict(key=key, images=len(seeds), seeds=seeds, snapshot=snapshot, solver=solver, num_steps=steps,
-            nfe=nfe))
+            nfe=nfe, metrics=('fid',)))
     return jobs
 
-def fid_compute(det, ref_stats, batch, precision):
+def fid_compute(det, ref_stats, batch, precision, net=None):
     """compute(job, advance) for run_jobs: exactly fid.py gen's images, features and distance.
-    Consecutive jobs of one snapshot (its seed ranges, solvers, NFE) share one loaded network."""
+    Consecutive jobs of one snapshot (its seed ranges, solvers, NFE) share one loaded network.
+    net: the network of the snapshot every job names, already in memory (the training loop's
+    EMA network), None = loaded from the snapshot file."""
     loaded = {}
 
     def compute(job, advance):
         path = job['snapshot']['path']
-        if loaded.get('path') != path:
+        if net is None and loaded.get('path') != path:
             try:
                 loaded.update(path=path, net=evaluation.open_generator(path, det.device, precision)[0])
             except UserError as err:
                 raise EvaluationError(f"{path}: {one_line(err)}") from None
-        net = loaded['net']
         sampler_name, sampler_kwargs, _nfe = sampler_of(job['solver'], job['num_steps'])
-        mu, sigma = evaluation.generated_stats(net, (sampler_name, sampler_kwargs), job['seeds'],
-            _CountingDetector(det, advance), batch=batch, precision=precision, progress=False)
+        mu, sigma = evaluation.generated_stats(loaded['net'] if net is None else net, (sampler_name, sampler_kwargs),
+            job['seeds'], _CountingDetector(det, advance), batch=batch, precision=precision, progress=False)
         return dict(fid=float(frechet_distance(mu, sigma, *ref_stats)))
     return compute
 
@@ -275,16 +326,17 @@ def write_outputs(outdir, text, data, panels, xlabel, plot_size, dashed=()):
         return None
     return png
 
-def _evaluate_cells(cells, det, ref_stats, info, outdir, batch, precision, progress):
-    """{cell id: cell dict} of [(cell id, jobs)] through the cache in outdir (on rank 0; None elsewhere).
-    The folder is made only now, after every input has been checked."""
+def _evaluate_cells(cells, det, ref_stats, info, outdir, batch, precision, progress, read_also=()):
+    """{cell id: cell dict} of [(cell id, jobs)] through the cache in outdir (on rank 0; None elsewhere),
+    which also finds the records of the folders `read_also`. The folder is made only now, after every
+    input has been checked."""
     if dist.get_rank() == 0:
         try:
             os.makedirs(os.path.join(outdir, 'cache'), exist_ok=True)
         except OSError as err:
             raise EvaluationError(f'cannot create --outdir {outdir} ({err.strerror}); choose a writable folder') from None
     dist.barrier()
-    cache = ResultCache(os.path.join(outdir, 'cache'))
+    cache = ResultCache(os.path.join(outdir, 'cache'), read_also)
     flat = [job for _cell_id, jobs in cells for job in jobs]
     records = run_jobs(flat, fid_compute(det, ref_stats, batch, precision), cache, progress)
     out, i = {}, 0
@@ -320,7 +372,9 @@ def fid_vs_training(runs, outdir, ref, kimg=None, seeds=range(50000), protocol_n
     det, ref_stats, info = open_scoring(ref, detector, trust_detector)
     cells = [((label, row), fid_jobs(snap, solver, steps, ranges, info, batch, precision))
         for label, per_run in zip(labels, snaps) for row, snap in per_run.items()]
-    done = _evaluate_cells(cells, det, ref_stats, info, outdir, batch, precision, progress)
+    # What train.py --metrics computed while training is in each run's own folder.
+    done = _evaluate_cells(cells, det, ref_stats, info, outdir, batch, precision, progress,
+        read_also=[os.path.join(run, RUN_EVALUATIONS) for run in runs])
     if dist.get_rank() != 0:
         return None
     rows = sorted({row for _label, row in done})
@@ -368,12 +422,13 @@ def fid_vs_nfe(networks, outdir, ref, nfe=(25, 49, 79), solvers=('edm', 'dpm'), 
 
 def read_stats(path):
     """{kimg: entry} of a stats.jsonl: a line that a resume repeated counts once (the later one wins);
-    a last line cut short by a kill is skipped."""
+    a last line cut short by a kill is skipped. A damaged line is one EvaluationError naming it."""
+    remedy = 'give run folders that train.py wrote'
     try:
-        with open(path, 'rb') as f:
+        with open_regular(path, remedy, error=EvaluationError) as f:
             data = f.read()
     except OSError as err:
-        raise EvaluationError(f'{path}: cannot be read ({err.strerror}); give run folders that train.py wrote') from None
+        raise EvaluationError(f'{path}: cannot be read ({err.strerror}); {remedy}') from None
     lines = data.split(b'\n')
     if lines and lines[-1].strip():
         lines = lines[:-1]  # a kill can leave half a line at the end
@@ -381,11 +436,11 @@ def read_stats(path):
     for number, line in enumerate(lines, 1):
         if not line.strip():
             continue
-        try:
-            entry = json.loads(line)
-            entries[float(entry['Progress/kimg']['mean'])] = entry
-        except (ValueError, KeyError, TypeError):
-            raise EvaluationError(f'{path}: line {number} is not a stats.jsonl entry of train.py; the file is damaged') from None
+        entry = loads_bounded(line, f'{path}: line {number}', 'the file is damaged', error=EvaluationError)
+        kimg = _stat_value(entry, 'Progress/kimg')
+        if kimg is None or not math.isfinite(kimg):
+            raise EvaluationError(f'{path}: line {number} is not a stats.jsonl entry of train.py; the file is damaged')
+        entries[kimg] = entry
     return entries
 
 # A statistic's value in one entry: the tick's mean (training_stats), or a plain number.
@@ -394,19 +449,27 @@ def _stat_value(entry, stat):
     value = value.get('mean') if isinstance(value, dict) else value
     return float(value) if isinstance(value, (int, float)) else None
 
+# The method's title from training_options.json (a few kB); a run without one (or without the
+# network's class) is named by its folder.
 def _run_title(run_dir):
-    try:
-        with open(os.path.join(run_dir, 'training_options.json'), encoding='utf-8') as f:
-            class_name = json.load(f)['network_kwargs']['class_name']
-        return TITLES.get(CLASS_TO_PRECOND.get(class_name), class_name)
-    except (OSError, ValueError, KeyError, TypeError):
+    path = os.path.join(run_dir, 'training_options.json')
+    options = {}
+    if os.path.lexists(path):
+        try:
+            options = read_json_bounded(path, MAX_JSON_BYTES, 'restore it, or remove it to name the run by its folder')
+        except FileError as err:
+            raise EvaluationError(one_line(err)) from None
+    network = options.get('network_kwargs')
+    class_name = network.get('class_name') if isinstance(network, dict) else None
+    if not isinstance(class_name, str):
         return os.path.basename(os.path.normpath(run_dir))
+    return TITLES.get(CLASS_TO_PRECOND.get(class_name), class_name)
 
 def training_curves(runs, out, stats=('Loss/loss',), plot_size=(800, 500)):
     """training-curves.png: each statistic of stats.jsonl against training images, runs overlaid."""
     per_run = []
     for run in runs:
-        if not os.path.isfile(os.path.join(run, 'stats.jsonl')):
+        if not os.path.lexists(os.path.join(run, 'stats.jsonl')):  # anything but a file: read_stats says what
             raise EvaluationError(f'{run}: no stats.jsonl; give run folders that train.py wrote')
         per_run.append(read_stats(os.path.join(run, 'stats.jsonl')))
     known = sorted({k for entries in per_run for e in entries.values() for k in e if _stat_value(e, k) is not None})

@@ -1,5 +1,6 @@
 """The embedded default, end to end and offline: the UCI digits (shipped inside scikit-learn)
--> a dataset zip -> a small class-conditional model -> samples -> FD-digits and class accuracy.
+-> a dataset zip -> a small class-conditional model (with its FD-digits curve, scored at each
+snapshot while it trains) -> samples -> FD-digits and class accuracy.
 
 Shared by the quick-start demo (`python -m training.tools.demo`) and the miniature reproduction of
 the paper's claim (`python -m training.tools.mini_repro`).
@@ -22,6 +23,8 @@ from training.data.dataset import ImageFolderDataset
 from training.data.sources import DIGITS_SOURCE
 from training.data.writer import convert_dataset
 from training.evaluation.generation import GRID_MIN_WIDTH, make_grid, save_png, to_uint8
+from training.evaluation.snapshot_metrics import open_metrics
+from training.evaluation.tables import read_stats
 from training.config import start_of
 from training.training_loop import training_loop
 
@@ -52,9 +55,11 @@ def prepare_data(outdir, device):
         feature_stats.save_stats(ref, mu, sigma)
     return data, ref
 
-def train(data, run_dir, precond='fdm_edm', total_kimg=100, seed=0, batch=64, ticks=10, snapshots=1, device=None):
+def train(data, run_dir, precond='fdm_edm', total_kimg=100, seed=0, batch=64, ticks=10, snapshots=1, device=None,
+        ref=None, metric_images=None):
     """Train a class-conditional model: `ticks` progress lines, `snapshots` evenly spaced snapshots
-    (plus the one after the first step)."""
+    (plus the one after the first step); with metric_images, each snapshot's FD-digits against the
+    statistics `ref` on that many images, as train.py --metrics=fd-digits (see fd_curve)."""
     if ticks % snapshots:
         raise ValueError(f'ticks={ticks} must be a multiple of snapshots={snapshots}')
     os.makedirs(run_dir, exist_ok=True)
@@ -67,7 +72,14 @@ def train(data, run_dir, precond='fdm_edm', total_kimg=100, seed=0, batch=64, ti
         batch_size=batch, total_kimg=total_kimg, ema_halflife_kimg=total_kimg / 20, lr_rampup_kimg=total_kimg / 50,
         kimg_per_tick=total_kimg / ticks, snapshot_ticks=ticks // snapshots, state_dump_ticks=None, grid_images=0, device=device)
     write_json(os.path.join(run_dir, 'training_options.json'), dict(config, device=None if device is None else str(device)))
-    return training_loop(run_dir=run_dir, start=start_of(config), **config)
+    start = start_of(config)
+    start.metrics = open_metrics('fd-digits', ref, metric_images) if metric_images else None
+    return training_loop(run_dir=run_dir, start=start, **config)
+
+def fd_curve(run_dir):
+    """{kimg: FD-digits} that train(..., metric_images=N) recorded at each snapshot (stats.jsonl)."""
+    entries = read_stats(os.path.join(run_dir, 'stats.jsonl'))
+    return {kimg: e['Metrics/fd-digits']['mean'] for kimg, e in entries.items() if 'Metrics/fd-digits' in e}
 
 @torch.no_grad()
 def sample(net, per_class=50, num_steps=18, device='cpu', batch=250):

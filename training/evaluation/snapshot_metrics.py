@@ -57,7 +57,7 @@ class SnapshotMetrics:
             records = {}
             for name, (det, ref_stats, info) in self.scorers.items():
                 if det.device != device:  # opened on this rank's default device, the loop may train elsewhere
-                    det = Detector(det.net, det.name, device, det.call_kwargs, det.feature_dim)
+                    det = Detector(det.net, det.name, device, det.call_kwargs, det.feature_dim, det.metric)
                     self.scorers[name] = (det, ref_stats, info)
                 jobs = tables.fid_jobs(snapshot, SOLVER, STEPS, [self.seeds], info, BATCH, PRECISION)
                 compute = tables.fid_compute(det, ref_stats, BATCH, PRECISION, net=net)

@@ -63,17 +63,6 @@ def test_fid_matches_closed_form_for_commuting_covariances(rotate):
         warnings.simplefilter('error')
         assert feature_stats.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-9, abs=1e-9)
 
-def test_sqrtm_old_scipy_api(monkeypatch):
-    # SciPy < 1.16: sqrtm(a, disp=False) returns (root, error estimate) and prints nothing.
-    calls = []
-    def old_sqrtm(a, disp=True):
-        calls.append(disp)
-        return (np.sqrt(a), 0.0) if disp is False else np.sqrt(a)
-    monkeypatch.setattr(feature_stats, '_scipy_version', lambda: (1, 15))
-    monkeypatch.setattr(feature_stats.scipy.linalg, 'sqrtm', old_sqrtm)
-    np.testing.assert_allclose(feature_stats.sqrtm_real(np.diag([4.0, 9.0])), np.diag([2.0, 3.0]))
-    assert calls == [False]
-
 def test_summarize_min_mean_sample_std():
     assert feature_stats.summarize([3.0, 1.0, 2.0]) == pytest.approx((1.0, 2.0, 1.0))
 
@@ -408,3 +397,77 @@ def test_statistics_headers_are_checked(tmp_path):
     np.savez(path, mu=np.arange(3, dtype='>f8'), sigma=np.eye(3, dtype='<f4'))
     mu, sigma = feature_stats.load_stats(str(path))
     assert mu.dtype == sigma.dtype == np.float64 and mu.tolist() == [0, 1, 2] and np.array_equal(sigma, np.eye(3))
+
+#----------------------------------------------------------------------------
+# The Frechet distance of singular and ill-conditioned statistics (fewer images than features make
+# the covariances singular), against values computed independently of scipy's sqrtm.
+
+# S1 = A A^T and S2 = B B^T of integer 5 x 2 factors: S1 S2 has the nonzero eigenvalues of
+# (B^T A)^T (B^T A), so tr sqrt(S1 S2) is the sum of the two singular values of C = B^T A, which
+# is sqrt(||C||^2 + 2 |det C|). (sqrtm raised on the first two and was off by 1e-7 on the third.)
+LOW_RANK_PAIRS = [
+    ([[2, 1], [0, -1], [-1, 1], [3, 3], [0, 2]], [[0, 1], [-1, -2], [3, -1], [3, 1], [-2, 2]]),
+    ([[-2, 3], [-2, 0], [2, 0], [-2, 0], [2, 0]], [[3, 0], [-3, 2], [0, 1], [-1, 2], [1, 3]]),
+    ([[1, 2], [0, 1], [3, -1], [2, 2], [-1, 0]], [[2, 0], [1, 1], [0, 3], [1, -2], [1, 1]]),
+]
+
+@pytest.mark.parametrize('a, b', LOW_RANK_PAIRS)
+def test_fid_of_low_rank_covariances_is_exact(a, b):
+    a, b = np.array(a), np.array(b)
+    mu1, mu2 = np.array([1, 0, -2, 3, 1]), np.array([0, 2, -1, 3, 0])  # ||mu1 - mu2||^2 = 7
+    c = b.T @ a
+    trace_sqrt = np.sqrt(float(np.square(c).sum() + 2 * abs(c[0, 0] * c[1, 1] - c[0, 1] * c[1, 0])))
+    expected = 7 + np.square(a).sum() + np.square(b).sum() - 2 * trace_sqrt
+    s1, s2 = a @ a.T, b @ b.T
+    assert feature_stats.frechet_distance(mu1, s1, mu2, s2) == pytest.approx(expected, rel=1e-12)
+    # The eigenvalues of S1 S2 itself, whose zeros come out as rounding noise: a looser check.
+    eig = np.linalg.eigvals((s1 @ s2).astype(np.float64))
+    trace_sqrt_eig = np.sqrt(np.clip(eig.real, 0, None)).sum()
+    assert expected == pytest.approx(7 + np.trace(s1) + np.trace(s2) - 2 * trace_sqrt_eig, rel=1e-6)
+
+def test_fid_of_commuting_low_rank_covariances():
+    # S1 = Q diag(d1) Q^T, S2 = Q diag(d2) Q^T: tr sqrt(S1 S2) = sum sqrt(d1 d2), and the FID is
+    # sum (sqrt(d1) - sqrt(d2))^2 = 1 + 9 + 0 + 16 + 1 + 2.25.
+    d1, d2 = np.array([4, 9, 0, 0, 1, 0]), np.array([1, 0, 0, 16, 4, 2.25])
+    q = np.linalg.qr(np.random.RandomState(3).randn(6, 6))[0]
+    s1, s2 = q @ np.diag(d1) @ q.T, q @ np.diag(d2) @ q.T
+    assert feature_stats.frechet_distance(np.zeros(6), s1, np.zeros(6), s2) == pytest.approx(29.25, rel=1e-12)
+
+def random_statistics(d, n, seed, decay=0.0, exact=True):
+    """Two sets of n random features of d dimensions (a spectrum falling by exp(-2 decay)), their
+    (mu, sigma) each, and (if exact) the exact FID from the features, without forming a covariance
+    product: tr sqrt(S1 S2) is the nuclear norm of R1 R2^T / (n - 1) for the QR factors R of the
+    centred features."""
+    rng = np.random.RandomState(seed)
+    mix = np.linalg.qr(rng.randn(d, d))[0]
+    f1, f2 = ((rng.randn(n, d) * np.exp(-decay * np.linspace(0, 1, d))) @ mix for _ in range(2))
+    f2 = 1.1 * f2 + 0.05
+    x1, x2 = f1 - f1.mean(axis=0), f2 - f2.mean(axis=0)
+    s1, s2 = x1.T @ x1 / (n - 1), x2.T @ x2 / (n - 1)
+    stats = (f1.mean(axis=0), s1, f2.mean(axis=0), s2)
+    if not exact:
+        return stats, None
+    r1, r2 = np.linalg.qr(x1, mode='r'), np.linalg.qr(x2, mode='r')
+    trace_sqrt = np.linalg.svd(r1 @ r2.T, compute_uv=False).sum() / (n - 1)
+    return stats, np.square(stats[0] - stats[2]).sum() + np.trace(s1) + np.trace(s2) - 2 * trace_sqrt
+
+# pytorch-fid's formula: the trace of the real part of scipy's sqrtm of S1 S2.
+def pytorch_fid_formula(mu1, s1, mu2, s2):
+    import scipy.linalg
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        root = scipy.linalg.sqrtm(s1 @ s2)
+    root = root[0] if isinstance(root, tuple) else root
+    return np.square(mu1 - mu2).sum() + np.trace(s1) + np.trace(s2) - 2 * np.trace(root).real
+
+@pytest.mark.parametrize('d', [64, 512])
+def test_fid_of_full_rank_statistics_agrees_with_pytorch_fid(d):
+    stats, exact = random_statistics(d, 2 * d, seed=d, exact=True)
+    fid = feature_stats.frechet_distance(*stats)
+    assert fid == pytest.approx(pytorch_fid_formula(*stats), rel=1e-10)
+    assert exact is None or fid == pytest.approx(exact, rel=1e-12)
+
+# Covariances of condition number 5e8 (their product: 2e17): scipy's sqrtm is off by 1.5e-8.
+def test_fid_of_ill_conditioned_statistics():
+    stats, exact = random_statistics(64, 400, seed=4, decay=10)
+    assert feature_stats.frechet_distance(*stats) == pytest.approx(exact, rel=1e-12)

@@ -1,9 +1,9 @@
 """Fuzzing the data and options users hand in: the only acceptable failure is a clear error.
 
 Dataset zips, folders and dataset.json (through train.py, then every item as training reads it),
-FID reference .npz files, and the --seeds/--cres list syntax. Network files (reference pickles,
-our snapshots and training states): test_fuzz_network_files.py. A crash with a traceback or a
-hang fails a test.
+FID reference .npz files, the --seeds/--cres list syntax, and pickles built to cost more than their
+size. Network files (reference pickles, our snapshots and training states):
+test_fuzz_network_files.py. A crash with a traceback or a hang fails a test.
 
 Each test runs FDM_FUZZ_EXAMPLES examples (default 100, a fixed, derandomized sequence so CI
 is reproducible); setting the variable also randomizes the examples, for long runs:
@@ -16,6 +16,8 @@ import json
 import os
 import shutil
 import struct
+import tracemalloc
+from unittest import mock
 
 import click
 import numpy as np
@@ -28,6 +30,7 @@ from hypothesis import strategies as st
 import train
 from conftest import damaged, fuzz, no_hang, write_file, write_image_zip
 from torch_utils.errors import EvaluationError
+from torch_utils.io import safe_pickle
 from training.evaluation.feature_stats import load_stats, save_stats
 from training.config import MAX_LIST_ITEMS, parse_cres
 from training.data.dataset import DatasetError, ImageFolderDataset
@@ -275,5 +278,93 @@ def test_fuzz_cres_syntax(fuzz_dir, valid_zip, text):
     result = CliRunner().invoke(train.main, ['--outdir', str(fuzz_dir / 'runs'), '--data', str(path), f'--cres={text}', '-n'])
     assert result.exception is None or isinstance(result.exception, SystemExit), repr(result.exception)
     assert (result.exit_code == 0) == (cres is not None), result.output
+
+#----------------------------------------------------------------------------
+# Pickles built to cost more than their size (torch_utils/io/safe_pickle.py): keys of every kind
+# (colliding ints among them), memo entries and references to them, blocks of thousands of cheap
+# opcodes, calls on memoised arguments. The only outcomes: a load within the budget, whose peak
+# memory is at most twice the allowance, or the one-line UnsafePickleError.
+
+FLOOR = 256 << 10  # the budget's floor for these small pickles
+P = 2**61 - 1  # every k * P hashes to 0
+
+def op_long(n):
+    raw = n.to_bytes(n.bit_length() // 8 + 1, 'little', signed=True)
+    return b'\x8a' + bytes([len(raw)]) + raw
+
+def op_get(index):
+    return b'j' + struct.pack('<I', index)  # LONG_BINGET
+
+@st.composite
+def pickled_keys(draw, memo):
+    kind = draw(st.sampled_from(['str', 'bytes', 'int', 'int', 'colliding', 'float', 'tuple', 'none', 'ref']))
+    if kind == 'ref' and memo[0]:
+        return op_get(draw(st.integers(0, memo[0] - 1)))
+    if kind == 'str':
+        raw = draw(st.text(max_size=4)).encode('utf-8', 'surrogatepass')
+        return b'\x8c' + bytes([len(raw)]) + raw
+    if kind == 'bytes':
+        raw = draw(st.binary(max_size=4))
+        return b'C' + bytes([len(raw)]) + raw
+    if kind == 'colliding':
+        return op_long(draw(st.integers(1, 10**6)) * P)
+    if kind == 'float':
+        return b'G' + struct.pack('>d', draw(st.floats(allow_nan=False)))
+    if kind == 'tuple':
+        return b'K\x01K\x02\x86'
+    if kind == 'none':
+        return b'N'
+    return op_long(draw(st.integers(-2, safe_pickle.MAX_INT_KEY + 2)))
+
+# One value's opcodes (they push exactly one object); memo[0] counts the memo entries so far.
+@st.composite
+def pickled_values(draw, memo, depth=0):
+    kinds = ['key', 'key', 'dict', 'list', 'set', 'tuple', 'block'] if depth < 3 else ['key']
+    kind = draw(st.sampled_from(kinds))
+    keys = lambda: b''.join(draw(st.lists(pickled_keys(memo), max_size=draw(st.sampled_from([4, 400])))))
+    values = lambda: b''.join(draw(st.lists(pickled_values(memo, depth + 1), max_size=4)))
+    if kind == 'key':
+        out = draw(pickled_keys(memo))
+    elif kind == 'dict':
+        count = draw(st.integers(0, 4))
+        items = b''.join(draw(pickled_keys(memo)) + draw(pickled_values(memo, depth + 1)) for _ in range(count))
+        out = draw(st.sampled_from([b'}(' + items + b'u', b'(' + items + b'd']))
+    elif kind == 'list':
+        out = b'](' + values() + b'e'
+    elif kind == 'set':
+        style = draw(st.sampled_from(['additems', 'frozenset', 'call']))
+        out = {'additems': b'\x8f(' + keys() + b'\x90', 'frozenset': b'(' + keys() + b'\x91',
+            'call': b'cbuiltins\nset\n](' + keys() + b'e\x85R'}[style]
+    elif kind == 'tuple':
+        out = b'(' + values() + b't'
+    else:  # a list of thousands of cheap opcodes: empty containers, references, calls on a memoised value
+        pieces = [b'\x8f', b'}', b']', b')', b'N', b'\x8f\x94']
+        if memo[0]:
+            index = draw(st.integers(0, memo[0] - 1))
+            pieces += [op_get(index), b'cbuiltins\nfrozenset\n' + op_get(index) + b'\x85R']
+        piece, count = draw(st.sampled_from(pieces)), draw(st.integers(1, 20_000))
+        memo[0] += count if piece == b'\x8f\x94' else 0
+        out = b'(' + piece * count + b'l'
+    if draw(st.booleans()):
+        out += b'\x94'  # MEMOIZE
+        memo[0] += 1
+    return out
+
+@fuzz
+@given(data=st.data())
+@no_hang
+def test_fuzz_pickle_cost(data):
+    raw = b'\x80\x04' + data.draw(pickled_values([0])) + b'.'
+    f = io.BytesIO(raw)
+    with mock.patch.object(safe_pickle, 'BUDGET_FLOOR', FLOOR):
+        tracemalloc.start()
+        try:
+            safe_pickle.restricted_load(f)
+        except safe_pickle.UnsafePickleError as err:
+            assert '\n' not in str(err)
+        finally:
+            peak = tracemalloc.get_traced_memory()[1]
+            tracemalloc.stop()
+    assert peak <= 2 * (FLOOR + safe_pickle.BUDGET_PER_BYTE * len(raw)), (peak, len(raw))
 
 #----------------------------------------------------------------------------

@@ -159,8 +159,14 @@ def test_snapshot_digest_covers_the_description(tmp_path, make_tiny_net):
     flipped = bytearray(raw)
     flipped[pos + len(b'"sigma_data": 0.')] ^= 0x02  # one bit: 0.5 -> 0.7
     write(tmp_path / 'flipped.pt', bytes(flipped))
-    with pytest.raises(CheckpointError, match='checksum mismatch'):
+    with pytest.raises(CheckpointError, match='damaged'):  # the zip's CRC sees the flip first
         fdm.load_network(tmp_path / 'flipped.pt')
+    # The same change written as a valid zip (the old digest kept): the digest sees it.
+    data = torch.load(tmp_path / 'snap.pt', weights_only=True)
+    data['description'] = data['description'].replace('"sigma_data": 0.5', '"sigma_data": 0.7')
+    torch.save(data, tmp_path / 'changed.pt')
+    with pytest.raises(CheckpointError, match='checksum mismatch'):
+        fdm.load_network(tmp_path / 'changed.pt')
 
 def test_snapshots_are_version_2_and_deterministic_and_version_1_still_loads(tmp_path, net):
     save_snapshot(tmp_path / 'a.pt', net)

@@ -362,13 +362,16 @@ def _update_digest(h, obj, depth):
 # Reading an envelope.
 
 def load_plain(f, name, remedy, error=FileError):
-    """torch.load(weights_only=True) of a path or file: tensors and plain containers only, so
-    opening the file can never run code. Any failure is one `error` naming the file."""
+    """A torch.save file (path or open file) of tensors and plain containers, read by the allow-list
+    unpickler: opening it can never run code, and its cost is bounded by its size (torch.load's own
+    unpickler, even with weights_only=True, spends minutes on a dict of keys with colliding hashes).
+    Any failure is one `error` naming the file."""
+    from torch_utils.io.safe_pickle import restricted_load_torch_zip  # safe_pickle imports this module
     if isinstance(f, (str, os.PathLike)):
         with open_regular(f, remedy, error=error) as opened:
             return load_plain(opened, name, remedy, error)
     try:
-        return torch.load(f, map_location='cpu', weights_only=True)
+        return restricted_load_torch_zip(f)
     except Exception as err:
         raise error(f'{name}: cannot be read ({type(err).__name__}: {" ".join(str(err).split())[:200]}); '
             f'the file is damaged or truncated, {remedy}') from None

@@ -17,6 +17,12 @@ must be dense (a stride-0 view of a few bytes would stand for gigabytes).
 `restricted_load_torch_zip` reads a `torch.save` file (the reference's training states) with the
 same unpickler: its storages are the only persistent ids allowed, each exactly the bytes its
 zip member holds, of a storage type from a short list; the zip is checked before anything is read.
+
+Nor can a file make a load cost more than its size accounts for: every load has one budget of
+memory (see _Budget), dict keys, set items and memo indices are of kinds whose hashes a file
+cannot make collide, and tuples nest at most MAX_TUPLE_DEPTH deep (hash() of a deeper one can
+crash the interpreter). A storage pickled inside a pickle is read by the same unpickler, on the
+same budget.
 """
 
 import _compat_pickle
@@ -26,6 +32,7 @@ import io
 import os
 import pickle
 import re
+import struct
 import sys
 import types
 import zipfile
@@ -34,10 +41,10 @@ import numpy as np
 import torch
 
 import dnnlib
-from torch_utils.io.files import is_dense
+from torch_utils.io.files import is_dense, open_regular
 
 class UnsafePickleError(Exception):
-    """A pickle that needs something outside the allow-list, or is malformed."""
+    """A pickle that needs something outside the allow-list or the budget, or is malformed."""
 
 class ForbiddenGlobalError(UnsafePickleError):
     """A pickle that names a global outside the allow-list; `global_name` says which."""
@@ -53,7 +60,9 @@ class PersistentRecord:
     def __init__(self, meta):
         if not isinstance(meta, dict) or meta.get('type') != 'class':
             raise UnsafePickleError('unsupported persistence record (expected type "class")')
-        self.class_name = str(meta.get('class_name'))
+        self.class_name = meta.get('class_name')
+        if not isinstance(self.class_name, str):  # str() of whatever the file put there could cost anything
+            raise UnsafePickleError('the persistence record has no class name')
         self.version = meta.get('version')
         self.state = meta.get('state') or {}
         if not isinstance(self.state, dict):
@@ -85,7 +94,7 @@ PLAIN_DTYPES = {'b1', 'i1', 'i2', 'i4', 'i8', 'u1', 'u2', 'u4', 'u8', 'f2', 'f4'
 class _DtypeRequest:
     """numpy.dtype(typestr) as the pickle asked for it, with the state BUILD gives it."""
     def __init__(self, typestr, align=False, copy=True):
-        if typestr not in PLAIN_DTYPES or not all(v in (0, 1) for v in (align, copy)):
+        if not (isinstance(typestr, str) and typestr in PLAIN_DTYPES and all(v in (0, 1) for v in (align, copy))):
             raise UnsafePickleError(f'refusing numpy dtype {typestr!r}: only plain numeric scalars '
                 f'({", ".join(sorted(PLAIN_DTYPES))}) occur in these files')
         self.typestr, self.byteorder = typestr, '='
@@ -166,10 +175,11 @@ def _numpy_private(module, name):
 # Tensors: torch's own rebuilders, called with checked arguments; a tensor must be dense, so that
 # its elements are bytes of the file (which is what the digests and size budgets count).
 
+# The reference's `torch.storage._load_from_bytes(data)` is a nested torch.load of one storage.
+# torch's unpickler would know nothing of the load's budget, so each load binds this name to its
+# own reader (_RestrictedUnpickler.storage_from_bytes, see _fresh); this function is never called.
 def _load_storage_bytes(data):
-    # The reference's `torch.storage._load_from_bytes` is a nested torch.load; we do it with
-    # weights_only so the nested pickle is restricted too.
-    return torch.load(io.BytesIO(data), map_location='cpu', weights_only=True)
+    raise UnsafePickleError('a pickled storage is read by the load that finds it')
 
 def _rebuild_tensor(storage, storage_offset, size, stride, requires_grad=False, backward_hooks=None, metadata=None):
     if not isinstance(storage, torch.TypedStorage) or backward_hooks or metadata:
@@ -226,10 +236,12 @@ for _name in ['float16', 'float32', 'float64', 'bfloat16', 'int64', 'int32', 'ui
 
 # What one load sees of an allowed global: a new wrapper of each function (a file that sets
 # __defaults__ or __dict__ on what it is given changes only this load's wrapper), a new
-# _ArrayClass token, and the classes and torch dtypes themselves.
-def _fresh(target):
+# _ArrayClass token, its own storage reader, and the classes and torch dtypes themselves.
+def _fresh(target, load):
     if target is _ArrayClass:
         return _ArrayClass()
+    if target is _load_storage_bytes:
+        return lambda data: load.storage_from_bytes(data)
     if isinstance(target, types.FunctionType):
         return lambda *args, **kwargs: target(*args, **kwargs)
     return target
@@ -253,18 +265,116 @@ _BUILD = {
     collections.OrderedDict: _set_instance_dict,
 }
 
+#----------------------------------------------------------------------------
+# What a load may cost. A small file can keep an unpickler busy or fill the memory: a dict whose
+# keys' hashes collide is quadratic to build (150,000 ints k * (2**61 - 1), all of hash 0, are a
+# 2 MB pickle that took minutes), and one-byte opcodes that each make an empty set and a memo
+# entry cost over a hundred times their size in memory. Hence one budget per load, and keys of
+# kinds whose hashes a file cannot choose.
+
+# The reference's files make up to 26 bytes of objects per byte of their structure (a training
+# state's data.pkl, protocol 2, which memoises every object), 3 per byte of tensor data.
+BUDGET_PER_BYTE = 32  # bytes of objects a load may make per byte of pickle read so far ...
+BUDGET_FLOOR = 64 << 20  # ... and this many more
+OPCODE_COST = 8  # every opcode: a stack slot, and its time
+
+class _Budget:
+    """The memory a load has made (objects, container and memo entries, what the allowed functions
+    return and what they are given to work through) against BUDGET_FLOOR + BUDGET_PER_BYTE times the
+    bytes of pickle read so far. No opcode takes time out of proportion to its charge, so the time
+    of a load is bounded by the file too. Nested loads (storages inside the pickle) share it."""
+    def __init__(self):
+        self.read = self.spent = 0
+        self.limit = BUDGET_FLOOR  # the allowance when last computed; it only grows
+
+    def charge(self, nbytes):
+        self.spent += nbytes
+        if self.spent > self.limit:
+            self.limit = BUDGET_FLOOR + BUDGET_PER_BYTE * self.read
+            if self.spent > self.limit:
+                raise UnsafePickleError(f'refusing to load: its first {self.read:,} bytes make over {self.limit:,} '
+                    'bytes of objects, far more than any file of this kind (it may be built to exhaust memory)')
+
+class _MeteredFile:
+    """The file as the unpickler reads it, counting its bytes into the budget."""
+    def __init__(self, f, budget):
+        self.f, self.budget = f, budget
+
+    def read(self, n):
+        data = self.f.read(n)
+        self.budget.read += len(data)
+        return data
+
+    def readline(self):
+        line = self.f.readline()
+        self.budget.read += len(line)
+        return line
+
+# The bytes of memory an object holds itself, not what it refers to (charged when that is made).
+# A tensor or storage counts its Python object only: its data is charged where it is made.
+def _footprint(obj):
+    kind = type(obj)  # the exact types a load makes (isinstance would cost more than the rest)
+    if kind is torch.Tensor or kind is torch.nn.Parameter:
+        return 64 + 16 * obj.dim()  # its sizes and strides
+    if kind is torch.TypedStorage or kind is torch.UntypedStorage:
+        return 64
+    return sys.getsizeof(obj)
+
+# Dict keys and set items: str and bytes, which CPython hashes with a key drawn at start-up
+# (SipHash), and ints in [0, MAX_INT_KEY), which hash to themselves: each has a slot of its own in
+# a table of MAX_INT_KEY slots or more, and a smaller table bounds any probe sequence, so whatever
+# keys and order a file chooses, a lookup costs at most a few thousand probes. Any other key (a
+# large int, a float, a tuple, a frozenset) has a hash a file can choose, and keys of one hash make
+# a dict quadratic to build (hash() of a deeply nested tuple even crashes the interpreter). The
+# reference's files key dicts by names and by parameter indices (Adam's state), a few hundred.
+MAX_INT_KEY = 4096
+MAX_TUPLE_DEPTH = 64  # the reference's files nest tuples 2 deep (the sizes in a tensor's arguments)
+
+def _check_keys(keys):
+    for key in keys:
+        if not (type(key) in (str, bytes) or (type(key) is int and 0 <= key < MAX_INT_KEY)):
+            what = f'an int outside 0..{MAX_INT_KEY - 1}' if type(key) is int else f'a {type(key).__name__}'
+            raise UnsafePickleError(f'refusing to load: a dict key or set item is {what}; these files key their '
+                'dicts by names and small parameter indices')
+
+# Opcodes that push an object they make, which is charged its footprint. The others push an object
+# that exists (from the memo or the allow-list, or DUP), change one (charged where they are
+# overridden below), or push nothing.
+_MAKERS = {op[0] for op in (pickle.INT, pickle.BININT, pickle.BININT1, pickle.BININT2, pickle.LONG, pickle.LONG1,
+    pickle.LONG4, pickle.FLOAT, pickle.BINFLOAT, pickle.STRING, pickle.BINSTRING, pickle.SHORT_BINSTRING,
+    pickle.BINBYTES, pickle.SHORT_BINBYTES, pickle.BINBYTES8, pickle.BYTEARRAY8, pickle.UNICODE, pickle.BINUNICODE,
+    pickle.SHORT_BINUNICODE, pickle.BINUNICODE8, pickle.TUPLE, pickle.TUPLE1, pickle.TUPLE2, pickle.TUPLE3,
+    pickle.EMPTY_LIST, pickle.EMPTY_DICT, pickle.EMPTY_SET, pickle.LIST, pickle.DICT, pickle.FROZENSET,
+    pickle.READONLY_BUFFER)}
+
+def _metered(load, makes):
+    def step(self):
+        load(self)
+        budget = self.budget  # _Budget.charge, inlined: this runs for every opcode
+        budget.spent += OPCODE_COST + _footprint(self.stack[-1]) if makes else OPCODE_COST
+        if budget.spent > budget.limit:
+            budget.charge(0)
+    return step
+
+_DICTS = (dict, collections.OrderedDict, dnnlib.EasyDict)
+
 class _RestrictedUnpickler(pickle._Unpickler):
     """The pure-Python unpickler (its opcodes are a table we can change, unlike the C one's)
-    with find_class on the allow-list, BUILD limited to _BUILD, and persistent ids only for the
-    storages of a torch.save zip (`archive`), none otherwise."""
+    with find_class on the allow-list, BUILD limited to _BUILD, persistent ids only for the
+    storages of a torch.save (`archive`), none otherwise, every call and every filling of a
+    container checked, and every opcode charged to the load's budget."""
     dispatch = dict(pickle._Unpickler.dispatch)
 
-    def __init__(self, f, allowed, encoding, archive=None):
-        super().__init__(f, encoding=encoding)
-        self.allowed = {key: _fresh(target) for key, target in allowed.items()}
+    # A nested load (a storage pickled inside the pickle) reads bytes that its parent has counted,
+    # and spends its parent's budget.
+    def __init__(self, f, allowed, encoding, archive=None, budget=None):
+        self.budget = budget or _Budget()
+        super().__init__(f if budget else _MeteredFile(f, self.budget), encoding=encoding)
+        self.allowed = {key: _fresh(target, self) for key, target in allowed.items()}
         if archive is not None:  # this load's own storage-type tokens
             self.allowed.update({('torch', name): _StorageType(name, dtype) for name, dtype in STORAGE_TYPES.items()})
         self.archive = archive
+        self.tuple_depths = {}
 
     # Protocols < 3 write Python 2 names (__builtin__.set); they are looked up as Python 3 names,
     # as pickle does, and named in errors as the file wrote them.
@@ -290,14 +400,195 @@ class _RestrictedUnpickler(pickle._Unpickler):
         if apply is None:
             raise UnsafePickleError(f'refusing to load: the pickle sets the state of a {type(inst).__name__}, '
                 'which these files never do')
+        self.budget.charge(_footprint(state) + (sum(map(_footprint, state)) if type(state) is tuple else 0))
         apply(inst, state)
     dispatch[pickle.BUILD[0]] = load_build
 
+    # Every call (REDUCE, NEWOBJ, NEWOBJ_EX, OBJ, INST). The arguments are a tuple, as a pickler
+    # writes them (f(*x) of a tensor would make an object per element). A set or dict is made empty
+    # and filled by the opcodes that check keys, or from a list of checked items, as protocol 2
+    # writes a set. A call is charged what it is given to work through and what it returns.
+    def call(self, func, args, kwargs=None, new=False):
+        if type(args) is not tuple or not (kwargs is None or type(kwargs) is dict):
+            raise UnsafePickleError('refusing to load: a call whose arguments are not a tuple, which no pickler writes')
+        kwargs = kwargs or {}
+        self.budget.charge(sum(map(_footprint, args)) + sum(map(_footprint, kwargs.values())))
+        if isinstance(func, type) and issubclass(func, (set, frozenset, dict)) and (args or kwargs):
+            if issubclass(func, dict) or kwargs or len(args) != 1 or type(args[0]) not in (list, tuple):
+                raise UnsafePickleError(f'refusing to load: the pickle makes a {func.__name__} from arguments, '
+                    'which these files never do')
+            _check_keys(args[0])
+        result = func.__new__(func, *args, **kwargs) if new else func(*args, **kwargs)
+        self.budget.charge(_footprint(result))
+        return result
+
+    def load_reduce(self):
+        args = self.stack.pop()
+        self.stack[-1] = self.call(self.stack[-1], args)
+    dispatch[pickle.REDUCE[0]] = load_reduce
+
+    def load_newobj(self):
+        args = self.stack.pop()
+        self.stack[-1] = self.call(self.stack[-1], args, new=True)
+    dispatch[pickle.NEWOBJ[0]] = load_newobj
+
+    def load_newobj_ex(self):
+        kwargs, args = self.stack.pop(), self.stack.pop()
+        self.stack[-1] = self.call(self.stack[-1], args, kwargs, new=True)
+    dispatch[pickle.NEWOBJ_EX[0]] = load_newobj_ex
+
+    # OBJ and INST (protocols 0 and 1) end here, and call as pickle does.
+    def _instantiate(self, klass, args):
+        new = not args and isinstance(klass, type) and not hasattr(klass, '__getinitargs__')
+        self.append(self.call(klass, tuple(args), new=new))
+
+    # SETITEM(S), APPEND(S) and ADDITEMS fill only the kind of container a pickler fills with them
+    # (on anything else they would call whatever its append or add is, even an allowed function
+    # stored in an EasyDict), keys checked first; each is charged what the container grows by.
+    def fill(self, target, kinds, keys, load):
+        if type(target) not in kinds:
+            raise UnsafePickleError(f'refusing to load: the pickle adds items to a {type(target).__name__}, '
+                'which these files never do')
+        _check_keys(keys)
+        before = sys.getsizeof(target)
+        load(self)
+        self.budget.charge(max(sys.getsizeof(target) - before, 0))
+
+    def below_mark(self):
+        return self.metastack[-1][-1] if self.metastack and self.metastack[-1] else None
+
+    def load_setitem(self):
+        self.fill(self.stack[-3] if len(self.stack) >= 3 else None, _DICTS, self.stack[-2:-1],
+            pickle._Unpickler.load_setitem)
+    dispatch[pickle.SETITEM[0]] = load_setitem
+
+    def load_setitems(self):
+        self.fill(self.below_mark(), _DICTS, self.stack[::2], pickle._Unpickler.load_setitems)
+    dispatch[pickle.SETITEMS[0]] = load_setitems
+
+    def load_append(self):
+        self.fill(self.stack[-2] if len(self.stack) >= 2 else None, (list,), (), pickle._Unpickler.load_append)
+    dispatch[pickle.APPEND[0]] = load_append
+
+    def load_appends(self):
+        self.fill(self.below_mark(), (list,), (), pickle._Unpickler.load_appends)
+    dispatch[pickle.APPENDS[0]] = load_appends
+
+    def load_additems(self):
+        self.fill(self.below_mark(), (set,), self.stack, pickle._Unpickler.load_additems)
+    dispatch[pickle.ADDITEMS[0]] = load_additems
+
+    def load_dict(self):
+        _check_keys(self.stack[::2])  # key, value, key, value, ... since the mark
+        pickle._Unpickler.load_dict(self)
+    dispatch[pickle.DICT[0]] = load_dict
+
+    def load_frozenset(self):
+        _check_keys(self.stack)
+        pickle._Unpickler.load_frozenset(self)
+    dispatch[pickle.FROZENSET[0]] = load_frozenset
+
+    # hash() of a tuple recurses through the tuples in it without the interpreter's depth check:
+    # one nested 200,000 deep (a 200 KB pickle) crashes whatever caller hashes it. Tuples nest at
+    # most MAX_TUPLE_DEPTH deep; the depth of each tuple that holds tuples is kept (with the tuple,
+    # so that its id stays its own).
+    def check_tuple(self):
+        t = self.stack[-1]
+        depth = 1 + max((self.tuple_depths.get(id(x), (x, 1))[1] for x in t if type(x) is tuple), default=0)
+        if depth > MAX_TUPLE_DEPTH:
+            raise UnsafePickleError(f'refusing to load: tuples nested more than {MAX_TUPLE_DEPTH} deep, which these '
+                'files never hold')
+        if depth > 1:
+            before = sys.getsizeof(self.tuple_depths)
+            self.tuple_depths[id(t)] = (t, depth)
+            self.budget.charge(sys.getsizeof(self.tuple_depths) - before + 64)  # and the entry's tuple
+
+    def load_tuple(self):
+        pickle._Unpickler.load_tuple(self)
+        self.check_tuple()
+    dispatch[pickle.TUPLE[0]] = load_tuple
+
+    def load_tuple1(self):
+        pickle._Unpickler.load_tuple1(self)
+        self.check_tuple()
+    dispatch[pickle.TUPLE1[0]] = load_tuple1
+
+    def load_tuple2(self):
+        pickle._Unpickler.load_tuple2(self)
+        self.check_tuple()
+    dispatch[pickle.TUPLE2[0]] = load_tuple2
+
+    def load_tuple3(self):
+        pickle._Unpickler.load_tuple3(self)
+        self.check_tuple()
+    dispatch[pickle.TUPLE3[0]] = load_tuple3
+
+    def load_mark(self):
+        pickle._Unpickler.load_mark(self)
+        self.budget.charge(64)  # a new stack, and a slot of the metastack
+    dispatch[pickle.MARK[0]] = load_mark
+
+    # A pickler numbers its memo entries 0, 1, 2, ... in order, so an index is at most the count so
+    # far, and the memo's int keys never collide.
+    def memoize(self, index):
+        if not 0 <= index <= len(self.memo):
+            raise UnsafePickleError('refusing to load: a memo index out of order, which no pickler writes')
+        before = sys.getsizeof(self.memo)
+        self.memo[index] = self.stack[-1]
+        self.budget.charge(sys.getsizeof(self.memo) - before + 32)  # and the int of its key
+
+    def load_put(self):
+        self.memoize(int(self.readline()[:-1]))
+    dispatch[pickle.PUT[0]] = load_put
+
+    def load_binput(self):
+        self.memoize(self.read(1)[0])
+    dispatch[pickle.BINPUT[0]] = load_binput
+
+    def load_long_binput(self):
+        self.memoize(struct.unpack('<I', self.read(4))[0])
+    dispatch[pickle.LONG_BINPUT[0]] = load_long_binput
+
+    def load_memoize(self):
+        self.memoize(len(self.memo))
+    dispatch[pickle.MEMOIZE[0]] = load_memoize
+
+    # bytearray(n) would fill the n bytes the file claims before reading them: read them first.
+    def load_bytearray8(self):
+        size, = struct.unpack('<Q', self.read(8))
+        data = self.read(size)
+        if len(data) != size:
+            raise pickle.UnpicklingError('the pickle ends inside a bytearray')
+        self.append(bytearray(data))
+    dispatch[pickle.BYTEARRAY8[0]] = load_bytearray8
+
+    dispatch = {code: _metered(load, code in _MAKERS) for code, load in dispatch.items()}
+
+    def nested_load(self, f, archive):
+        return _RestrictedUnpickler(f, {}, 'ASCII', archive, self.budget).load()
+
+    # torch.storage._load_from_bytes(data): a torch.save of one storage, as a pickled tensor holds it
+    # (the legacy format) or in the zip format, read with this load's unpickler and budget.
+    def storage_from_bytes(self, data):
+        if type(data) is not bytes:
+            raise UnsafePickleError('refusing a pickled storage that is not bytes')
+        self.budget.charge(len(data))  # the storage it becomes, which is no larger
+        if data[:4] == b'PK\x03\x04':
+            with zipfile.ZipFile(io.BytesIO(data)) as zf:
+                archive = _TorchZip(zf, len(data))
+                storage = self.nested_load(io.BytesIO(archive.read('data.pkl')), archive)
+        else:
+            storage = _read_legacy_storage(io.BytesIO(data), self.nested_load)
+        if not isinstance(storage, torch.TypedStorage):
+            raise UnsafePickleError('refusing a pickled storage that holds something else')
+        return storage
+
 def restricted_load(f, allowed=ALLOWED_GLOBALS, encoding='ASCII'):
-    """Unpickle with an allow-list (ALLOWED_GLOBALS or ARRAY_GLOBALS). Raises UnsafePickleError
-    (ForbiddenGlobalError for a refused global) for anything outside it or a bad record, and lets
-    other exceptions (damaged or truncated data) through for the caller to word. encoding:
-    how Python 2 8-bit strings are decoded ('latin1' keeps numpy array bytes intact)."""
+    """Unpickle with an allow-list (ALLOWED_GLOBALS or ARRAY_GLOBALS), within the budget of
+    _Budget. Raises UnsafePickleError (ForbiddenGlobalError for a refused global) for anything
+    outside the allow-list or the budget, or a bad record, and lets other exceptions (damaged or
+    truncated data) through for the caller to word. encoding: how Python 2 8-bit strings are
+    decoded ('latin1' keeps numpy array bytes intact)."""
     return _RestrictedUnpickler(f, allowed, encoding).load()
 
 #----------------------------------------------------------------------------
@@ -350,31 +641,78 @@ class _TorchZip:
         return self.zf.read(f'{self.top}/{name}')
 
     def storage(self, pid):
-        if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == 'storage' and isinstance(pid[1], _StorageType)
-                and isinstance(pid[2], str) and re.fullmatch(r'[0-9A-Za-z_]{1,64}', pid[2]) and isinstance(pid[3], str)
-                and type(pid[4]) is int and pid[4] >= 0):
-            raise UnsafePickleError('refusing a persistent id that is not a torch storage (storage, type, key, location, numel)')
-        _, storage_type, key, _location, numel = pid
+        storage_type, key, numel = _storage_id(pid)
         if key not in self.storages:
             if f'{self.top}/data/{key}' not in self.members:
                 raise UnsafePickleError(f'the torch.save file has no storage {key!r}')
             raw = bytearray(self.read(f'data/{key}'))
             if len(raw) != numel * storage_type.dtype.itemsize:
                 raise UnsafePickleError(f'storage {key!r} holds {len(raw)} bytes, not {numel} elements of {storage_type.dtype}')
-            untyped = torch.frombuffer(raw, dtype=torch.uint8).untyped_storage() if raw else torch.UntypedStorage(0)
-            self.storages[key] = (storage_type.dtype, numel,
-                torch.TypedStorage(wrap_storage=untyped, dtype=storage_type.dtype, _internal=True))
+            self.storages[key] = (storage_type.dtype, numel, _typed_storage(raw, storage_type.dtype))
         dtype, size, storage = self.storages[key]
         if (dtype, size) != (storage_type.dtype, numel):
             raise UnsafePickleError(f'storage {key!r} is named with two different types or sizes')
         return storage
 
-def restricted_load_torch_zip(path):
-    """Load a torch.save file with the allow-list of restricted_load (storages come from the zip).
-    Raises UnsafePickleError for what the allow-list or the zip checks refuse, and lets other
-    exceptions (a damaged zip or pickle) through for the caller to word."""
-    with open(path, 'rb') as f, zipfile.ZipFile(f) as zf:
-        archive = _TorchZip(zf, os.fstat(f.fileno()).st_size)
+# ('storage', storage type, key, location, numel) -> (storage type, key, numel), or a refusal.
+def _storage_id(pid):
+    if not (isinstance(pid, tuple) and len(pid) == 5 and pid[0] == 'storage' and isinstance(pid[1], _StorageType)
+            and isinstance(pid[2], str) and re.fullmatch(r'[0-9A-Za-z_]{1,64}', pid[2]) and isinstance(pid[3], str)
+            and type(pid[4]) is int and pid[4] >= 0):
+        raise UnsafePickleError('refusing a persistent id that is not a torch storage (storage, type, key, location, numel)')
+    return pid[1], pid[2], pid[4]
+
+def _typed_storage(raw, dtype):
+    untyped = torch.frombuffer(raw, dtype=torch.uint8).untyped_storage() if raw else torch.UntypedStorage(0)
+    return torch.TypedStorage(wrap_storage=untyped, dtype=dtype, _internal=True)
+
+def restricted_load_torch_zip(path_or_file):
+    """Load a torch.save file (a path, or a binary file open at its start) with the allow-list of
+    restricted_load (storages come from the zip), within the unpickler's budget. Raises
+    UnsafePickleError for what the allow-list, the budget or the zip checks refuse (and for a path
+    that is not a regular file), and lets other exceptions (a damaged zip or pickle) through for
+    the caller to word."""
+    if isinstance(path_or_file, (str, os.PathLike)):
+        with open_regular(path_or_file, 'give a torch.save file', error=UnsafePickleError) as f:
+            return restricted_load_torch_zip(f)
+    f = path_or_file
+    start = f.tell()
+    size = f.seek(0, os.SEEK_END) - start
+    f.seek(start)
+    with zipfile.ZipFile(f) as zf:
+        archive = _TorchZip(zf, size)
         return _RestrictedUnpickler(io.BytesIO(archive.read('data.pkl')), ALLOWED_GLOBALS, 'ASCII', archive).load()
+
+# A pickled storage in the legacy torch.save format (torch.save before torch 1.6, and what
+# pickling a tensor still writes): pickles of the magic number, the protocol version and the
+# system's byte order, then of the object (here one storage, the persistent id
+# ('storage', type, key, location, numel, None)) and of the list of storage keys; then the
+# storage as its numel (int64, little-endian) and its bytes.
+LEGACY_MAGIC, LEGACY_PROTOCOL = 0x1950a86a20f9469cfc6c, 1001
+
+class _LegacyStorageId:
+    """The persistent id of the one storage a legacy pickle of a storage names."""
+    def __init__(self):
+        self.id = None
+
+    def storage(self, pid):
+        if self.id is not None or not (isinstance(pid, tuple) and len(pid) == 6 and pid[5] is None):
+            raise UnsafePickleError('refusing a pickled storage that is not one plain storage')
+        self.id = _storage_id(pid[:5])
+        return self
+
+def _read_legacy_storage(f, load):
+    ids = _LegacyStorageId()
+    magic, protocol, info = load(f, ids), load(f, ids), load(f, ids)
+    if not (type(magic) is int and magic == LEGACY_MAGIC and type(protocol) is int and protocol == LEGACY_PROTOCOL
+            and type(info) is dict and info.get('little_endian') is (sys.byteorder == 'little')):
+        raise UnsafePickleError('refusing a pickled storage that is not a torch.save of this byte order')
+    if load(f, ids) is not ids or load(f, ids) != [ids.id[1]]:
+        raise UnsafePickleError('refusing a pickled storage that is not one plain storage')
+    storage_type, _key, numel = ids.id
+    header, raw = f.read(8), bytearray(f.read())
+    if len(header) != 8 or struct.unpack('<q', header)[0] != numel or len(raw) != numel * storage_type.dtype.itemsize:
+        raise UnsafePickleError(f'the pickled storage does not hold exactly {numel} elements of {storage_type.dtype}')
+    return _typed_storage(raw, storage_type.dtype)
 
 #----------------------------------------------------------------------------

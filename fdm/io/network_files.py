@@ -297,20 +297,31 @@ def read_reference_pickle(f, name='pickle'):
 def record_tensors(node, prefix=''):
     """Flatten a record tree's parameters and persistent buffers into {dotted name: tensor}."""
     state = node.state
+    if not isinstance(state, dict):
+        raise CheckpointError(f'{prefix or "the network"} is not a module record')
     out = {}
-    non_persistent = set(state.get('_non_persistent_buffers_set') or ())
+    non_persistent = set(_record_field(state, '_non_persistent_buffers_set', (set, frozenset, list, tuple), prefix))
     for group in ['_parameters', '_buffers']:
-        for key, value in (state.get(group) or {}).items():
+        for key, value in _record_field(state, group, dict, prefix).items():
             if value is not None and key not in non_persistent:
                 if not isinstance(value, torch.Tensor):
                     raise CheckpointError(f'{prefix}{key} is not a tensor')
                 out[prefix + key] = value.detach()
-    for key, child in (state.get('_modules') or {}).items():
+    for key, child in _record_field(state, '_modules', dict, prefix).items():
         if isinstance(child, (PersistentRecord, PlainObject)):
             out.update(record_tensors(child, f'{prefix}{key}.'))
         elif child is not None:
             raise CheckpointError(f'{prefix}{key} is not a module record')
     return out
+
+# A field of a module record: absent or None is empty; any other type than `kind` is a damaged file.
+def _record_field(state, name, kind, prefix):
+    value = state.get(name)
+    if value is None:
+        return {} if kind is dict else ()
+    if not isinstance(value, kind):
+        raise CheckpointError(f'{prefix}{name} of the network record is a {type(value).__name__}, not what a module holds')
+    return value
 
 def _plain(value):
     """Convert record attributes (numpy scalars, EasyDicts, tuples) to JSON-friendly values."""

@@ -179,3 +179,14 @@ def test_a_fifo_is_never_waited_on(tmp_path):
     os.mkfifo(tmp_path / 'out' / 'generate_options.json')
     with within(10), pytest.raises(EvaluationError, match='generate_options.json is not a regular file'):
         check_outdir(str(tmp_path / 'out'), {})
+
+# A module record whose fields are not the containers a module holds (an empty tensor where the
+# parameters' dict belongs was a RuntimeError from bool(tensor)) is one CheckpointError.
+@pytest.mark.parametrize('field, value', [('_parameters', torch.zeros(0)), ('_buffers', [1]), ('_modules', 'x'),
+    ('_non_persistent_buffers_set', 3)])
+def test_module_record_fields_of_the_wrong_kind_are_refused(field, value):
+    from types import SimpleNamespace
+    from fdm.io.network_files import record_tensors
+    with pytest.raises(CheckpointError, match=f'{field} of the network record is a'):
+        record_tensors(SimpleNamespace(state={field: value}))
+    assert record_tensors(SimpleNamespace(state={'_parameters': {'w': torch.ones(2)}, '_buffers': None})).keys() == {'w'}

@@ -1,6 +1,7 @@
 """Faults: kills at random moments, damaged files, resume from the newest valid state, a dead or
 hung process in a 2-process gloo run, unwritable and full output folders."""
 
+import copy
 import errno
 import json
 import os
@@ -56,13 +57,19 @@ def test_damaged_training_states_are_detected(tmp_path, state_file):
     (tmp_path / 'truncated.pt').write_bytes(raw[:len(raw) // 2])
     with pytest.raises(CheckpointError, match='truncated.pt: cannot be read .* damaged or truncated'):
         load_training_state(str(tmp_path / 'truncated.pt'))
-    # Flip bits in the payload of the largest tensor: torch.load succeeds, the checksum does not.
+    # Flip bits in the payload of the largest tensor: the zip's CRC sees it.
     name, tensor = max(state['optimizer']['state'][0].items(), key=lambda kv: kv[1].numel())
     needle = tensor.numpy().tobytes()[:64]
     pos = raw.index(needle)
     (tmp_path / 'flipped.pt').write_bytes(raw[:pos] + bytes(b ^ 0x55 for b in raw[pos:pos + 8]) + raw[pos + 8:])
-    with pytest.raises(CheckpointError, match='flipped.pt: checksum mismatch'):
+    with pytest.raises(CheckpointError, match='flipped.pt: cannot be read .*CRC.* damaged'):
         load_training_state(str(tmp_path / 'flipped.pt'))
+    # The same change in a valid zip (the old digest kept): the checksum sees it.
+    changed = copy.deepcopy(state)
+    changed['optimizer']['state'][0][name].view(-1)[:2] += 1
+    torch.save(changed, tmp_path / 'changed.pt')
+    with pytest.raises(CheckpointError, match='changed.pt: checksum mismatch'):
+        load_training_state(str(tmp_path / 'changed.pt'))
     # A complete-load check too: a file that lacks a part fails even with a matching digest.
     partial = {k: v for k, v in state.items() if k != 'optimizer'}
     torch.save(dict(partial, sha256=nested_digest(partial)), tmp_path / 'partial.pt')

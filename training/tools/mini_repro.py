@@ -46,7 +46,7 @@ def main(outdir, kimg, evals, metric_images, methods, seed, batch, smoke):
     if unknown:
         raise click.ClickException(f'unknown method(s) {unknown}; choose from {",".join(METHODS)}')
     if smoke:
-        kimg, evals, metric_images, batch = 2, 2, 20, 64
+        kimg, evals, metric_images, batch = 1, 2, 10, 64
     distributed.configure_cpu_threads()  # on a CPU: the idle cores, not one thread per core
     device = torch.device('cuda' if torch.cuda.is_available() else 'cpu')
     start = time.time()

@@ -4,7 +4,9 @@ gradient sanitiser; and a writer of the reference's file formats (network pickle
 states of NVlabs/edm's torch_utils.persistence), for the readers' tests. Not a test module."""
 
 import collections
+import contextlib
 import pickle
+import signal
 import struct
 import types
 
@@ -174,3 +176,20 @@ def attributes(obj):
     return (getattr(obj, '__defaults__', None), getattr(obj, '__kwdefaults__', None),
         {k: v for k, v in vars(obj).items() if k != '__slotnames__'} if hasattr(obj, '__dict__') else None)
 
+#----------------------------------------------------------------------------
+# Opening a FIFO for reading blocks until a writer comes: a reader that does so fails here instead
+# (with an exception that no reader's `except Exception` takes for a damaged file).
+class Blocked(BaseException):
+    pass
+
+@contextlib.contextmanager
+def within(seconds):
+    def expire(*_):
+        raise Blocked(f'still blocked after {seconds} s')
+    previous = signal.signal(signal.SIGALRM, expire)
+    signal.setitimer(signal.ITIMER_REAL, seconds)
+    try:
+        yield
+    finally:
+        signal.setitimer(signal.ITIMER_REAL, 0)
+        signal.signal(signal.SIGALRM, previous)

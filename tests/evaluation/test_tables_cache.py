@@ -2,10 +2,8 @@
 computed again and never reaches a table; a damaged stats.jsonl or training_options.json is one
 line naming the file (and the line); a FIFO under any of these names is refused, not waited on."""
 
-import contextlib
 import json
 import os
-import signal
 
 import pytest
 from click.testing import CliRunner
@@ -17,23 +15,7 @@ from training.evaluation import feature_stats
 from training.evaluation import tables
 from training.evaluation.inception import load_detector
 from training.tools import tables as tables_cli
-
-# Opening a FIFO for reading blocks until a writer comes: a reader that does so fails here instead
-# (with an exception that no reader's `except Exception` takes for a damaged file).
-class Blocked(BaseException):
-    pass
-
-@contextlib.contextmanager
-def within(seconds):
-    def expire(*_):
-        raise Blocked(f'still blocked after {seconds} s')
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
+from helpers import within
 
 def invoke(*args):
     return CliRunner().invoke(tables_cli.main, [str(a) for a in args])

@@ -3,9 +3,7 @@ a name of ours is refused in one line before training (never waited on, written 
 found after a tick), nothing outside the run folder is changed, and a training state whose Adam
 values are damaged is skipped for the intact older one, as a truncated one is."""
 
-import contextlib
 import os
-import signal
 
 import pytest
 import torch
@@ -18,27 +16,11 @@ from training import run_dir as run_dir_lib
 from training.checkpoint.names import recorded_nimg
 from training.checkpoint.reference_state import is_reference_state
 from training.checkpoint.training_state import find_resume_state, load_training_state, save_training_state
+from helpers import within
 
 def tiny_args(out, data, *extra):
     return ['--outdir', str(out), '--nosubdir', '--data', data, '--cond=1', '--cbase=8', '--cres=1', '--batch=8',
         '--duration=0.000016', '--tick=0.008', '--workers=0', '--seed=3', '--grid-images=0', '--warmup_ite=10', *extra]
-
-# Opening a FIFO for reading blocks until a writer comes: a reader that does so fails here instead
-# (with an exception that no reader's `except Exception` takes for a damaged file).
-class Blocked(BaseException):
-    pass
-
-@contextlib.contextmanager
-def within(seconds):
-    def expire(*_):
-        raise Blocked(f'still blocked after {seconds} s')
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 # A small but complete training state (a Linear layer after one Adam step); edit(fields) damages it
 # before it is saved, so that its digest still matches.

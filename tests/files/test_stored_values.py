@@ -6,10 +6,8 @@ save_snapshot writes, or one line; and no reader by name waits on a FIFO.
 The hostile snapshots here carry a valid digest: they are what a buggy tool or an attacker writes,
 not damage, so only the value checks can refuse them."""
 
-import contextlib
 import json
 import os
-import signal
 
 import numpy as np
 import pytest
@@ -19,7 +17,7 @@ from click.testing import CliRunner
 import generate
 from conftest import one_line_error
 from fdm.io.network_files import FORMAT_NAME, FORMAT_VERSION, CheckpointError, load_network_file, save_snapshot
-from helpers import ReferenceFormatPickler, write_reference_pickle
+from helpers import ReferenceFormatPickler, write_reference_pickle, within
 from torch_utils.errors import EvaluationError
 from torch_utils.io.files import nested_digest
 from training.evaluation.generation import check_outdir, saved_seeds
@@ -154,18 +152,6 @@ def test_the_description_is_parsed_with_bounded_integers(tmp_path, nets):
 
 #----------------------------------------------------------------------------
 # Readers by name open regular files only: a FIFO used to block the open for ever.
-
-@contextlib.contextmanager
-def within(seconds):
-    def expire(*_):
-        raise TimeoutError(f'still blocked after {seconds} s')
-    previous = signal.signal(signal.SIGALRM, expire)
-    signal.setitimer(signal.ITIMER_REAL, seconds)
-    try:
-        yield
-    finally:
-        signal.setitimer(signal.ITIMER_REAL, 0)
-        signal.signal(signal.SIGALRM, previous)
 
 def test_a_fifo_is_never_waited_on(tmp_path):
     os.mkfifo(tmp_path / 'net.pt')

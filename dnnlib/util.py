@@ -28,7 +28,7 @@ class EasyDict(dict):
 # empty ranges and lists longer than `max_items` raise ValueError (checked before expanding, so
 # a typo like 0-999999999 cannot exhaust memory).
 
-def parse_int_list(s, minimum=0, max_items=None, too_many=''):
+def parse_int_list(s, minimum=0, max_items=None, too_many='', maximum=None):
     if isinstance(s, (list, tuple, range)):
         return list(s)
     out = []
@@ -41,6 +41,8 @@ def parse_int_list(s, minimum=0, max_items=None, too_many=''):
             raise ValueError(f'the range {lo}-{hi} in {s!r} is empty; write the smaller number first')
         if lo < minimum:
             raise ValueError(f'{part.strip()!r} in {s!r} has a number below {minimum}; use integers >= {minimum}')
+        if maximum is not None and hi > maximum:
+            raise ValueError(f'{part.strip()!r} in {s!r} has a number above {maximum}; use integers <= {maximum}')
         if max_items is not None and len(out) + hi - lo + 1 > max_items:
             raise ValueError(f'{s!r} has more than {max_items:,} entries{too_many}')
         out.extend(range(lo, hi + 1))

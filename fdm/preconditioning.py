@@ -38,8 +38,6 @@ class Precond(torch.nn.Module):
     def __init__(self, img_resolution, img_channels, label_dim=0, use_fp16=False, model_type=None, **kwargs):
         super().__init__()
         model_type = model_type or self.default_model_type
-        if model_type not in NETWORK_CLASSES:
-            raise ValueError(f'unknown model_type {model_type!r}; expected one of {sorted(NETWORK_CLASSES)}')
         params = {name: kwargs.pop(name, value) for name, value in self.defaults.items()}
         # Everything needed to rebuild this object, JSON-serialisable (checkpoints store it).
         self.init_kwargs = dict(img_resolution=img_resolution, img_channels=img_channels, label_dim=label_dim,
@@ -51,8 +49,19 @@ class Precond(torch.nn.Module):
         for name, value in params.items():
             setattr(self, name, value)
         self.setup_schedule()
-        self.model = NETWORK_CLASSES[model_type](img_resolution=img_resolution, in_channels=img_channels,
-            out_channels=img_channels * self.out_channels_per_image_channel, label_dim=label_dim, **kwargs)
+        self.model = self.build_model(img_resolution, img_channels, label_dim, model_type=model_type, **kwargs)
+
+    @classmethod
+    def build_model(cls, img_resolution, img_channels, label_dim=0, use_fp16=False, model_type=None, **kwargs):
+        """The U-Net alone, from the preconditioner's constructor arguments (its schedule parameters
+        left out): the constructor's own, and the readers' and training config's structure checks,
+        which build it on the meta device."""
+        model_type = model_type or cls.default_model_type
+        if model_type not in NETWORK_CLASSES:
+            raise ValueError(f'unknown model_type {model_type!r}; expected one of {sorted(NETWORK_CLASSES)}')
+        kwargs = {name: value for name, value in kwargs.items() if name not in cls.defaults}
+        return NETWORK_CLASSES[model_type](img_resolution=img_resolution, in_channels=img_channels,
+            out_channels=img_channels * cls.out_channels_per_image_channel, label_dim=label_dim, **kwargs)
 
     def setup_schedule(self):
         """Derive schedule constants (sigma_min, sigma_max, tables) from the parameters."""
@@ -201,11 +210,15 @@ class FDM_EDMPrecond(MomentumPrecond, EDMPrecond):
 PRECOND_CLASSES = {cls.__name__: cls for cls in [VPPrecond, VEPrecond, iDDPMPrecond, EDMPrecond,
     FDM_VPPrecond, FDM_VEPrecond, FDM_EDMPrecond]}
 
-def build_precond(class_name, **init_kwargs):
-    """Construct a preconditioner (and its U-Net) from its class name and constructor kwargs."""
+def precond_class(class_name):
+    """The preconditioner class of a class name, bare or dotted as the reference stores it."""
     name = class_name.rsplit('.', 1)[-1]
     if name not in PRECOND_CLASSES:
         raise ValueError(f'unknown preconditioner class {class_name!r}; expected one of {sorted(PRECOND_CLASSES)}')
-    return PRECOND_CLASSES[name](**init_kwargs)
+    return PRECOND_CLASSES[name]
+
+def build_precond(class_name, **init_kwargs):
+    """Construct a preconditioner (and its U-Net) from its class name and constructor kwargs."""
+    return precond_class(class_name)(**init_kwargs)
 
 #----------------------------------------------------------------------------

@@ -27,14 +27,14 @@ from torch_utils.io.files import read_json_bounded
 from torch_utils.cli.options import Range, check_options
 from training.data.dataset import ImageFolderDataset
 from fdm.networks import ARCH_PRESETS
-from fdm.io.network_files import NETWORK_RANGES, resolution_problem
+from fdm.io.network_files import LIST_LENGTHS, NETWORK_RANGES, resolution_problem, structure_problem
 from training.phema import gamma_from_std
 from training.checkpoint.starting_point import check_resume_seed, read_transfer
 from training.checkpoint.names import STATE_NAME, list_files
 from training.checkpoint.training_state import find_resume_state
 
 MAX_DEFAULT_WORKERS = 8  # --workers when not given: this many, at most the CPU count
-MAX_LIST_ITEMS = 32  # --cres: more channel multipliers than any network has resolutions is a typo
+MAX_LIST_ITEMS = LIST_LENGTHS['channel_mult'][1]  # --cres: one multiplier per resolution, as a network file may state
 MAX_METRIC_IMAGES = 100_000  # --metric-images: twice the paper's 50,000; more is a typo
 
 # The valid range of every numeric option of train.py; train.py's click types and
@@ -56,6 +56,18 @@ TRAIN_RANGES = dict(
 AUGMENT_TRANSFORMS = dict(xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, translate_frac=1)
 
 #----------------------------------------------------------------------------
+
+def check_network_structure(network_kwargs, dataset, arch, cbase):
+    """The U-Net of these options, checked as a network file's is: --cbase=130 builds, and would
+    fail in the first step."""
+    kwargs = {k: v for k, v in network_kwargs.items() if k != 'class_name'}
+    problem = structure_problem(network_kwargs.class_name, dict(kwargs, img_resolution=dataset.resolution,
+        img_channels=dataset.num_channels, label_dim=dataset.label_dim))
+    if problem is not None:
+        width = f'--cbase={cbase}' if cbase is not None else 'its channel count'
+        presets = ', '.join(f'{name} {preset["model_channels"]}' for name, preset in ARCH_PRESETS.items())
+        raise OptionError(f'--arch={arch} with {width} gives a U-Net that cannot run: {problem}; choose a --cbase '
+            f'that is a multiple of 64 (the presets: {presets})')
 
 def setup_training_config(data=None, outdir='training-runs', cond=False, arch='ddpmpp', precond='fdm_edm', duration=200.0,
         batch=512, batch_gpu=None, cbase=None, cres=None, lr=10e-4, ema=0.5, dropout=0.13, augment=0.12, xflip=False,
@@ -107,6 +119,7 @@ def setup_training_config(data=None, outdir='training-runs', cond=False, arch='d
     # Loss, with FDM's warmup for the FDM methods only, and the multiplier for FDM-VP/EDM (as the reference).
     c.loss_kwargs = dnnlib.EasyDict(method_loss_kwargs)
     c.network_kwargs.update(method_network_kwargs)  # after the options above: the reference's key order
+    check_network_structure(c.network_kwargs, dataset, arch, cbase)
     for option, users in METHOD_SPECIFIC_OPTIONS.items():
         if option in explicit and precond not in users:
             warnings.warn(f'--{option} has no effect with --precond={precond}', UserWarning)
@@ -344,9 +357,11 @@ def parse_phema_stds(s):
             raise OptionError(f'--phema-std: {err}') from None
     return stds
 
-# --cres: positive integers, at most MAX_LIST_ITEMS of them (ValueError otherwise).
+# --cres: at most MAX_LIST_ITEMS channel multipliers, each in the range a network file's
+# channel_mult has (ValueError otherwise).
 def parse_cres(s):
-    return dnnlib.util.parse_int_list(s, minimum=1, max_items=MAX_LIST_ITEMS,
+    bounds = NETWORK_RANGES['channel_mult']
+    return dnnlib.util.parse_int_list(s, minimum=bounds.min, maximum=bounds.max, max_items=MAX_LIST_ITEMS,
         too_many='; give one channel multiplier per resolution')
 
 #----------------------------------------------------------------------------

@@ -84,3 +84,18 @@ def test_the_device_reader_takes_what_exists():
     assert distributed.device() == (torch.device('cuda', 0) if torch.cuda.is_available() else torch.device('cpu'))
     if torch.cuda.is_available():
         assert distributed.device('cuda:0') == torch.device('cuda', 0)
+
+#----------------------------------------------------------------------------
+# train.py: a --cbase whose U-Net cannot run (EDM's GroupNorm splits 130 channels into 32 groups;
+# ADM's attention 224 channels into 3 heads) is refused before the run folder, as a file stating it is.
+
+@pytest.mark.parametrize('arch, cbase, fragment', [
+    ('ddpmpp', 130, 'Expected number of channels in input to be divisible by num_groups'),
+    ('adm', 224, 'splits 224 channels into 3 attention heads'),
+])
+def test_a_cbase_whose_network_cannot_run_is_refused(tmp_path, tiny_zip, arch, cbase, fragment):
+    from conftest import run_train_cli
+    line = one_line_error(run_train_cli('--outdir', str(tmp_path / 'runs'), '--data', tiny_zip, f'--arch={arch}',
+        f'--cbase={cbase}', '--cres=1,1', '--batch=8', '--duration=0.00002', '--workers=0', '--dry-run'))
+    assert f'--arch={arch} with --cbase={cbase} gives a U-Net that cannot run' in line and fragment in line, line
+    assert 'multiple of 64' in line and not (tmp_path / 'runs').exists()

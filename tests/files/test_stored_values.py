@@ -111,6 +111,48 @@ def test_generate_refuses_a_nan_sigma_data_instead_of_writing_black_images(tmp_p
     assert not (tmp_path / 'out' / '000000.png').exists()
 
 #----------------------------------------------------------------------------
+# Arguments each within its range that still make no network: torch builds it and fails only in
+# its first forward pass (a traceback from generate.py, not a line). The readers make that pass on
+# the meta device first (fdm/io/network_files.py structure_problem).
+
+UNRUNNABLE = [
+    (dict(model_channels=14), 'enc.8x8_block0.norm0 fails (Expected number of channels in input to be divisible by num_groups'),
+    (dict(model_channels=5), 'its map_layer0 fails'),  # an odd noise embedding gives 4 channels, not 5
+    (dict(model_type='DhariwalUNet', model_channels=224, channel_mult=[1], attn_resolutions=[8]),
+        'enc.8x8_block0 splits 224 channels into 3 attention heads'),
+]
+
+@pytest.mark.parametrize('changes, fragment', UNRUNNABLE, ids=['groupnorm', 'odd-embedding', 'heads'])
+def test_a_network_that_cannot_run_is_refused_in_one_line(tmp_path, make_tiny_net, changes, fragment):
+    net = make_tiny_net('EDMPrecond', label_dim=0, wake=0, **changes)  # torch builds it
+    path = write_snapshot(tmp_path / 'snap.pt', net, description(net))
+    refusal(path, 'the stored arguments give a U-Net that cannot run', fragment)
+    result = CliRunner().invoke(generate.main, ['--network', str(path), '--outdir', str(tmp_path / 'out'), '--seeds', '0'])
+    assert 'cannot run' in one_line_error(result) and not (tmp_path / 'out' / '000000.png').exists()
+
+@pytest.mark.slow
+def test_the_meta_device_pass_agrees_with_a_real_forward_pass(make_tiny_net):
+    # Over every width from 1 to 20 channels (and 130), for each U-Net family, with labels and
+    # augmentation: refused exactly when a real forward pass on the CPU fails or is not finite.
+    from fdm.io.network_files import structure_problem
+    families = dict(ddpmpp={}, ncsnpp=dict(embedding_type='fourier', channel_mult_noise=2, encoder_type='residual',
+        decoder_type='standard', resample_filter=[1, 3, 3, 1]), adm=dict(model_type='DhariwalUNet'))
+    verdicts = {}
+    for family, kwargs in families.items():
+        for width in [*range(1, 21), 130]:
+            changes = dict(kwargs, model_channels=width, augment_dim=2)
+            net = make_tiny_net('EDMPrecond', label_dim=3, wake=0, **changes)
+            try:
+                with torch.no_grad():
+                    y = net.model(torch.randn(2, 3, 8, 8), torch.randn(2), torch.randn(2, 3), torch.randn(2, 2))
+                runs = bool(torch.isfinite(y).all())
+            except Exception:
+                runs = False
+            verdicts[family, width] = (runs, structure_problem('EDMPrecond', net.init_kwargs) is None)
+    assert all(runs == accepted for runs, accepted in verdicts.values()), verdicts
+    assert 10 < sum(runs for runs, _ in verdicts.values()) < len(verdicts) - 10  # both kinds are covered
+
+#----------------------------------------------------------------------------
 # The description around the network: each part of save_snapshot's shape, or one line; a part
 # left out is null. The converter used to fail in a traceback on every one of these.
 

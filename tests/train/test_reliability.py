@@ -248,6 +248,38 @@ def test_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
     assert (tmp_path / 'state.pt').read_bytes() == before
     assert os.listdir(tmp_path) == ['state.pt']
 
+def test_an_interrupted_write_is_the_interruption(tmp_path, monkeypatch):
+    # Ctrl-C inside torch.save: its zip writer's cleanup fails on the half-written archive, and that
+    # RuntimeError hid the KeyboardInterrupt (train.py printed a traceback and exited 1, not 130).
+    atomic_save(dict(x=torch.arange(10)), tmp_path / 'state.pt')
+    before = (tmp_path / 'state.pt').read_bytes()
+
+    class InterruptedFile:  # Ctrl-C arrives after 100 bytes
+        def __init__(self, f):
+            self.f, self.written = f, 0
+
+        def write(self, data):
+            self.written += len(data)
+            if self.written > 100:
+                raise KeyboardInterrupt
+            return self.f.write(data)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            return self.f.__exit__(*exc)
+
+    real_fdopen = os.fdopen
+    monkeypatch.setattr(torch_utils.io.files.os, 'fdopen', lambda *a, **k: InterruptedFile(real_fdopen(*a, **k)))
+    with pytest.raises(KeyboardInterrupt):
+        atomic_save(dict(x=torch.zeros(10000)), tmp_path / 'state.pt')
+    assert (tmp_path / 'state.pt').read_bytes() == before
+    assert os.listdir(tmp_path) == ['state.pt']
+
 def test_training_stops_cleanly_when_a_write_fails(tmp_path, tiny_zip, state_file):
     # A real failed write: a file-size limit (as a full quota would) in a resumed train.py.
     run = state_file.parent

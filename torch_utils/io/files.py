@@ -61,6 +61,18 @@ class _ErrorRecordingFile:
     def __getattr__(self, name):
         return getattr(self.f, name)
 
+# Ctrl-C or SIGTERM in the middle of torch.save: its zip writer's cleanup then fails on the half-
+# written archive ("unexpected pos ..."), and that error hides the interruption the caller must see
+# (train.py exits 130 with where the last complete state is). The interruption is what happened.
+def _interrupt_behind(err):
+    seen = set()
+    while err is not None and id(err) not in seen:
+        if isinstance(err, KeyboardInterrupt):
+            return err
+        seen.add(id(err))
+        err = err.__context__
+    return None
+
 def atomic_write(path, write, durable=True):
     """Call write(f) on a binary file that becomes `path` only once it is complete.
 
@@ -90,6 +102,9 @@ def atomic_write(path, write, durable=True):
         if durable:
             fsync_dir(folder)
     except Exception as err:
+        interrupt = _interrupt_behind(err)
+        if interrupt is not None:
+            raise interrupt from None
         cause = recorder.error if recorder is not None and recorder.error is not None else err
         if not isinstance(cause, OSError):
             raise

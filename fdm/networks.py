@@ -189,6 +189,7 @@ class PositionalEmbedding(torch.nn.Module):
 class FourierEmbedding(torch.nn.Module):
     def __init__(self, num_channels, scale=16):
         super().__init__()
+        self.num_channels = num_channels
         self.register_buffer('freqs', torch.randn(num_channels // 2) * scale)
 
     def forward(self, x):

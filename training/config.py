@@ -28,6 +28,7 @@ from torch_utils.cli.options import Range, check_options
 from training.data.dataset import ImageFolderDataset
 from fdm.networks import ARCH_PRESETS
 from fdm.io.network_files import LIST_LENGTHS, NETWORK_RANGES, resolution_problem, structure_problem
+from fdm.preconditioning import precond_class
 from training.phema import gamma_from_std
 from training.checkpoint.starting_point import check_resume_seed, read_transfer
 from training.checkpoint.names import STATE_NAME, list_files
@@ -58,11 +59,17 @@ AUGMENT_TRANSFORMS = dict(xflip=1e8, yflip=1, scale=1, rotate_frac=1, aniso=1, t
 #----------------------------------------------------------------------------
 
 def check_network_structure(network_kwargs, dataset, arch, cbase):
-    """The U-Net of these options, checked as a network file's is: --cbase=130 builds, and would
-    fail in the first step."""
+    """The U-Net of these options, built on the meta device and checked as a network file's is:
+    --cbase=130 builds, and would fail in the first step."""
     kwargs = {k: v for k, v in network_kwargs.items() if k != 'class_name'}
-    problem = structure_problem(network_kwargs.class_name, dict(kwargs, img_resolution=dataset.resolution,
-        img_channels=dataset.num_channels, label_dim=dataset.label_dim))
+    try:
+        with warnings.catch_warnings(), torch.device('meta'):  # no memory; the options' warnings come from the loop's build
+            warnings.simplefilter('ignore')
+            model = precond_class(network_kwargs.class_name).build_model(img_resolution=dataset.resolution,
+                img_channels=dataset.num_channels, label_dim=dataset.label_dim, **kwargs)
+    except Exception as err:  # options within their ranges that still make no network
+        raise OptionError(f'--arch={arch} with these options cannot be built ({err}); choose a smaller --cbase or --cres') from None
+    problem = structure_problem(model)
     if problem is not None:
         width = f'--cbase={cbase}' if cbase is not None else 'its channel count'
         presets = ', '.join(f'{name} {preset["model_channels"]}' for name, preset in ARCH_PRESETS.items())

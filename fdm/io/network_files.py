@@ -27,8 +27,8 @@ from torch_utils.cli.options import Range
 from torch_utils.io.files import (FileError, atomic_save, check_digest, check_envelope, load_plain, loads_bounded,
     nested_digest, open_regular, tensors_digest, tree_error)
 from torch_utils.io.safe_pickle import PersistentRecord, PlainObject, UnsafePickleError, restricted_load
-from fdm.networks import UNetBlock
-from fdm.preconditioning import IgnoredOptionWarning, build_precond, precond_class
+from fdm.networks import FourierEmbedding, GroupNorm, PositionalEmbedding, UNetBlock
+from fdm.preconditioning import IgnoredOptionWarning, build_precond
 from fdm.io.safetensors_format import is_safetensors, read_safetensors, write_safetensors
 from torch_utils.io.download import download_cached
 
@@ -206,48 +206,26 @@ def resolution_problem(img_resolution, channel_mult):
         f'them at each level below the first: the resolution must be a multiple of {factor} '
         f'(e.g. {", ".join(str(r) for r in (lower, upper) if r > 0)})')
 
-def _first_line(err):
-    return str(err).splitlines()[0] if str(err).strip() else type(err).__name__
-
-def structure_problem(class_name, init_kwargs):
-    """None, or why the U-Net of these constructor arguments, each within its range, still cannot
-    run: 130 channels in EDM's GroupNorm (32 groups), an odd noise embedding, attention heads that
-    do not divide the channels. torch raises none of these at construction, only in the first
-    forward pass, so that pass is made here on the meta device: shapes only, no memory, and a
-    fraction of a second for the largest preset. The file readers call this before building the
-    network, training.config before the run folder exists."""
-    try:
-        with warnings.catch_warnings(), torch.device('meta'):
-            warnings.simplefilter('ignore', IgnoredOptionWarning)
-            model = precond_class(class_name).build_model(**init_kwargs)
-    except CheckpointError:  # a construction budget's refusal stays what it is
-        raise
-    except Exception as err:
-        return f'it cannot be built ({_first_line(err)})'
-    # Reshaping q, k and v into heads can succeed with a wrong split at some resolutions: checked apart.
+def structure_problem(model):
+    """None, or why a U-Net built from arguments each within its range still cannot run. torch
+    builds such a network and fails only in its first forward pass, on one of three rules:
+    group normalisation needs its groups to divide the channels (EDM's GroupNorm takes
+    min(32, C / 4) groups: 130 channels do not split into 32, 18 not into 4); the noise
+    embeddings give num_channels / 2 cosines and as many sines, so an odd width leaves the next
+    layer one input short; attention splits the channels evenly into its heads. Over every width
+    from 1 to 20 (and 130) of the three U-Net families, with and without labels and augmentation,
+    this verdict equals a real forward pass (tests/files/test_stored_values.py). Walking the
+    modules costs nothing beside the build: the file readers check the network they built,
+    training.config one built on the meta device."""
     for path, module in model.named_modules():
+        if isinstance(module, GroupNorm):
+            channels, groups = module.weight.shape[0], module.num_groups
+            if groups < 1 or channels % groups:
+                return f'its {path} normalises {channels} channels in {groups} groups, which do not divide them'
+        if isinstance(module, (PositionalEmbedding, FourierEmbedding)) and module.num_channels % 2:
+            return f'its {path} embeds the noise level in an odd number of channels ({module.num_channels})'
         if isinstance(module, UNetBlock) and module.num_heads and module.out_channels % module.num_heads:
             return f'its {path} splits {module.out_channels} channels into {module.num_heads} attention heads'
-    names = {module: path for path, module in model.named_modules()}
-    running = []  # the modules whose forward has begun and not ended: the last one failed
-    def enter(module, _inputs):
-        running.append(module)
-    def leave(_module, _inputs, _output):  # returns None: the output stays as it is
-        running.pop()
-    hooks = [hook for module in model.modules()
-        for hook in (module.register_forward_pre_hook(enter), module.register_forward_hook(leave))]
-    resolution, label_dim = init_kwargs['img_resolution'], init_kwargs.get('label_dim', 0)
-    augment_dim = init_kwargs.get('augment_dim', 0)
-    try:
-        with torch.device('meta'), torch.no_grad():
-            model(torch.empty(1, init_kwargs['img_channels'], resolution, resolution), torch.empty(1),
-                torch.empty(1, label_dim) if label_dim else None, torch.empty(1, augment_dim) if augment_dim else None)
-    except Exception as err:  # any failure of the pass is the answer; nothing ran on real memory
-        where = names.get(running[-1], '') if running else ''
-        return f'its {where or "forward pass"} fails ({_first_line(err)})'
-    finally:
-        for hook in hooks:
-            hook.remove()
     return None
 
 def _check_init_kwargs(init_kwargs, name):
@@ -274,17 +252,17 @@ def _build_within_budget(class_name, init_kwargs, state, name):
     with warnings.catch_warnings():  # the file's own options are not the user's mistake
         warnings.simplefilter('ignore', IgnoredOptionWarning)
         try:
-            with _ConstructionBudget(10 * len(state) + 1000, max_numel, name):  # the U-Net on the meta device first
-                problem = structure_problem(class_name, init_kwargs)
-            if problem is not None:
-                raise CheckpointError(f'{name}: the stored arguments give a U-Net that cannot run: {problem}; '
-                    'the file is damaged or not a network snapshot of this code')
             with _ConstructionBudget(10 * len(state) + 1000, max_numel, name):
-                return build_precond(class_name, **init_kwargs)
+                net = build_precond(class_name, **init_kwargs)
         except CheckpointError:
             raise
         except Exception as err:
             raise CheckpointError(f'{name}: cannot rebuild {class_name} from the stored arguments ({err})') from None
+    problem = structure_problem(net.model)
+    if problem is not None:
+        raise CheckpointError(f'{name}: the stored arguments give a U-Net that cannot run: {problem}; '
+            'the file is damaged or not a network snapshot of this code')
+    return net
 
 class _ConstructionBudget(torch.overrides.TorchFunctionMode):
     """Refuses, before allocating, a tensor of more than `max_numel` elements; and stops a

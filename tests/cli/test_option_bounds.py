@@ -90,7 +90,7 @@ def test_the_device_reader_takes_what_exists():
 # ADM's attention 224 channels into 3 heads) is refused before the run folder, as a file stating it is.
 
 @pytest.mark.parametrize('arch, cbase, fragment', [
-    ('ddpmpp', 130, 'Expected number of channels in input to be divisible by num_groups'),
+    ('ddpmpp', 130, 'normalises 130 channels in 32 groups, which do not divide them'),
     ('adm', 224, 'splits 224 channels into 3 attention heads'),
 ])
 def test_a_cbase_whose_network_cannot_run_is_refused(tmp_path, tiny_zip, arch, cbase, fragment):

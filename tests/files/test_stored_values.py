@@ -112,12 +112,12 @@ def test_generate_refuses_a_nan_sigma_data_instead_of_writing_black_images(tmp_p
 
 #----------------------------------------------------------------------------
 # Arguments each within its range that still make no network: torch builds it and fails only in
-# its first forward pass (a traceback from generate.py, not a line). The readers make that pass on
-# the meta device first (fdm/io/network_files.py structure_problem).
+# its first forward pass (a traceback from generate.py, not a line). The readers check the built
+# U-Net's modules first (fdm/io/network_files.py structure_problem).
 
 UNRUNNABLE = [
-    (dict(model_channels=14), 'enc.8x8_block0.norm0 fails (Expected number of channels in input to be divisible by num_groups'),
-    (dict(model_channels=5), 'its map_layer0 fails'),  # an odd noise embedding gives 4 channels, not 5
+    (dict(model_channels=14), 'its enc.8x8_block0.norm0 normalises 14 channels in 3 groups, which do not divide them'),
+    (dict(model_channels=5), 'its map_noise embeds the noise level in an odd number of channels (5)'),
     (dict(model_type='DhariwalUNet', model_channels=224, channel_mult=[1], attn_resolutions=[8]),
         'enc.8x8_block0 splits 224 channels into 3 attention heads'),
 ]
@@ -131,7 +131,7 @@ def test_a_network_that_cannot_run_is_refused_in_one_line(tmp_path, make_tiny_ne
     assert 'cannot run' in one_line_error(result) and not (tmp_path / 'out' / '000000.png').exists()
 
 @pytest.mark.slow
-def test_the_meta_device_pass_agrees_with_a_real_forward_pass(make_tiny_net):
+def test_the_structure_check_agrees_with_a_real_forward_pass(make_tiny_net):
     # Over every width from 1 to 20 channels (and 130), for each U-Net family, with labels and
     # augmentation: refused exactly when a real forward pass on the CPU fails or is not finite.
     from fdm.io.network_files import structure_problem
@@ -148,7 +148,7 @@ def test_the_meta_device_pass_agrees_with_a_real_forward_pass(make_tiny_net):
                 runs = bool(torch.isfinite(y).all())
             except Exception:
                 runs = False
-            verdicts[family, width] = (runs, structure_problem('EDMPrecond', net.init_kwargs) is None)
+            verdicts[family, width] = (runs, structure_problem(net.model) is None)
     assert all(runs == accepted for runs, accepted in verdicts.values()), verdicts
     assert 10 < sum(runs for runs, _ in verdicts.values()) < len(verdicts) - 10  # both kinds are covered
 

@@ -54,8 +54,8 @@ class Precond(torch.nn.Module):
     @classmethod
     def build_model(cls, img_resolution, img_channels, label_dim=0, use_fp16=False, model_type=None, **kwargs):
         """The U-Net alone, from the preconditioner's constructor arguments (its schedule parameters
-        left out): the constructor's own, and the readers' and training config's structure checks,
-        which build it on the meta device."""
+        left out): the constructor's own, and the one training.config builds on the meta device to
+        check the options' structure before a run starts."""
         model_type = model_type or cls.default_model_type
         if model_type not in NETWORK_CLASSES:
             raise ValueError(f'unknown model_type {model_type!r}; expected one of {sorted(NETWORK_CLASSES)}')

@@ -23,6 +23,14 @@ from training.training_loop import training_loop
 # The training loop on tiny configurations.
 
 # The loop on a config made here, with its starting point read as train.py reads it.
+def join_gloo(rank, world, port):
+    """A spawned test process joins a CPU process group of `world` on localhost:port, one thread each."""
+    import os
+    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+        LOCAL_RANK=str(rank))
+    torch.distributed.init_process_group('gloo', rank=rank, world_size=world)
+    torch.set_num_threads(1)
+
 def run_loop(run_dir, **config):
     return training_loop(run_dir=str(run_dir), start=start_of(config), **config)
 

@@ -213,8 +213,8 @@ def structure_problem(model):
     min(32, C / 4) groups: 130 channels do not split into 32, 18 not into 4); the noise
     embeddings give num_channels / 2 cosines and as many sines, so an odd width leaves the next
     layer one input short; attention splits the channels evenly into its heads. Over every width
-    from 1 to 20 (and 130) of the three U-Net families, with and without labels and augmentation,
-    this verdict equals a real forward pass (tests/files/test_stored_values.py). Walking the
+    from 1 to 20 (and 130) of the three U-Net families, with labels and augmentation, this
+    verdict equals a real forward pass (tests/files/test_stored_values.py). Walking the
     modules costs nothing beside the build: the file readers check the network they built,
     training.config one built on the meta device."""
     for path, module in model.named_modules():

@@ -38,9 +38,9 @@ def test_weights_match_a_hand_computation():
     x = solve_weights([(2.0, 0.5), (7.0, 1.0), (16.0, 1.0)], (7.0, 1.0))
     assert x == pytest.approx([0.0, 1.0, 0.0], abs=1e-6)
 
-# <p_a, p_b> as the facts sheet states it (EDM2, Appendix C.1): (g_a+1)(g_b+1) r / ((g_a+g_b+1) max(t_a, t_b)),
+# <p_a, p_b> as EDM2 states it (Karras et al. 2024, Appendix C.1): (g_a+1)(g_b+1) r / ((g_a+g_b+1) max(t_a, t_b)),
 # r = (t_a/t_b)^g_b if t_a < t_b, else (t_a/t_b)^-g_a; written here apart from training/phema.py.
-def facts_inner(a, b):
+def edm2_inner(a, b):
     (g_a, t_a), (g_b, t_b) = a, b
     r = (t_a / t_b) ** g_b if t_a < t_b else (t_a / t_b) ** -g_a
     return (g_a + 1) * (g_b + 1) * r / ((g_a + g_b + 1) * max(t_a, t_b))
@@ -49,8 +49,8 @@ def test_weights_solve_the_normal_equations_normalised():
     # A 3x3 system at times in images, the target off the stored stds; its raw solution does not sum
     # to 1 (checked, so the normalisation is what is tested).
     stored, target = [(16.97, 4e5), (6.94, 7e5), (16.97, 1e6)], (3.0, 1e6)
-    A = np.array([[facts_inner(a, b) for b in stored] for a in stored])
-    raw = np.linalg.solve(A, np.array([facts_inner(a, target) for a in stored]))
+    A = np.array([[edm2_inner(a, b) for b in stored] for a in stored])
+    raw = np.linalg.solve(A, np.array([edm2_inner(a, target) for a in stored]))
     assert abs(raw.sum() - 1) > 0.05, raw.sum()
     assert solve_weights(stored, target) == pytest.approx(raw / raw.sum(), rel=1e-7, abs=1e-9)
 

@@ -218,31 +218,37 @@ def test_low_free_space_is_reported_before_training(tmp_path, tiny_zip, monkeypa
     _free, estimate = training.run_dir.check_free_space(str(run), fdm.load_network(run / 'network-snapshot-000000_008.pt'))
     assert 0.9 < estimate / written < 1.1
 
-def test_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
+class FailingFile:
+    """The file atomic_write opens, failing with `error` once more than 100 bytes are written."""
+    def __init__(self, f, error):
+        self.f, self.error, self.written = f, error, 0
+
+    def write(self, data):
+        self.written += len(data)
+        if self.written > 100:
+            raise self.error
+        return self.f.write(data)
+
+    def __getattr__(self, name):
+        return getattr(self.f, name)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        return self.f.__exit__(*exc)
+
+def failing_write(tmp_path, monkeypatch, error):
+    """atomic_save over a complete state.pt with writes failing after 100 bytes; the state file's
+    bytes before it, for the caller to compare after the expected exception."""
     atomic_save(dict(x=torch.arange(10)), tmp_path / 'state.pt')
-    before = (tmp_path / 'state.pt').read_bytes()
-
-    class FullDisk:  # a file on a disk that fills up after 100 bytes
-        def __init__(self, f):
-            self.f, self.written = f, 0
-
-        def write(self, data):
-            self.written += len(data)
-            if self.written > 100:
-                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
-            return self.f.write(data)
-
-        def __getattr__(self, name):
-            return getattr(self.f, name)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return self.f.__exit__(*exc)
-
     real_fdopen = os.fdopen
-    monkeypatch.setattr(torch_utils.io.files.os, 'fdopen', lambda *a, **k: FullDisk(real_fdopen(*a, **k)))
+    monkeypatch.setattr(torch_utils.io.files.os, 'fdopen', lambda *a, **k: FailingFile(real_fdopen(*a, **k), error))
+    return (tmp_path / 'state.pt').read_bytes()
+
+def test_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
+    # A disk that fills up after 100 bytes.
+    before = failing_write(tmp_path, monkeypatch, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
     with pytest.raises(FileError, match=r'cannot write .*state.pt \(No space left on device\); any previous version'):
         atomic_save(dict(x=torch.zeros(10000)), tmp_path / 'state.pt')
     assert (tmp_path / 'state.pt').read_bytes() == before
@@ -251,30 +257,7 @@ def test_failed_write_keeps_the_previous_file(tmp_path, monkeypatch):
 def test_an_interrupted_write_is_the_interruption(tmp_path, monkeypatch):
     # Ctrl-C inside torch.save: its zip writer's cleanup fails on the half-written archive, and that
     # RuntimeError hid the KeyboardInterrupt (train.py printed a traceback and exited 1, not 130).
-    atomic_save(dict(x=torch.arange(10)), tmp_path / 'state.pt')
-    before = (tmp_path / 'state.pt').read_bytes()
-
-    class InterruptedFile:  # Ctrl-C arrives after 100 bytes
-        def __init__(self, f):
-            self.f, self.written = f, 0
-
-        def write(self, data):
-            self.written += len(data)
-            if self.written > 100:
-                raise KeyboardInterrupt
-            return self.f.write(data)
-
-        def __getattr__(self, name):
-            return getattr(self.f, name)
-
-        def __enter__(self):
-            return self
-
-        def __exit__(self, *exc):
-            return self.f.__exit__(*exc)
-
-    real_fdopen = os.fdopen
-    monkeypatch.setattr(torch_utils.io.files.os, 'fdopen', lambda *a, **k: InterruptedFile(real_fdopen(*a, **k)))
+    before = failing_write(tmp_path, monkeypatch, KeyboardInterrupt())
     with pytest.raises(KeyboardInterrupt):
         atomic_save(dict(x=torch.zeros(10000)), tmp_path / 'state.pt')
     assert (tmp_path / 'state.pt').read_bytes() == before

@@ -15,7 +15,7 @@ import torch.multiprocessing as mp
 from click.testing import CliRunner
 
 from conftest import free_port, one_line_error, run_train_cli, write_image_zip
-from helpers import assert_same_state, loop_config
+from helpers import assert_same_state, join_gloo, loop_config
 from training.config import start_of
 from training.data.dataset import ImageFolderDataset
 from training.evaluation import feature_stats
@@ -139,9 +139,7 @@ def test_kimg_table_reuses_the_runs_evaluations(scored_run, tmp_path, count_eval
 # Two gloo processes: each samples and extracts its share of the seeds; every rank gets rank 0's values.
 
 def _scored_worker(rank, world, port, data, ref, run_dir, out):
-    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world))
-    torch.distributed.init_process_group('gloo', rank=rank, world_size=world)
-    torch.set_num_threads(1)
+    join_gloo(rank, world, port)
     import training.training_loop as loop
     seen = []
     real = loop._score_snapshot

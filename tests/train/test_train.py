@@ -13,7 +13,7 @@ from click.testing import CliRunner
 import fdm
 import train
 from conftest import free_port, one_line_error, run_train_cli, write_image_zip
-from helpers import assert_same_state, loop_config
+from helpers import assert_same_state, join_gloo, loop_config
 from helpers import run_loop
 
 #----------------------------------------------------------------------------
@@ -55,10 +55,7 @@ def test_resume_is_bit_exact(tmp_path, tiny_zip):
     assert not torch.equal(first['net'].model.enc['8x8_conv'].weight, straight['net'].model.enc['8x8_conv'].weight)
 
 def _gloo_worker(rank, world, port, data, run_dir, out):
-    os.environ.update(MASTER_ADDR='127.0.0.1', MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
-        LOCAL_RANK=str(rank))
-    torch.distributed.init_process_group('gloo', rank=rank, world_size=world)
-    torch.set_num_threads(1)
+    join_gloo(rank, world, port)
     result = run_loop(run_dir=run_dir, **loop_config(data, total_kimg=0.032))
     torch.save(result['net'].state_dict(), os.path.join(out, f'rank{rank}.pt'))
     torch.distributed.destroy_process_group()
